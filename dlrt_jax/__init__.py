@@ -1,0 +1,48 @@
+"""dlrt_jax: dynamical low-rank training (DLRT) for JAX.
+
+Low-rank factors ``W = U S V^T`` (:class:`LowRank`), the robust DLRT integrators as optax
+gradient transformations (:func:`bug`, :func:`parallel_bug`, :func:`projector_splitting`,
+:func:`s_only`), their pure step functions, and capacity management outside ``jit``.
+"""
+
+from dlrt_jax._capacity import fit_capacity, resize_capacity
+from dlrt_jax._factors import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
+from dlrt_jax._transforms import (
+    DLRTState,
+    bug,
+    bug_step,
+    kls,
+    ksl,
+    ksl_step,
+    parallel_bug,
+    parallel_bug_step,
+    parallel_kls,
+    projector_splitting,
+    s_only,
+)
+from dlrt_jax._truncation import tail_norms, truncation_rank
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DLRTState",
+    "LowRank",
+    "bug",
+    "bug_step",
+    "default_capacity",
+    "fit_capacity",
+    "is_lowrank",
+    "kls",
+    "ksl",
+    "ksl_step",
+    "lowrank_apply",
+    "lowrank_map",
+    "parallel_bug",
+    "parallel_bug_step",
+    "parallel_kls",
+    "projector_splitting",
+    "resize_capacity",
+    "s_only",
+    "tail_norms",
+    "truncation_rank",
+]

@@ -1,0 +1,167 @@
+"""Changing the static capacity of ``LowRank`` factors outside ``jit``.
+
+Inside a jitted step the rank moves within a fixed capacity, so the step's cost follows the
+capacity. Between jitted segments (say once per epoch), :func:`fit_capacity` shrinks or grows each
+capacity to a bucket just above the current rank; ``jit`` then compiles once per distinct set of
+capacities, which the bucketing keeps small.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlrt_jax._factors import LowRank, default_capacity, is_lowrank
+from dlrt_jax._integrators import FactorState
+from dlrt_jax._linalg import mm, tmm
+from dlrt_jax._transforms import DLRTState
+
+__all__ = ["fit_capacity", "resize_capacity"]
+
+
+def _resize_factor(x: LowRank, c1: int, path: str) -> LowRank:
+    n, m = x.shape
+    c0 = x.capacity
+    rank = int(x.rank)
+    if not isinstance(c1, int | np.integer) or not rank <= c1 <= min(n, m):
+        raise ValueError(
+            f"{path}: new capacity must be an integer in [rank={rank}, min(n, m)={min(n, m)}], "
+            f"got {c1!r}."
+        )
+    c1 = int(c1)
+    if c1 <= c0:
+        return LowRank(x.U[:, :c1], x.S[:c1, :c1], x.V[:, :c1], x.rank)
+
+    def complete(B, key):  # c1 - c0 orthonormal columns orthogonal to all columns of B
+        A = jax.random.normal(key, (B.shape[0], c1 - c0), jnp.float32).astype(B.dtype)
+        for _ in range(2):
+            A = A - mm(B, tmm(B, A))
+        q = jnp.linalg.qr(A)[0]
+        q = q - mm(B, tmm(B, q))
+        return jnp.concatenate([B, jnp.linalg.qr(q)[0]], axis=1)
+
+    ku, kv = jax.random.split(jax.random.key(c1 * 7919 + c0))
+    S = jnp.zeros((c1, c1), x.dtype).at[:c0, :c0].set(x.S)
+    return LowRank(complete(x.U, ku), S, complete(x.V, kv), x.rank)
+
+
+def _resize_leaf(leaf: Any, old: tuple[int, ...], new: tuple[int, ...]) -> Any:
+    """Slice or zero-pad a state leaf of shape ``old`` to ``new``."""
+    if not hasattr(leaf, "shape") or tuple(leaf.shape) != old:
+        return leaf
+    out = leaf[tuple(slice(0, min(a, b)) for a, b in zip(old, new))]
+    pad = [(0, b - min(a, b)) for a, b in zip(old, new)]
+    return jnp.pad(out, pad)
+
+
+def _resize_factor_state(fs: FactorState, x: LowRank, c1: int) -> FactorState:
+    n, m = x.shape
+    c0 = x.capacity
+
+    def resize(state, old, new):
+        return jax.tree_util.tree_map(lambda leaf: _resize_leaf(leaf, old, new), state)
+
+    return FactorState(
+        K=resize(fs.K, (n, c0), (n, c1)),
+        L=resize(fs.L, (m, c0), (m, c1)),
+        S=resize(fs.S, (c0, c0), (c1, c1)),
+    )
+
+
+def resize_capacity(
+    params: Any, opt_state: Any = None, capacity: int | Callable[[LowRank], int] = None
+) -> tuple[Any, Any]:
+    """Set the capacity of every ``LowRank`` in ``params`` (and its optimiser state). Not jittable.
+
+    Shrinking drops inactive columns (the active ones are kept exactly); growing appends an
+    orthonormal completion to ``U`` and ``V`` and zeros to ``S``, so ``W`` is unchanged either way.
+    Every ``DLRTState`` found in ``opt_state`` (also inside ``optax.chain`` or
+    ``optax.inject_hyperparams`` states) has its ``K``/``L``/``S`` moments sliced or zero-padded
+    to match, so training continues with the same optimiser.
+
+    Args:
+        params: a pytree with ``LowRank`` leaves (concrete arrays).
+        opt_state: the optimiser state built for ``params`` by a DLRT transform, or ``None``.
+        capacity: an int for every factor, or a function ``LowRank -> int``.
+
+    Returns:
+        ``(new_params, new_opt_state)``.
+
+    Examples:
+        >>> import jax
+        >>> from dlrt_jax import LowRank, resize_capacity
+        >>> p = {"w": LowRank.random(jax.random.key(0), (20, 16), rank=3, capacity=8)}
+        >>> p2, _ = resize_capacity(p, None, 4)
+        >>> p2["w"].capacity, int(p2["w"].active_rank)
+        (4, 3)
+    """
+    if capacity is None:
+        raise TypeError("`capacity` is required: an int or a function LowRank -> int.")
+    cap_fn = capacity if callable(capacity) else (lambda _x: capacity)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)
+    paths = [p for p, _ in leaves]
+    xs = [leaf for _, leaf in leaves]
+    if not any(is_lowrank(x) for x in xs):
+        raise ValueError("`params` contain no LowRank factor.")
+    caps = [cap_fn(x) if is_lowrank(x) else None for x in xs]
+    new_xs = [
+        _resize_factor(x, c, "params" + jax.tree_util.keystr(p)) if is_lowrank(x) else x
+        for p, x, c in zip(paths, xs, caps)
+    ]
+    new_params = treedef.unflatten(new_xs)
+    if opt_state is None:
+        return new_params, None
+
+    def fix(node):
+        if not isinstance(node, DLRTState):
+            return node
+        fstates = treedef.flatten_up_to(node.factors)
+        new_fstates = [
+            _resize_factor_state(fs, x, c) if is_lowrank(x) else fs
+            for fs, x, c in zip(fstates, xs, caps)
+        ]
+        return node._replace(factors=treedef.unflatten(new_fstates))
+
+    new_state = jax.tree_util.tree_map(
+        fix, opt_state, is_leaf=lambda s: isinstance(s, DLRTState)
+    )
+    return new_params, new_state
+
+
+def fit_capacity(
+    params: Any,
+    opt_state: Any = None,
+    *,
+    headroom: float = 2.0,
+    multiple: int = 8,
+    max_capacity: int | None = None,
+) -> tuple[Any, Any]:
+    """Resize every capacity to ``ceil(headroom * rank)`` rounded up to a ``multiple``.
+
+    The result is clipped to ``[rank, limit]`` with ``limit = max_capacity`` or, by default,
+    :func:`default_capacity` (``floor(min(n, m) / 2)``, what the rank-adaptive integrators allow).
+    Call it outside ``jit`` every few epochs: the step's cost then follows the rank, and ``jit``
+    compiles once per distinct set of capacities. A ``headroom`` of 2 leaves room for the rank to
+    double before the next call (the adaptive integrators cannot exceed the capacity).
+
+    Returns:
+        ``(new_params, new_opt_state)``, as :func:`resize_capacity`.
+    """
+    if not headroom >= 1:
+        raise ValueError(f"`headroom` must be >= 1, got {headroom}.")
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
+
+    def target(x: LowRank) -> int:
+        rank = int(x.rank)
+        limit = default_capacity(x.shape) if max_capacity is None else max_capacity
+        limit = min(limit, min(x.shape))
+        want = multiple * math.ceil(math.ceil(headroom * rank) / multiple)
+        return max(rank, min(want, limit))
+
+    return resize_capacity(params, opt_state, target)

@@ -1,0 +1,437 @@
+"""The low-rank factor pytree ``LowRank`` and its application without forming ``W``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlrt_jax import _linalg
+from dlrt_jax._truncation import truncation_rank
+
+__all__ = [
+    "LowRank",
+    "default_capacity",
+    "is_lowrank",
+    "lowrank_apply",
+    "lowrank_map",
+]
+
+
+def default_capacity(shape: Sequence[int]) -> int:
+    """The default capacity ``max(1, floor(min(n, m) / 2))`` of an ``n x m`` factor.
+
+    With this capacity the augmented bases of the rank-adaptive integrators (``2c`` columns) fit
+    in ``min(n, m)`` dimensions, as in the paper's code (``max_rank = floor(min(n, m) / 2)``).
+    """
+    n, m = shape
+    return max(1, min(n, m) // 2)
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_rank_value(rank: Any, capacity: int, name: str = "rank") -> None:
+    """Validate a concrete rank against ``[1, capacity]``; traced ranks are not checked."""
+    if not _is_concrete(rank):
+        return
+    r = np.asarray(rank)
+    if r.shape != ():
+        raise ValueError(f"`{name}` must be a scalar, got shape {r.shape}.")
+    if not float(r).is_integer():
+        raise ValueError(f"`{name}` must be a whole number, got {float(r)}.")
+    if not 1 <= int(r) <= capacity:
+        raise ValueError(f"`{name}` must be in [1, capacity={capacity}], got {int(r)}.")
+
+
+@jax.tree_util.register_pytree_node_class
+class LowRank:
+    r"""A rank-``r`` matrix ``W = U S V^T`` stored with a static capacity ``c >= r``.
+
+    ``U`` is ``(n, c)``, ``S`` is ``(c, c)`` and ``V`` is ``(m, c)`` (``W`` is ``n x m``, out x in).
+    Only the leading ``r`` columns of ``U`` and ``V`` and the leading ``r x r`` block of ``S`` are
+    active; ``r`` is a traced scalar (``rank``), so a jitted training step keeps one set of shapes
+    while the rank moves. The inactive parts are masked wherever the factor is used, so they never
+    influence results. The integrators keep all ``c`` columns of ``U`` and ``V`` orthonormal (the
+    inactive ones are an orthonormal completion) and ``S`` zero outside its active block.
+
+    ``rank`` is stored as a float32 scalar holding a whole number, so that ``jax.grad`` accepts a
+    pytree of ``LowRank`` leaves; ``active_rank`` gives it as int32.
+
+    **Gradients.** Read the factor only through :func:`lowrank_apply`, :func:`lowrank_map` or
+    :meth:`to_dense`. Their custom VJPs make ``jax.grad`` return, in the slots of a ``LowRank``,
+    the three projected gradients the DLRT integrators need, with ``G = dL/dW``:
+
+    .. math::
+
+        \text{grad.U} = G V, \qquad \text{grad.S} = U^T G V, \qquad \text{grad.V} = G^T U
+
+    (masked to the active rank; ``grad.rank`` is 0). For a dense layer ``y = x W^T`` over a
+    batch, ``G V = dy^T (x V)``, ``G^T U = x^T (dy U)`` and ``U^T G V = (dy U)^T (x V)``, so one
+    backward pass gives all three at cost ``O(batch * c * (n + m))``; neither ``S^{-1}`` nor the
+    ``n x m`` gradient is formed. These are *not* the partial derivatives with respect to the
+    entries of ``U``, ``S``, ``V``: a loss that reads ``lr.U`` directly gets ordinary partials
+    there, which the integrators would misread.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from dlrt_jax import LowRank
+        >>> w = LowRank.random(jax.random.key(0), (6, 4), rank=2)
+        >>> w.U.shape, w.S.shape, w.V.shape, int(w.active_rank), w.capacity
+        ((6, 2), (2, 2), (4, 2), 2, 2)
+        >>> y = w(jnp.ones((3, 4)))  # x -> U (S (V^T x)) over the last axis
+        >>> y.shape
+        (3, 6)
+    """
+
+    __slots__ = ("U", "S", "V", "rank")
+
+    def __init__(self, U: jax.Array, S: jax.Array, V: jax.Array, rank: Any = None):
+        U, S, V = jnp.asarray(U), jnp.asarray(S), jnp.asarray(V)
+        for name, a in (("U", U), ("S", S), ("V", V)):
+            if a.ndim != 2:
+                raise ValueError(f"`{name}` must be a 2-D array, got shape {a.shape}.")
+            if not jnp.issubdtype(a.dtype, jnp.floating):
+                raise TypeError(
+                    f"`{name}` must have a floating dtype (float32, float64, bfloat16, ...), got "
+                    f"{a.dtype}. Cast it first, e.g. `{name}.astype(jnp.float32)`."
+                )
+        n, c = U.shape
+        m = V.shape[0]
+        if V.shape[1] != c or S.shape != (c, c):
+            raise ValueError(
+                f"Inconsistent factor shapes U {U.shape}, S {S.shape}, V {V.shape}: expected "
+                "U (n, c), S (c, c), V (m, c) with the same capacity c."
+            )
+        if not U.dtype == S.dtype == V.dtype:
+            raise TypeError(f"U, S, V must share one dtype, got {U.dtype}, {S.dtype}, {V.dtype}.")
+        if c > min(n, m):
+            raise ValueError(
+                f"capacity c={c} must be <= min(n, m) = {min(n, m)} for an {n} x {m} factor."
+            )
+        if rank is None:
+            rank = c
+        _check_rank_value(rank, c)
+        self.U, self.S, self.V = U, S, V
+        self.rank = jnp.asarray(rank, dtype=jnp.float32)
+
+    # -- pytree ---------------------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.U, self.S, self.V, self.rank), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.U, obj.S, obj.V, obj.rank = children
+        return obj
+
+    @classmethod
+    def _unchecked(cls, U, S, V, rank) -> LowRank:
+        """Build without validation (for deltas and intermediate points inside the integrators)."""
+        return cls.tree_unflatten(None, (U, S, V, rank))
+
+    # -- properties -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, m)``: the shape of ``W``."""
+        return (self.U.shape[0], self.V.shape[0])
+
+    @property
+    def capacity(self) -> int:
+        """The static number of columns ``c`` of ``U`` and ``V``."""
+        return self.U.shape[1]
+
+    @property
+    def dtype(self):
+        return self.U.dtype
+
+    @property
+    def active_rank(self) -> jax.Array:
+        """The rank as an int32 scalar."""
+        return jnp.asarray(self.rank).astype(jnp.int32)
+
+    @property
+    def mask(self) -> jax.Array:
+        """Boolean ``(c,)`` vector of the active columns."""
+        return _linalg.column_mask(self.capacity, self.rank)
+
+    def masked(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(U, S, V)`` with the inactive columns and the inactive part of ``S`` set to zero."""
+        mask = self.mask
+        return (
+            _linalg.mask_cols(self.U, mask),
+            _linalg.mask_block(self.S, mask, mask),
+            _linalg.mask_cols(self.V, mask),
+        )
+
+    def __repr__(self) -> str:
+        try:
+            rank = int(self.rank)
+        except Exception:  # traced or abstract
+            rank = "?"
+        return (
+            f"LowRank(shape={self.shape}, capacity={self.capacity}, rank={rank}, "
+            f"dtype={self.dtype})"
+        )
+
+    def replace(self, **changes) -> LowRank:
+        """A copy with some of ``U``, ``S``, ``V``, ``rank`` replaced (validated)."""
+        fields = {"U": self.U, "S": self.S, "V": self.V, "rank": self.rank}
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"LowRank.replace got unknown fields {sorted(unknown)}.")
+        fields.update(changes)
+        return LowRank(**fields)
+
+    # -- use ------------------------------------------------------------------------------------
+    def to_dense(self) -> jax.Array:
+        """``W = U S V^T`` (``n x m``) over the active rank. Differentiable as described above."""
+        return _to_dense(*self.masked())
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x -> x W^T``, i.e. ``U (S (V^T x))`` over the last axis; see :func:`lowrank_apply`."""
+        return lowrank_apply(self, x)
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def random(
+        cls,
+        key: jax.Array,
+        shape: Sequence[int],
+        rank: int | None = None,
+        *,
+        capacity: int | None = None,
+        singular_values: Any = None,
+        scale: float = 1.0,
+        dtype: Any = jnp.float32,
+    ) -> LowRank:
+        """A random factor: orthonormal ``U``, ``V`` (QR of Gaussians) and diagonal ``S``.
+
+        Args:
+            key: a JAX PRNG key.
+            shape: ``(n, m)`` of ``W``.
+            rank: active rank; defaults to the capacity (the paper starts adaptive layers at
+                their maximal rank).
+            capacity: static capacity; default :func:`default_capacity`.
+            singular_values: ``None`` for the paper's initialisation (sorted ``|N(0, 1)|``
+                samples, descending), or an array of ``rank`` values for the diagonal of ``S``.
+            scale: multiplies the singular values.
+            dtype: floating dtype of the factors.
+
+        Examples:
+            >>> import jax
+            >>> from dlrt_jax import LowRank
+            >>> w = LowRank.random(jax.random.key(0), (8, 6), rank=2, capacity=3)
+            >>> int(w.active_rank), w.capacity
+            (2, 3)
+        """
+        n, m = _check_shape(shape)
+        if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+            raise TypeError(f"`dtype` must be a floating dtype, got {jnp.dtype(dtype)}.")
+        c = _resolve_capacity(capacity, (n, m))
+        if rank is None:
+            rank = c
+        _check_rank_value(rank, c)
+        ku, kv, ks = jax.random.split(key, 3)
+        U = _linalg.orth(jax.random.normal(ku, (n, c), jnp.float32))
+        V = _linalg.orth(jax.random.normal(kv, (m, c), jnp.float32))
+        if singular_values is None:
+            s = jnp.sort(jnp.abs(jax.random.normal(ks, (c,), jnp.float32)))[::-1]
+        else:
+            s = jnp.asarray(singular_values, jnp.float32).reshape(-1)
+            if _is_concrete(rank) and s.shape[0] != int(rank):
+                raise ValueError(
+                    f"`singular_values` must have `rank`={int(rank)} entries, got {s.shape[0]}."
+                )
+            s = jnp.zeros((c,), jnp.float32).at[: s.shape[0]].set(s)
+        mask = _linalg.column_mask(c, rank)
+        S = jnp.diag(jnp.where(mask, s * scale, 0.0))
+        return cls(U.astype(dtype), S.astype(dtype), V.astype(dtype), rank)
+
+    @classmethod
+    def from_dense(
+        cls,
+        W: jax.Array,
+        *,
+        rank: int | None = None,
+        tol: float | None = None,
+        relative: bool = True,
+        capacity: int | None = None,
+        min_rank: int = 1,
+    ) -> LowRank:
+        """Truncated SVD of a dense ``n x m`` matrix, at a fixed ``rank`` or a tolerance ``tol``.
+
+        With ``tol``, the rank is the smallest ``rho`` whose tail norm
+        ``sqrt(sum_{j > rho} sigma_j^2)`` is at most ``tol * ||sigma||_2`` (``relative=True``) or
+        ``tol`` (``relative=False``), clamped to ``[min_rank, capacity]``; the same rule the
+        rank-adaptive integrators use. Works under ``jit`` (the rank is then traced).
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from dlrt_jax import LowRank
+            >>> W = jnp.outer(jnp.arange(1.0, 5.0), jnp.ones(3))  # rank 1
+            >>> w = LowRank.from_dense(W, tol=1e-6)
+            >>> int(w.active_rank), bool(jnp.allclose(w.to_dense(), W, atol=1e-5))
+            (1, True)
+        """
+        W = jnp.asarray(W)
+        if W.ndim != 2:
+            raise ValueError(f"`W` must be a 2-D matrix, got shape {W.shape}.")
+        if not jnp.issubdtype(W.dtype, jnp.floating):
+            raise TypeError(f"`W` must have a floating dtype, got {W.dtype}.")
+        if (rank is None) == (tol is None):
+            raise ValueError("Give exactly one of `rank` (fixed rank) or `tol` (truncation).")
+        c = _resolve_capacity(capacity, W.shape)
+        if not 1 <= min_rank <= c:
+            raise ValueError(f"`min_rank` must be in [1, capacity={c}], got {min_rank}.")
+        P, sigma, Qt = jnp.linalg.svd(W, full_matrices=False)
+        if rank is None:
+            if _is_concrete(tol) and float(tol) < 0:
+                raise ValueError(f"`tol` must be >= 0, got {tol}.")
+            rank = truncation_rank(
+                sigma, tol, absolute=not relative, min_rank=min_rank, max_rank=c
+            ).astype(jnp.float32)
+        else:
+            _check_rank_value(rank, c)
+        mask = _linalg.column_mask(c, rank)
+        S = jnp.diag(jnp.where(mask, sigma[:c], 0.0)).astype(W.dtype)
+        return cls(P[:, :c], S, Qt[:c, :].T, rank)
+
+
+def is_lowrank(x: Any) -> bool:
+    """``True`` for a :class:`LowRank` (use as ``is_leaf`` in tree maps)."""
+    return isinstance(x, LowRank)
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(shape)
+    if len(shape) != 2 or not all(isinstance(d, int | np.integer) and d >= 1 for d in shape):
+        raise ValueError(f"`shape` must be (n, m) with positive integers, got {shape}.")
+    return int(shape[0]), int(shape[1])
+
+
+def _resolve_capacity(capacity: int | None, shape: Sequence[int]) -> int:
+    n, m = shape
+    if capacity is None:
+        return default_capacity(shape)
+    if not isinstance(capacity, int | np.integer) or not 1 <= capacity <= min(n, m):
+        raise ValueError(
+            f"`capacity` must be an integer in [1, min(n, m)={min(n, m)}] for an {n} x {m} "
+            f"matrix, got {capacity}."
+        )
+    return int(capacity)
+
+
+# ---- application with DLRT gradients ------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _to_dense(U, S, V):
+    return (U @ S) @ V.T
+
+
+def _to_dense_fwd(U, S, V):
+    return _to_dense(U, S, V), (U, V)
+
+
+def _to_dense_bwd(res, G):
+    U, V = res
+    GV = G @ V
+    return GV, U.T @ GV, G.T @ U
+
+
+_to_dense.defvjp(_to_dense_fwd, _to_dense_bwd)
+
+
+def _dense_phi(x: jax.Array, V: jax.Array) -> jax.Array:
+    return x @ V
+
+
+def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum over all leading axes of a[..., i] b[..., j]`` -> ``(i, j)``."""
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _apply(phi, U, S, V, x):
+    z = phi(x, V)
+    return (z @ S.T) @ U.T
+
+
+def _apply_fwd(phi, U, S, V, x):
+    z = phi(x, V)
+    return (z @ S.T) @ U.T, (U, S, V, x, z)
+
+
+def _apply_bwd(phi, res, dy):
+    U, S, V, x, z = res
+    dyU = dy @ U  # (..., c)
+    _, phi_vjp = jax.vjp(phi, x, V)
+    dx = phi_vjp(dyU @ S)[0]  # dL/dx = dy W
+    gU = _sum_outer(dy, z)  # G V
+    gS = _sum_outer(dyU, z)  # U^T G V
+    gV = phi_vjp(dyU)[1]  # G^T U
+    return gU, gS, gV, dx
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
+
+
+def lowrank_map(
+    lr: LowRank, x: jax.Array, phi: Callable[[jax.Array, jax.Array], jax.Array]
+) -> jax.Array:
+    r"""Apply a layer that is linear in its kernel ``W = U S V^T``, without forming ``W``.
+
+    ``phi(x, V)`` must be the layer applied with the ``c`` "filters" in the columns of ``V`` and
+    must be linear in ``V`` (for a dense layer ``phi(x, V) = x @ V``; for a convolution, the
+    convolution with ``V`` reshaped to ``c`` filters). The result is ``phi(x, V) S^T U^T`` over the
+    last axis. The custom VJP returns the DLRT gradients of :class:`LowRank`: with ``z = phi(x, V)``
+    and output cotangent ``dy``, ``grad.U = sum dy^T z`` (``= G V``), ``grad.S = sum (dy U)^T z``
+    (``= U^T G V``), ``grad.V = phi^T(dy U)`` (``= G^T U``), and ``dx = phi_x^T(dy U S)``.
+
+    ``phi`` is a static (hashed) argument: pass the same function object on every call, not a new
+    lambda, so that ``jit`` does not retrace.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from dlrt_jax import LowRank, lowrank_map
+        >>> w = LowRank.random(jax.random.key(0), (5, 4), rank=2)
+        >>> dense = lambda x, V: x @ V
+        >>> x = jnp.ones((3, 4))
+        >>> bool(jnp.allclose(lowrank_map(w, x, dense), x @ w.to_dense().T, atol=1e-5))
+        True
+    """
+    if not isinstance(lr, LowRank):
+        raise TypeError(f"`lr` must be a LowRank, got {type(lr).__name__}.")
+    U, S, V = lr.masked()
+    return _apply(phi, U, S, V, x)
+
+
+def lowrank_apply(lr: LowRank, x: jax.Array) -> jax.Array:
+    r"""``x W^T = ((x V) S^T) U^T`` over the last axis of ``x`` (any leading batch axes).
+
+    Cost ``O(c (n + m))`` per row of ``x``; ``W`` is never formed. Gradients as documented in
+    :class:`LowRank`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from dlrt_jax import LowRank, lowrank_apply
+        >>> w = LowRank.random(jax.random.key(1), (5, 4), rank=2)
+        >>> x = jnp.ones((2, 7, 4))
+        >>> lowrank_apply(w, x).shape
+        (2, 7, 5)
+    """
+    if not isinstance(lr, LowRank):
+        raise TypeError(f"`lr` must be a LowRank, got {type(lr).__name__}.")
+    x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[-1] != lr.shape[1]:
+        raise ValueError(
+            f"Input's last axis must have size m={lr.shape[1]} (W is {lr.shape[0]} x "
+            f"{lr.shape[1]}), got input shape {x.shape}."
+        )
+    return lowrank_map(lr, x, _dense_phi)

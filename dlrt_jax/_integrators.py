@@ -1,0 +1,299 @@
+"""The DLRT integrators, written per factor as in ``dlrt.md`` section 2.
+
+Each integrator is a sequence of *phases*. A phase works on one factor: it takes the carry of the
+previous phase and the projected gradients of the factor at the last evaluation point (the slots
+of a ``LowRank`` cotangent: ``g.U = G V``, ``g.S = U^T G V``, ``g.V = G^T U``) and returns the next
+carry and the point where the next gradient must be evaluated. Between phases the driver in
+``_transforms.py`` evaluates the gradient of the whole model once, at all factors' points together.
+
+Every substep ("integrate") is one step of an inner optax transform on that factor (plain SGD
+``x - h g`` by default). The inner optimiser state of ``K``, ``L`` and ``S`` is carried across basis
+changes by *transport* into the new basis (see :func:`transport`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dlrt_jax._factors import LowRank
+from dlrt_jax._linalg import (
+    active_first_concat,
+    column_mask,
+    mask_block,
+    mask_cols,
+    mm,
+    mmt,
+    orth,
+    tmm,
+)
+from dlrt_jax._truncation import truncation_rank
+
+# Fields of optax states that hold elementwise second moments (non-negative): Adam/AdamW/AdaBelief
+# (`nu`), AMSGrad (`nu_max`), RMSProp (`nu`), Adagrad (`sum_of_squares`).
+SECOND_MOMENT_FIELDS = frozenset({"nu", "nu_max", "sum_of_squares"})
+
+
+class FactorState(NamedTuple):
+    """Inner optimiser states of the three substeps of one factor."""
+
+    K: Any
+    L: Any
+    S: Any
+
+
+class Config(NamedTuple):
+    """Static configuration shared by the phases."""
+
+    tx: optax.GradientTransformation
+    tau: Any  # None: fixed rank
+    absolute: bool
+    min_rank: int
+    max_rank: int | None
+
+
+class Integrator(NamedTuple):
+    name: str
+    phases: tuple[Callable, ...]
+    adaptive_capable: bool  # augments to 2c columns, so needs 2c <= min(n, m)
+
+    @property
+    def num_evals(self) -> int:
+        return len(self.phases)
+
+
+def init_factor_state(tx: optax.GradientTransformation, x: LowRank) -> FactorState:
+    U, S, V = x.masked()
+    return FactorState(K=tx.init(mm(U, S)), L=tx.init(mmt(V, S)), S=tx.init(S))
+
+
+def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
+    r"""Carry an inner optimiser state into a new basis.
+
+    A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T`` (either map
+    may be absent), the same linear map that takes the factor's coordinates from the old basis to
+    the new one: ``m_K -> m_K N^T``, ``m_L -> m_L M^T``, ``m_S -> M m_S N^T`` with ``M = U_1^T U_0``
+    and ``N = V_1^T V_0``. Elementwise second moments (fields named in ``SECOND_MOMENT_FIELDS``)
+    are transported with the elementwise squares of the maps, ``(M∘M) nu (N∘N)^T``: the diagonal of
+    the transported covariance when entries are uncorrelated. This keeps them non-negative and is
+    exact when the basis change permutes or flips basis vectors. Directions new to the basis start
+    with zero moments; directions dropped by truncation lose theirs. Other leaves (counts,
+    hyperparameters) are left alone.
+    """
+
+    def move(path, leaf):
+        if not hasattr(leaf, "shape") or tuple(leaf.shape) != tuple(shape):
+            return leaf
+        quadratic = any(getattr(k, "name", None) in SECOND_MOMENT_FIELDS for k in path)
+        out = leaf
+        if left is not None:
+            a = jnp.square(left) if quadratic else left
+            out = mm(a.astype(leaf.dtype), out)
+        if right is not None:
+            b = jnp.square(right) if quadratic else right
+            out = mmt(out, b.astype(leaf.dtype))
+        return out
+
+    return jax.tree_util.tree_map_with_path(move, state)
+
+
+def _inner_step(tx, value, grad, state):
+    """One step of the inner optimiser: ``value + tx.update(grad)``."""
+    update, state = tx.update(grad, state, value)
+    return value + update.astype(value.dtype), state
+
+
+def _kl_steps(cfg: Config, x: LowRank, st: FactorState, g: LowRank):
+    """K- and L-steps from one gradient: ``K1 = U0 S0 - h G V0``, ``L1 = V0 S0^T - h G^T U0``."""
+    m = x.mask
+    U0, S0, V0 = x.masked()
+    K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
+    L1, st_l = _inner_step(cfg.tx, mmt(V0, S0), mask_cols(g.V, m), st.L)
+    return mask_cols(K1, m), mask_cols(L1, m), st_k, st_l
+
+
+def _truncate(cfg: Config, Uh, Sh, Vh, capacity: int, rank):
+    """SVD of the augmented ``S``, the new rank, and the new factor of capacity ``capacity``.
+
+    ``Uh`` and ``Vh`` have orthonormal columns (all of them), so ``U1 = Uh P[:, :c]`` does too.
+    With ``cfg.tau`` None the rank stays ``rank`` (fixed-rank variant).
+    """
+    P, sigma, Qt = jnp.linalg.svd(Sh, full_matrices=False)
+    if cfg.tau is None:
+        r1 = rank.astype(jnp.int32)
+    else:
+        max_rank = capacity if cfg.max_rank is None else min(cfg.max_rank, capacity)
+        r1 = truncation_rank(
+            sigma,
+            cfg.tau,
+            absolute=cfg.absolute,
+            min_rank=min(cfg.min_rank, capacity),
+            max_rank=max_rank,
+        )
+    m1 = column_mask(capacity, r1)
+    U1 = mm(Uh, P[:, :capacity])
+    V1 = mm(Vh, Qt[:capacity, :].T)
+    S1 = jnp.diag(jnp.where(m1, sigma[:capacity], 0.0)).astype(Sh.dtype)
+    return LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
+
+
+def _basis_maps(new: LowRank, old: LowRank):
+    """``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns."""
+    U1, _, V1 = new.masked()
+    U0, _, V0 = old.masked()
+    return tmm(U1, U0), tmm(V1, V0)
+
+
+def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s) -> tuple[LowRank, FactorState]:
+    """Transport the K- and L-states (which live in the old bases) into the new ones."""
+    M, N = _basis_maps(new, x)
+    st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
+    st_l = transport(st_l, (x.shape[1], x.capacity), right=M)
+    return new, FactorState(st_k, st_l, st_s)
+
+
+# ---- basis-update & Galerkin (unconventional KLS), fixed rank and rank-adaptive -----------------
+
+
+def _bug_basis_update(cfg: Config, carry, g):
+    """K- and L-steps, new (or augmented) bases, Galerkin starting point of the S-step."""
+    x, st = carry
+    c = x.capacity
+    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    U0, S0, V0 = x.masked()
+    if cfg.tau is None:  # fixed rank: U1 = orth(K1), V1 = orth(L1), S~ = M S0 N^T
+        m = x.mask
+        U1, V1 = orth(K1), orth(L1)
+        M = mask_block(tmm(U1, U0), m, m)
+        N = mask_block(tmm(V1, V0), m, m)
+        point = LowRank._unchecked(U1, mm(mm(M, S0), N.T), V1, x.rank)
+    else:  # augmented: U^ = orth([K1 | U0]), V^ = orth([L1 | V0]), S^0 = (U^T U0) S0 (V0^T V^)
+        m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
+        Uh = orth(active_first_concat(K1, U0, x.rank))
+        Vh = orth(active_first_concat(L1, V0, x.rank))
+        M = mask_block(tmm(Uh, U0), m2, m)
+        N = mask_block(tmm(Vh, V0), m2, m)
+        point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
+    st_s = transport(st.S, (c, c), left=M, right=N)
+    return (x, st_k, st_l, st_s, point), point
+
+
+def _bug_galerkin(cfg: Config, carry, g):
+    """S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases, then truncation (adaptive)."""
+    x, st_k, st_l, st_s, point = carry
+    pm = point.mask
+    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, pm, pm), st_s)
+    S1 = mask_block(S1, pm, pm)
+    if cfg.tau is None:
+        new = LowRank._unchecked(point.U, S1, point.V, x.rank)
+    else:
+        new = _truncate(cfg, point.U, S1, point.V, x.capacity, point.rank)
+        U1, _, V1 = new.masked()
+        st_s = transport(st_s, point.S.shape, left=tmm(U1, point.U), right=tmm(V1, point.V))
+    return _finish(x, new, st_k, st_l, st_s), None
+
+
+BUG = Integrator("bug", (_bug_basis_update, _bug_galerkin), adaptive_capable=True)
+
+
+# ---- parallel rank-adaptive BUG (one gradient evaluation) --------------------------------------
+
+
+def _parallel_step(cfg: Config, carry, g):
+    """All substeps from ``(U0, S0, V0)`` and one gradient, then augmentation and truncation.
+
+    ``K1``, ``L1``, ``S_ = S0 - h U0^T G0 V0``; ``U~ = orth((I - U0 U0^T) K1)`` (projected twice),
+    ``U^ = [U0 | U~]``, ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]``. ``S^`` is assembled in the
+    computed basis ``U^ = orth([U0 | K1_perp])`` as
+    ``(U^T U0) S_ (V^T V0)^T + (U^T K1_perp)(V^T V0)^T + (U^T U0)(V^T L1_perp)^T``, which equals
+    the block form for any orthonormal ``U^`` spanning ``[U0 | U~]`` (signs and order included).
+    """
+    x, st = carry
+    c = x.capacity
+    m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
+    U0, S0, V0 = x.masked()
+    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    S_, st_s = _inner_step(cfg.tx, S0, mask_block(g.S, m, m), st.S)
+    S_ = mask_block(S_, m, m)
+
+    def perp(A, B):  # (I - B B^T) A, twice
+        A = A - mm(B, tmm(B, A))
+        return A - mm(B, tmm(B, A))
+
+    Kp, Lp = perp(K1, U0), perp(L1, V0)
+    Uh = orth(active_first_concat(U0, Kp, x.rank))
+    Vh = orth(active_first_concat(V0, Lp, x.rank))
+    Mh = mask_block(tmm(Uh, U0), m2, m)
+    Nh = mask_block(tmm(Vh, V0), m2, m)
+    Sh = mmt(mm(Mh, S_), Nh) + mmt(mask_block(tmm(Uh, Kp), m2, m), Nh)
+    Sh = Sh + mmt(Mh, mask_block(tmm(Vh, Lp), m2, m))
+    Sh = mask_block(Sh, m2, m2)
+    new = _truncate(cfg, Uh, Sh, Vh, c, x.rank)
+    M, N = _basis_maps(new, x)
+    st_s = transport(st_s, (c, c), left=M, right=N)
+    return _finish(x, new, st_k, st_l, st_s), None
+
+
+PARALLEL = Integrator("parallel_bug", (_parallel_step,), adaptive_capable=True)
+
+
+# ---- projector-splitting KSL (Lie-Trotter) -------------------------------------------------------
+
+
+def _ksl_k(cfg: Config, carry, g):
+    """K-step ``K1 = U0 S0 - h G(U0 S0 V0^T) V0``, ``(U1, S^) = qr(K1)``."""
+    x, st = carry
+    m = x.mask
+    U0, S0, V0 = x.masked()
+    K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
+    U1, R = jnp.linalg.qr(mask_cols(K1, m))
+    M = mask_block(tmm(U1, U0), m, m)
+    point = LowRank._unchecked(U1, mask_block(R, m, m), V0, x.rank)
+    return (x, st, st_k, M, point), point
+
+
+def _ksl_s(cfg: Config, carry, g):
+    """Backward S-step ``S~ = S^ + h U1^T G(U1 S^ V0^T) V0``."""
+    x, st, st_k, M, point = carry
+    m = x.mask
+    st_s = transport(st.S, point.S.shape, left=M)
+    update, st_s = cfg.tx.update(mask_block(g.S, m, m), st_s, point.S)
+    St = mask_block(point.S - update.astype(point.S.dtype), m, m)
+    point = LowRank._unchecked(point.U, St, point.V, x.rank)
+    return (x, st, st_k, st_s, M, point), point
+
+
+def _ksl_l(cfg: Config, carry, g):
+    """L-step ``L1 = V0 S~^T - h G(U1 S~ V0^T)^T U1``, ``(V1, S1^T) = qr(L1)``."""
+    x, st, st_k, st_s, M, point = carry
+    m = x.mask
+    st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
+    L1, st_l = _inner_step(cfg.tx, mmt(point.V, point.S), mask_cols(g.V, m), st_l)
+    V1, R = jnp.linalg.qr(mask_cols(L1, m))
+    new = LowRank._unchecked(point.U, mask_block(R.T, m, m), V1, x.rank)
+    N = mask_block(tmm(V1, point.V), m, m)
+    st_s = transport(st_s, point.S.shape, right=N)
+    st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
+    return (new, FactorState(st_k, st_l, st_s)), None
+
+
+KSL = Integrator("projector_splitting", (_ksl_k, _ksl_s, _ksl_l), adaptive_capable=False)
+
+
+# ---- S-only fine-tuning --------------------------------------------------------------------------
+
+
+def _s_only_step(cfg: Config, carry, g):
+    """``S1 = S0 - h U0^T G V0`` with the bases frozen."""
+    x, st = carry
+    m = x.mask
+    S1, st_s = _inner_step(cfg.tx, x.masked()[1], mask_block(g.S, m, m), st.S)
+    new = LowRank._unchecked(x.U, mask_block(S1, m, m), x.V, x.rank)
+    return (new, FactorState(st.K, st.L, st_s)), None
+
+
+S_ONLY = Integrator("s_only", (_s_only_step,), adaptive_capable=False)
