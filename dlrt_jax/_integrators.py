@@ -29,6 +29,7 @@ from dlrt_jax._linalg import (
     mm,
     mmt,
     orth,
+    orth_span,
     tmm,
 )
 from dlrt_jax._truncation import truncation_rank
@@ -173,21 +174,23 @@ def _bug_basis_update(cfg: Config, carry, g):
         point = LowRank._unchecked(U1, mm(mm(M, S0), N.T), V1, x.rank)
     else:  # augmented: U^ = orth([K1 | U0]), V^ = orth([L1 | V0]), S^0 = (U^T U0) S0 (V0^T V^)
         m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
-        Uh = orth(active_first_concat(K1, U0, x.rank))
-        Vh = orth(active_first_concat(L1, V0, x.rank))
+        Uh, in_u = orth_span(active_first_concat(K1, U0, x.rank))
+        Vh, in_v = orth_span(active_first_concat(L1, V0, x.rank))
         M = mask_block(tmm(Uh, U0), m2, m)
         N = mask_block(tmm(Vh, V0), m2, m)
         point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
+        # Only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update.
+        m = (in_u & m2, in_v & m2)
     st_s = transport(st.S, (c, c), left=M, right=N)
-    return (x, st_k, st_l, st_s, point), point
+    return (x, st_k, st_l, st_s, point, m), point
 
 
 def _bug_galerkin(cfg: Config, carry, g):
     """S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases, then truncation (adaptive)."""
-    x, st_k, st_l, st_s, point = carry
-    pm = point.mask
-    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, pm, pm), st_s)
-    S1 = mask_block(S1, pm, pm)
+    x, st_k, st_l, st_s, point, m = carry
+    rows, cols = (m, m) if cfg.tau is None else m
+    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, rows, cols), st_s)
+    S1 = mask_block(S1, rows, cols)
     if cfg.tau is None:
         new = LowRank._unchecked(point.U, S1, point.V, x.rank)
     else:

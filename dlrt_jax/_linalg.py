@@ -39,6 +39,22 @@ def orth(a: jax.Array) -> jax.Array:
     return q
 
 
+def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``orth(a)`` and a boolean vector of the columns of ``Q`` that come from ``a``.
+
+    Column ``j`` of ``Q`` is flagged ``False`` when the QR pivot ``|R_jj|`` is at roundoff level
+    relative to the largest pivot, i.e. when column ``j`` of ``a`` lies (numerically) in the span
+    of the previous columns. Those columns of ``Q`` are an arbitrary completion, not part of the
+    span of ``a``; the rank-adaptive BUG gives them no Galerkin update, so its step does not depend
+    on roundoff when ``[K1 | U0]`` is rank-deficient.
+    """
+    q, r = jnp.linalg.qr(a)
+    d = jnp.abs(jnp.diagonal(r))
+    eps = jnp.finfo(a.dtype).eps
+    tol = 16.0 * eps * (a.shape[0] ** 0.5) * jnp.max(d)
+    return q, d > tol
+
+
 def column_mask(capacity: int, rank: jax.Array) -> jax.Array:
     """Boolean vector ``[j < rank for j in range(capacity)]``."""
     return jnp.arange(capacity) < rank

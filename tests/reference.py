@@ -15,6 +15,14 @@ def orth(A):
     return np.linalg.qr(A, mode="reduced")[0]
 
 
+def span_basis(A, rtol=1e-10):
+    """Orthonormal basis of exactly the column span of A (SVD; drops directions with
+    sigma <= rtol * sigma_max). Unlike orth() it adds no arbitrary completion when A is
+    rank-deficient, so a Galerkin step on it is uniquely defined."""
+    P, sigma, _ = np.linalg.svd(A, full_matrices=False)
+    return P[:, sigma > rtol * sigma[0]]
+
+
 def _tails(sigma):
     """tails[rho] = sqrt(sum_{j > rho} sigma_j^2) for rho = 0..k (1-based j; tails[k] = 0)."""
     sq = np.asarray(sigma, dtype=np.float64) ** 2
@@ -100,6 +108,9 @@ def adaptive_bug_step(U, S, V, grad_fn, h, tau, *, absolute=False, min_rank=2, m
 
     K-step: K1 = U S - h G0 V;    U^ = orth([K1 | U])  (n x 2r), G0 = G(U S V^T).
     L-step: L1 = V S^T - h G0^T U; V^ = orth([L1 | V])  (m x 2r).
+    U^ and V^ are bases of exactly span([K1 | U]) and span([L1 | V]) (span_basis): when those are
+    rank-deficient (at most 2r columns), a QR completion would add arbitrary directions on which
+    the S-step gradient is not zero, and the step would depend on roundoff.
     S-step: S^0 = (U^^T U) S (V^T V^);  S^1 = S^0 - h U^^T G(U^ S^0 V^^T) V^.
     Truncate: truncate(U^, S^1, V^, tau, ...); tau None keeps exactly the old rank r.
     """
@@ -107,10 +118,10 @@ def adaptive_bug_step(U, S, V, grad_fn, h, tau, *, absolute=False, min_rank=2, m
     G0 = grad_fn(U @ S @ V.T)
     # K-step (augmented with the old basis U, not U S)
     K1 = U @ S - h * G0 @ V
-    Uh = orth(np.hstack([K1, U]))
+    Uh = span_basis(np.hstack([K1, U]))
     # L-step
     L1 = V @ S.T - h * G0.T @ U
-    Vh = orth(np.hstack([L1, V]))
+    Vh = span_basis(np.hstack([L1, V]))
     # S-step on the augmented bases (augmentation is exact: Uh Sh0 Vh^T = U S V^T)
     Sh0 = (Uh.T @ U) @ S @ (V.T @ Vh)
     G1 = grad_fn(Uh @ Sh0 @ Vh.T)
