@@ -127,9 +127,7 @@ def resize_capacity(
         ]
         return node._replace(factors=treedef.unflatten(new_fstates))
 
-    new_state = jax.tree_util.tree_map(
-        fix, opt_state, is_leaf=lambda s: isinstance(s, DLRTState)
-    )
+    new_state = jax.tree_util.tree_map(fix, opt_state, is_leaf=lambda s: isinstance(s, DLRTState))
     return new_params, new_state
 
 

@@ -170,6 +170,9 @@ class LowRank:
         )
 
     def __repr__(self) -> str:
+        if not all(hasattr(a, "shape") for a in (self.U, self.S, self.V)):
+            # leaves that are not arrays, e.g. after `jax.tree.map(jnp.shape, state)`
+            return f"LowRank(U={self.U!r}, S={self.S!r}, V={self.V!r}, rank={self.rank!r})"
         try:
             rank = int(self.rank)
         except Exception:  # traced or abstract
@@ -289,7 +292,9 @@ class LowRank:
         c = _resolve_capacity(capacity, W.shape)
         if not 1 <= min_rank <= c:
             raise ValueError(f"`min_rank` must be in [1, capacity={c}], got {min_rank}.")
-        P, sigma, Qt = jnp.linalg.svd(W, full_matrices=False)
+        if _is_concrete(W) and not bool(jnp.all(jnp.isfinite(W))):
+            raise ValueError("`W` contains NaN or Inf; cannot take its SVD.")
+        P, sigma, Qt = _linalg.svd(W)
         if rank is None:
             if _is_concrete(tol) and float(tol) < 0:
                 raise ValueError(f"`tol` must be >= 0, got {tol}.")

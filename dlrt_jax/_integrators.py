@@ -30,6 +30,8 @@ from dlrt_jax._linalg import (
     mmt,
     orth,
     orth_span,
+    qr,
+    svd,
     tmm,
 )
 from dlrt_jax._truncation import truncation_rank
@@ -60,7 +62,7 @@ class Config(NamedTuple):
 class Integrator(NamedTuple):
     name: str
     phases: tuple[Callable, ...]
-    adaptive_capable: bool  # augments to 2c columns, so needs 2c <= min(n, m)
+    augments: Callable[[Config], bool]  # builds 2c-column bases, so needs 2c <= min(n, m)
 
     @property
     def num_evals(self) -> int:
@@ -75,10 +77,10 @@ def init_factor_state(tx: optax.GradientTransformation, x: LowRank) -> FactorSta
 def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
     r"""Carry an inner optimiser state into a new basis.
 
-    A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T`` (either map
-    may be absent), the same linear map that takes the factor's coordinates from the old basis to
-    the new one: ``m_K -> m_K N^T``, ``m_L -> m_L M^T``, ``m_S -> M m_S N^T`` with ``M = U_1^T U_0``
-    and ``N = V_1^T V_0``. Elementwise second moments (fields named in ``SECOND_MOMENT_FIELDS``)
+    A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T``
+    (either map may be absent), the same linear map that takes the factor's coordinates from the
+    old basis to the new one: ``m_K -> m_K N^T``, ``m_L -> m_L M^T``, ``m_S -> M m_S N^T``
+    with ``M = U_1^T U_0`` and ``N = V_1^T V_0``. Elementwise second moments (fields named in ``SECOND_MOMENT_FIELDS``)
     are transported with the elementwise squares of the maps, ``(M∘M) nu (N∘N)^T``: the diagonal of
     the transported covariance when entries are uncorrelated. This keeps them non-negative and is
     exact when the basis change permutes or flips basis vectors. Directions new to the basis start
@@ -123,16 +125,17 @@ def _truncate(cfg: Config, Uh, Sh, Vh, capacity: int, rank):
     ``Uh`` and ``Vh`` have orthonormal columns (all of them), so ``U1 = Uh P[:, :c]`` does too.
     With ``cfg.tau`` None the rank stays ``rank`` (fixed-rank variant).
     """
-    P, sigma, Qt = jnp.linalg.svd(Sh, full_matrices=False)
+    P, sigma, Qt = svd(Sh)
     if cfg.tau is None:
         r1 = rank.astype(jnp.int32)
     else:
-        max_rank = capacity if cfg.max_rank is None else min(cfg.max_rank, capacity)
+        # min/max_rank may be traced (optax.inject_hyperparams injects every numeric argument)
+        max_rank = capacity if cfg.max_rank is None else jnp.minimum(cfg.max_rank, capacity)
         r1 = truncation_rank(
             sigma,
             cfg.tau,
             absolute=cfg.absolute,
-            min_rank=min(cfg.min_rank, capacity),
+            min_rank=jnp.minimum(cfg.min_rank, capacity),
             max_rank=max_rank,
         )
     m1 = column_mask(capacity, r1)
@@ -200,7 +203,7 @@ def _bug_galerkin(cfg: Config, carry, g):
     return _finish(x, new, st_k, st_l, st_s), None
 
 
-BUG = Integrator("bug", (_bug_basis_update, _bug_galerkin), adaptive_capable=True)
+BUG = Integrator("bug", (_bug_basis_update, _bug_galerkin), lambda cfg: cfg.tau is not None)
 
 
 # ---- parallel rank-adaptive BUG (one gradient evaluation) --------------------------------------
@@ -241,7 +244,7 @@ def _parallel_step(cfg: Config, carry, g):
     return _finish(x, new, st_k, st_l, st_s), None
 
 
-PARALLEL = Integrator("parallel_bug", (_parallel_step,), adaptive_capable=True)
+PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True)
 
 
 # ---- projector-splitting KSL (Lie-Trotter) -------------------------------------------------------
@@ -253,7 +256,7 @@ def _ksl_k(cfg: Config, carry, g):
     m = x.mask
     U0, S0, V0 = x.masked()
     K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
-    U1, R = jnp.linalg.qr(mask_cols(K1, m))
+    U1, R = qr(mask_cols(K1, m))
     M = mask_block(tmm(U1, U0), m, m)
     point = LowRank._unchecked(U1, mask_block(R, m, m), V0, x.rank)
     return (x, st, st_k, M, point), point
@@ -276,7 +279,7 @@ def _ksl_l(cfg: Config, carry, g):
     m = x.mask
     st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
     L1, st_l = _inner_step(cfg.tx, mmt(point.V, point.S), mask_cols(g.V, m), st_l)
-    V1, R = jnp.linalg.qr(mask_cols(L1, m))
+    V1, R = qr(mask_cols(L1, m))
     new = LowRank._unchecked(point.U, mask_block(R.T, m, m), V1, x.rank)
     N = mask_block(tmm(V1, point.V), m, m)
     st_s = transport(st_s, point.S.shape, right=N)
@@ -284,7 +287,7 @@ def _ksl_l(cfg: Config, carry, g):
     return (new, FactorState(st_k, st_l, st_s)), None
 
 
-KSL = Integrator("projector_splitting", (_ksl_k, _ksl_s, _ksl_l), adaptive_capable=False)
+KSL = Integrator("projector_splitting", (_ksl_k, _ksl_s, _ksl_l), lambda cfg: False)
 
 
 # ---- S-only fine-tuning --------------------------------------------------------------------------
@@ -299,4 +302,4 @@ def _s_only_step(cfg: Config, carry, g):
     return (new, FactorState(st.K, st.L, st_s)), None
 
 
-S_ONLY = Integrator("s_only", (_s_only_step,), adaptive_capable=False)
+S_ONLY = Integrator("s_only", (_s_only_step,), lambda cfg: False)

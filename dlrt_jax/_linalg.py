@@ -1,8 +1,8 @@
 """Small linear-algebra helpers used by the integrators.
 
-Basis arithmetic (orthogonalisation, basis-change matrices, projections, truncation products) runs at
-full float32 precision on every backend: on GPUs the default float32 matmul is TF32, which leaves
-``Q^T Q - I`` at about 1e-3 after one product (``dlrt.md`` section 5).
+Basis arithmetic (orthogonalisation, basis-change matrices, projections, truncation products)
+runs at full float32 precision on every backend: on GPUs the default float32 matmul is TF32,
+which leaves ``Q^T Q - I`` at about 1e-3 after one product (``dlrt.md`` section 5).
 """
 
 from __future__ import annotations
@@ -28,15 +28,37 @@ def tmm(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a.T, b, precision=HIGHEST)
 
 
+def _guard(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zero out a non-finite input and report it: LAPACK's QR/SVD can loop forever on NaN."""
+    ok = jnp.all(jnp.isfinite(a))
+    return jnp.where(ok, a, jnp.zeros((), a.dtype)), ok
+
+
+def _poison(ok: jax.Array, *outs: jax.Array):
+    """NaN-fill the outputs of a guarded call on a non-finite input (so the step is skipped)."""
+    return tuple(jnp.where(ok, o, jnp.full((), jnp.nan, o.dtype)) for o in outs)
+
+
+def qr(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Reduced QR, NaN-safe: a non-finite input gives NaN outputs instead of a LAPACK call on it."""
+    a, ok = _guard(a)
+    return _poison(ok, *jnp.linalg.qr(a))
+
+
+def svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD ``a = P diag(sigma) Qt``, NaN-safe like :func:`qr`."""
+    a, ok = _guard(a)
+    return _poison(ok, *jnp.linalg.svd(a, full_matrices=False))
+
+
 def orth(a: jax.Array) -> jax.Array:
-    """Orthonormal basis from a reduced Householder QR.
+    """Orthonormal basis from a reduced Householder QR (NaN-safe, see :func:`qr`).
 
     Householder QR returns a ``Q`` with orthonormal columns even where columns of ``a`` are zero or
     linearly dependent (those columns of ``Q`` are then an arbitrary orthonormal completion), which
     the integrators rely on: every basis they produce has all of its columns orthonormal.
     """
-    q, _ = jnp.linalg.qr(a)
-    return q
+    return qr(a)[0]
 
 
 def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,7 +70,7 @@ def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     span of ``a``; the rank-adaptive BUG gives them no Galerkin update, so its step does not depend
     on roundoff when ``[K1 | U0]`` is rank-deficient.
     """
-    q, r = jnp.linalg.qr(a)
+    q, r = qr(a)
     d = jnp.abs(jnp.diagonal(r))
     eps = jnp.finfo(a.dtype).eps
     tol = 16.0 * eps * (a.shape[0] ** 0.5) * jnp.max(d)

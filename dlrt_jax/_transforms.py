@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dlrt_jax import _integrators as _int
@@ -47,7 +48,7 @@ class DLRTState(NamedTuple):
     other: Any
 
 
-# ---- validation -----------------------------------------------------------------------------------
+# ---- validation ----------------------------------------------------------------------------------
 
 
 def _is_traced(x: Any) -> bool:
@@ -77,27 +78,36 @@ def _check_truncation(tau, absolute, min_rank, max_rank) -> None:
         t = float(jnp.asarray(tau))
         if not t >= 0:  # also rejects NaN
             raise ValueError(f"`tau` must be >= 0 (or None for a fixed rank), got {t}.")
-    if not isinstance(absolute, bool):
+    if not isinstance(absolute, bool | np.bool_) and not _is_traced(absolute):
         raise TypeError(f"`absolute` must be a bool, got {type(absolute).__name__}.")
-    if not isinstance(min_rank, numbers.Integral) or min_rank < 1:
+    if _is_traced(min_rank) or _is_traced(max_rank):
+        return  # injected by optax.inject_hyperparams: checked when first built, concretely
+    if not _is_whole(min_rank) or int(min_rank) < 1:
         raise ValueError(f"`min_rank` must be an integer >= 1, got {min_rank!r}.")
-    if max_rank is not None and (not isinstance(max_rank, numbers.Integral) or max_rank < min_rank):
+    if max_rank is not None and (not _is_whole(max_rank) or int(max_rank) < int(min_rank)):
         raise ValueError(
-            f"`max_rank` must be None or an integer >= min_rank={min_rank}, got {max_rank!r}."
+            f"`max_rank` must be None or an integer >= min_rank={int(min_rank)}, got {max_rank!r}."
         )
+
+
+def _is_whole(x: Any) -> bool:
+    """An integer, or a 0-d integer array (``inject_hyperparams`` turns ints into arrays)."""
+    if isinstance(x, numbers.Integral):
+        return True
+    return hasattr(x, "dtype") and np.ndim(x) == 0 and np.issubdtype(x.dtype, np.integer)
 
 
 def _check_factor(x: LowRank, path: str, integrator: _int.Integrator, cfg: _int.Config) -> None:
     n, m = x.shape
     c = x.capacity
-    if integrator.adaptive_capable and 2 * c > min(n, m):
+    if integrator.augments(cfg) and 2 * c > min(n, m):
         raise ValueError(
             f"{path}: `{integrator.name}` augments the bases to 2 * capacity columns, so it needs "
             f"capacity <= floor(min(n, m) / 2) = {min(n, m) // 2} for this {n} x {m} factor; got "
             f"capacity={c}. Build the factor with a smaller `capacity`, or use `bug` with "
             "tau=None or `projector_splitting` (fixed rank, any capacity)."
         )
-    if cfg.tau is not None and cfg.min_rank > c:
+    if cfg.tau is not None and not _is_traced(cfg.min_rank) and int(cfg.min_rank) > c:
         raise ValueError(
             f"{path}: `min_rank`={cfg.min_rank} exceeds the capacity {c} of this factor; lower "
             "`min_rank` or build the factor with a larger `capacity`."
@@ -126,7 +136,9 @@ def _check_grads(grads: Any, params: Any, where: str) -> None:
     for (path, p), g in zip(p_paths, jax.tree_util.tree_leaves(grads, is_leaf=is_lowrank)):
         if is_lowrank(p):
             if not is_lowrank(g):
-                raise ValueError(f"{where}: {_path_str(path)} is a LowRank but its gradient is not.")
+                raise ValueError(
+                    f"{where}: {_path_str(path)} is a LowRank but its gradient is not."
+                )
             shapes = [(a.shape, b.shape) for a, b in ((p.U, g.U), (p.S, g.S), (p.V, g.V))]
         else:
             shapes = [(jnp.shape(p), jnp.shape(g))]
@@ -145,7 +157,7 @@ def _all_finite(trees) -> jax.Array:
     return ok
 
 
-# ---- the driver -------------------------------------------------------------------------------------
+# ---- the driver ----------------------------------------------------------------------------------
 
 
 def _run(
@@ -166,6 +178,15 @@ def _run(
     g_leaves = treedef.flatten_up_to(grads)
     st_leaves = treedef.flatten_up_to(state.factors)
     idx = [i for i, leaf in enumerate(leaves) if is_lowrank(leaf)]
+    for i in idx:
+        if not isinstance(st_leaves[i], _int.FactorState):
+            path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0][i][0]
+            raise ValueError(
+                f"The DLRT optimiser state of {_path_str(path)} is a "
+                f"{type(st_leaves[i]).__name__}, not a FactorState: the state was restructured "
+                "after `init`. With Flax NNX, build the optimiser as "
+                "`dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...)`."
+            )
 
     carries = [(leaves[i], st_leaves[i]) for i in idx]
     g = [g_leaves[i] for i in idx]
@@ -298,8 +319,8 @@ _COMMON_DOC = """
     per step with the first gradient.
 
     A step whose gradients (or result) contain NaN or Inf changes nothing and increments
-    ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other groups'
-    leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params tree.
+    ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
+    groups' leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params tree.
 """
 
 
@@ -349,11 +370,15 @@ def bug(
     )
 
 
-bug.__doc__ += _trunc_doc() + """
+bug.__doc__ += (
+    _trunc_doc()
+    + """
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, grad_fn)``.
-""" + _COMMON_DOC + """
+"""
+    + _COMMON_DOC
+    + """
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> import dlrt_jax
@@ -375,6 +400,7 @@ bug.__doc__ += _trunc_doc() + """
         for dynamical low-rank approximation", BIT 62 (2022); Schotthöfer et al., "Low-rank lottery
         tickets", NeurIPS 2022.
 """
+)
 
 kls = bug
 
@@ -414,11 +440,15 @@ def parallel_bug(
     )
 
 
-parallel_bug.__doc__ += _trunc_doc() + """
+parallel_bug.__doc__ += (
+    _trunc_doc()
+    + """
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``.
-""" + _COMMON_DOC + """
+"""
+    + _COMMON_DOC
+    + """
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> import dlrt_jax
@@ -435,6 +465,7 @@ parallel_bug.__doc__ += _trunc_doc() + """
         Ceruti, Kusch & Lubich, "A parallel rank-adaptive integrator for dynamical low-rank
         approximation", SIAM J. Sci. Comput. 46 (2024).
 """
+)
 
 parallel_kls = parallel_bug
 
@@ -473,7 +504,7 @@ ksl = projector_splitting
 
 
 def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTransformationExtraArgs:
-    r"""Train only ``S`` with the bases frozen (the paper's fine-tuning phase after the rank search).
+    r"""Train only ``S`` with the bases frozen (the paper's fine-tuning after the rank search).
 
     ``S1 = S0 - h U0^T G V0``; ranks, ``U`` and ``V`` do not change. One gradient evaluation.
 
@@ -481,15 +512,13 @@ def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTran
         optimizer: inner optax transform, or a learning rate / schedule.
         other_optimizer: optimiser for the leaves that are not ``LowRank``.
     """
-    return _dlrt_transform(
-        _int.S_ONLY, optimizer, other_optimizer, None, False, 1, None, "s_only"
-    )
+    return _dlrt_transform(_int.S_ONLY, optimizer, other_optimizer, None, False, 1, None, "s_only")
 
 
 s_only.__doc__ += _COMMON_DOC
 
 
-# ---- pure step functions ----------------------------------------------------------------------
+# ---- pure step functions -------------------------------------------------------------------------
 
 
 def bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs) -> Any:
@@ -534,7 +563,9 @@ def _step(integrator, params, grad_fn, learning_rate, kwargs, name):
         params,
         is_leaf=is_lowrank,
     )
-    others = jax.tree_util.tree_map(lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank)
+    others = jax.tree_util.tree_map(
+        lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank
+    )
     state = DLRTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), factors, tx.init(others))
     new_params, _, _ = _run(integrator, cfg, tx, grads, state, params, grad_fn)
     return new_params

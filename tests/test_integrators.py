@@ -22,7 +22,7 @@ N, M, R, CAP = 20, 16, 3, 8
 
 
 def _target(rng):
-    """A rank-4 matrix with well-separated singular values 4, 3, 2, 1 (clear truncation decisions)."""
+    """Rank 4 with well-separated singular values 4, 3, 2, 1 (clear truncation decisions)."""
     U, _, V = ref.random_lowrank(rng, N, M, 4)
     return U @ np.diag([4.0, 3.0, 2.0, 1.0]) @ V.T
 
@@ -63,9 +63,7 @@ INTEGRATORS = {
     ),
     "ksl": (ref.ksl_step, lambda h: dlrt_jax.projector_splitting(h), None),
     "parallel_bug": (
-        lambda U, S, V, g, h: ref.parallel_bug_step(
-            U, S, V, g, h, 0.05, min_rank=1, max_rank=CAP
-        ),
+        lambda U, S, V, g, h: ref.parallel_bug_step(U, S, V, g, h, 0.05, min_rank=1, max_rank=CAP),
         lambda h: dlrt_jax.parallel_bug(h, tau=0.05, min_rank=1),
         0.05,
     ),
@@ -196,12 +194,20 @@ def test_rank_k_target_recovered_with_rank_settling_at_k():
     rng = np.random.default_rng(4)
     Ua, Sa, Va = ref.random_lowrank(rng, N, M, 3)
     A = jnp.asarray(Ua @ Sa @ Va.T, jnp.float32)
-    for make_tx, steps in ((lambda: dlrt_jax.bug(1.0, tau=1e-3, min_rank=1), 5),
-                           (lambda: dlrt_jax.parallel_bug(1.0, tau=1e-3, min_rank=1), 30)):
+    for make_tx, steps in (
+        (lambda: dlrt_jax.bug(1.0, tau=1e-3, min_rank=1), 5),
+        (lambda: dlrt_jax.parallel_bug(1.0, tau=1e-3, min_rank=1), 30),
+    ):
         for start in (6, 1):  # shrink from above, grow from below
             x = LowRank.random(jax.random.key(start), (N, M), rank=start, capacity=CAP)
-            x1, ranks, _ = _run_jax(lambda h: make_tx(), x, lambda W: 0.5 * jnp.sum((W - A) ** 2),
-                                    1.0, steps, use_jit=True)
+            x1, ranks, _ = _run_jax(
+                lambda h, make_tx=make_tx: make_tx(),
+                x,
+                lambda W: 0.5 * jnp.sum((W - A) ** 2),
+                1.0,
+                steps,
+                use_jit=True,
+            )
             assert ranks[-1] == 3, (start, ranks)
             assert float(jnp.linalg.norm(x1.to_dense() - A)) < 1e-4 * float(jnp.linalg.norm(A))
             if start == 1:
@@ -212,9 +218,12 @@ def test_loss_never_increases_with_tau_zero_and_small_step():
     rng = np.random.default_rng(5)
     _, _, loss_j, h = _problem("regression", rng)
     U, S, V = ref.random_lowrank(rng, N, M, 2)
-    for make_tx in (lambda: dlrt_jax.bug(h, tau=0.0, min_rank=1),
-                    lambda: dlrt_jax.parallel_bug(h, tau=0.0, min_rank=1),
-                    lambda: dlrt_jax.bug(h), lambda: dlrt_jax.ksl(h)):
+    for make_tx in (
+        lambda: dlrt_jax.bug(h, tau=0.0, min_rank=1),
+        lambda: dlrt_jax.parallel_bug(h, tau=0.0, min_rank=1),
+        lambda: dlrt_jax.bug(h),
+        lambda: dlrt_jax.ksl(h),
+    ):
         params = {"w": _to_jax(U, S, V, 2, CAP, jnp.float32)}
         grad_fn = jax.grad(lambda p: loss_j(p["w"].to_dense()))
         tx = make_tx()
@@ -251,11 +260,15 @@ def test_augmentation_is_exact():
 def test_number_of_gradient_evaluations():
     x = LowRank.random(jax.random.key(0), (N, M), rank=R, capacity=CAP)
     A = jax.random.normal(jax.random.key(1), (N, M))
-    for make_tx, extra in ((lambda: dlrt_jax.bug(0.1), 1), (lambda: dlrt_jax.bug(0.1, tau=0.1), 1),
-                           (lambda: dlrt_jax.ksl(0.1), 2), (lambda: dlrt_jax.parallel_bug(0.1), 0)):
+    for make_tx, extra in (
+        (lambda: dlrt_jax.bug(0.1), 1),
+        (lambda: dlrt_jax.bug(0.1, tau=0.1), 1),
+        (lambda: dlrt_jax.ksl(0.1), 2),
+        (lambda: dlrt_jax.parallel_bug(0.1), 0),
+    ):
         calls = []
 
-        def grad_fn(p):
+        def grad_fn(p, calls=calls):
             calls.append(1)
             return jax.grad(lambda q: 0.5 * jnp.sum((q["w"].to_dense() - A) ** 2))(p)
 

@@ -1,0 +1,1145 @@
+"""Flax NNX layers for dynamical low-rank training, a model converter and the training glue.
+
+* :class:`LowRankParam`: the ``nnx.Param`` subtype that holds a whole :class:`~dlrt_jax.LowRank`
+  factor, so ``nnx.state(model, LowRankParam)`` / ``wrt=LowRankParam`` select the factors and the
+  DLRT optax transforms see ``LowRank`` leaves in the state tree.
+* :class:`LowRankLinear` and :class:`LowRankConv`: drop-in replacements of ``nnx.Linear`` and
+  ``nnx.Conv`` evaluated through :func:`~dlrt_jax.lowrank_apply` / :func:`~dlrt_jax.lowrank_map`
+  (``W`` is never formed).
+* :func:`to_low_rank`: replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of an existing model.
+* :class:`DLRTOptimizer` (``nnx.Optimizer`` for the DLRT transforms), :func:`make_grad_fn`,
+  :func:`train_step`, :func:`fit_capacity`: the glue between the optimiser and the integrators
+  that evaluate the gradient more than once per step or change the capacities.
+
+How ``nnx.Optimizer`` and the integrators fit together (flax 0.12): ``Optimizer.update(model,
+grads, **kw)`` calls ``tx.update(grads, opt_state, params, **kw)`` with ``params =
+nnx.as_pure(nnx.state(model, wrt))``, a ``State`` whose leaves are raw arrays and whole ``LowRank``
+factors; the integrators call ``grad_fn`` on trees of exactly that structure (the intermediate
+points of a step), so ``grad_fn`` must merge such a state back into a model, evaluate the loss and
+return gradients of the same structure: :func:`make_grad_fn` builds it. ``nnx.Optimizer`` itself
+cannot hold a DLRT state, because it calls ``tx.init`` on the state *with* ``Variable`` wrappers:
+each factor's optimiser state (a ``FactorState`` of inner optax states) then sits inside one
+``OptVariable``, and the first ``update`` (``nnx.update(opt_state, nnx.state(new_opt_state))``)
+turns it into a nested ``State`` dict, which breaks the second step. :class:`DLRTOptimizer` is
+``nnx.Optimizer`` with ``tx.init`` applied to the pure state; everything else is inherited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dlrt_jax._capacity import fit_capacity as _fit_capacity
+from dlrt_jax._factors import LowRank, default_capacity, lowrank_apply, lowrank_map
+
+__all__ = [
+    "DLRTOptimizer",
+    "LowRankConv",
+    "LowRankLinear",
+    "LowRankParam",
+    "fit_capacity",
+    "make_grad_fn",
+    "to_low_rank",
+    "train_step",
+]
+
+
+# ---- the Variable type ---------------------------------------------------------------------------
+
+
+class LowRankParam(nnx.Param):
+    """An ``nnx.Param`` whose value is a whole :class:`~dlrt_jax.LowRank` factor.
+
+    The factor stays one value, so ``nnx.state`` / ``nnx.split`` give ``LowRank`` leaves (inside a
+    ``LowRankParam``; ``nnx.as_pure`` strips the wrapper), ``jax.grad`` over such a state gives
+    ``LowRank`` cotangents in the DLRT slots (``grad.U = G V``, ``grad.S = U^T G V``,
+    ``grad.V = G^T U``), and ``DLRTOptimizer(model, dlrt_jax.bug(...), wrt=nnx.Param)`` hands the
+    factors to the integrator whole. Being a subtype of ``nnx.Param``, a factor is trained by
+    ``wrt=nnx.Param``; ``wrt=LowRankParam`` selects the factors only (as ``nnx.LoRAParam`` does for
+    LoRA weights). Attribute access is forwarded to the factor (``param.U``, ``param.capacity``).
+
+    Only the default variable mode is supported (no ``ref=True`` / ``hijax=True``
+    ``nnx.var_defaults``).
+
+    Examples:
+        >>> import jax
+        >>> from flax import nnx
+        >>> from dlrt_jax import LowRank
+        >>> from dlrt_jax.nnx import LowRankLinear, LowRankParam
+        >>> layer = LowRankLinear(8, 6, rank=2, rngs=nnx.Rngs(0))
+        >>> isinstance(layer.kernel, LowRankParam), layer.kernel.capacity
+        (True, 3)
+        >>> factors = nnx.as_pure(nnx.state(layer, LowRankParam))  # the bias is left out
+        >>> list(factors.keys()), factors["kernel"]
+        (['kernel'], LowRank(shape=(6, 8), capacity=3, rank=2, dtype=float32))
+    """
+
+    def __init__(self, value: Any, **metadata: Any):
+        if not isinstance(value, LowRank):
+            raise TypeError(
+                f"LowRankParam holds a dlrt_jax.LowRank factor, got {type(value).__name__}; use "
+                "nnx.Param for plain arrays."
+            )
+        super().__init__(value, **metadata)
+
+
+# ---- shared helpers (also used by dlrt_jax.linen) ------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _resolve_rank_capacity(
+    rank: int | None, capacity: int | None, shape: tuple[int, int], where: str
+) -> tuple[int, int]:
+    """``(rank, capacity)`` of an ``n x m`` factor; see :class:`LowRankLinear` for the rules."""
+    n, m = shape
+    limit = min(n, m)
+    if rank is not None and not (_is_int(rank) and 1 <= rank <= limit):
+        raise ValueError(
+            f"{where}: `rank` must be None or an integer in [1, min(n, m)={limit}] for the "
+            f"{n} x {m} matrix W, got {rank!r}."
+        )
+    if capacity is not None and not (_is_int(capacity) and 1 <= capacity <= limit):
+        raise ValueError(
+            f"{where}: `capacity` must be None or an integer in [1, min(n, m)={limit}] for the "
+            f"{n} x {m} matrix W, got {capacity!r}."
+        )
+    if capacity is None:
+        capacity = max(default_capacity(shape), rank or 0)
+    if rank is None:
+        rank = capacity
+    if rank > capacity:
+        raise ValueError(f"{where}: `rank`={rank} exceeds `capacity`={capacity}.")
+    return int(rank), int(capacity)
+
+
+def _check_kernel_init(kernel_init: Any) -> None:
+    if kernel_init is None or callable(kernel_init):
+        return
+    if isinstance(kernel_init, numbers.Real) and not isinstance(kernel_init, bool):
+        if not float(kernel_init) > 0:
+            raise ValueError(f"`kernel_init` as a scale must be > 0, got {kernel_init}.")
+        return
+    raise TypeError(
+        "`kernel_init` must be None (the paper's initialisation), a positive float (scale of the "
+        "singular values) or a callable init(key, shape, dtype) returning a dense kernel or a "
+        f"LowRank, got {type(kernel_init).__name__}."
+    )
+
+
+def _init_factor(
+    kernel_init: Any,
+    key: jax.Array,
+    kernel_shape: tuple[int, ...],
+    rank: int,
+    capacity: int,
+    param_dtype: Any,
+) -> LowRank:
+    """The initial factor of a layer whose dense kernel has shape ``kernel_shape`` (``..., out``).
+
+    ``W`` is ``out x prod(kernel_shape[:-1])``: the dense kernel reshaped to ``(-1, out)`` and
+    transposed.
+    """
+    n = kernel_shape[-1]
+    m = int(np.prod(kernel_shape[:-1]))
+    if kernel_init is None or isinstance(kernel_init, numbers.Real):
+        scale = 1.0 if kernel_init is None else float(kernel_init)
+        return LowRank.random(key, (n, m), rank, capacity=capacity, scale=scale, dtype=param_dtype)
+    out = kernel_init(key, kernel_shape, param_dtype)
+    if isinstance(out, LowRank):
+        if out.shape != (n, m) or out.capacity != capacity:
+            raise ValueError(
+                f"`kernel_init` returned a LowRank of shape {out.shape} and capacity "
+                f"{out.capacity}; this layer needs shape {(n, m)} (out x in) and capacity "
+                f"{capacity}."
+            )
+        return _cast(out, param_dtype)
+    out = jnp.asarray(out)
+    if out.shape != tuple(kernel_shape):
+        raise ValueError(
+            f"`kernel_init` returned an array of shape {out.shape}; expected the dense kernel "
+            f"shape {tuple(kernel_shape)} (or a LowRank)."
+        )
+    W = out.reshape(m, n).T
+    return _cast(LowRank.from_dense(W, rank=rank, capacity=capacity), param_dtype)
+
+
+def _cast(lr: LowRank, dtype: Any) -> LowRank:
+    """``lr`` with ``U``, ``S``, ``V`` in ``dtype`` (the rank stays float32); differentiable."""
+    if lr.dtype == jnp.dtype(dtype):
+        return lr
+    leaves, treedef = jax.tree.flatten(lr)
+    U, S, V, rank = leaves
+    return jax.tree.unflatten(treedef, [U.astype(dtype), S.astype(dtype), V.astype(dtype), rank])
+
+
+def _promote(x: jax.Array, lr: LowRank, bias: jax.Array | None, dtype: Any):
+    """Cast inputs, factor and bias to ``dtype`` (default: their common result type)."""
+    x = jnp.asarray(x)
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, lr.dtype, *(() if bias is None else (bias.dtype,)))
+    x = x.astype(dtype)
+    lr = _cast(lr, dtype)
+    bias = None if bias is None else bias.astype(dtype)
+    return x, lr, bias
+
+
+@dataclasses.dataclass(frozen=True)
+class _DensePhi:
+    """``phi(x, V) = x @ V`` at a given matmul precision (hashable, equal by value)."""
+
+    precision: Any
+
+    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
+        return jnp.matmul(x, V, precision=self.precision)
+
+
+def _dense_forward(lr: LowRank, bias, x, dtype, precision) -> jax.Array:
+    x, lr, bias = _promote(x, lr, bias, dtype)
+    if x.ndim < 1 or x.shape[-1] != lr.shape[1]:
+        raise ValueError(
+            f"Input's last axis must have size in_features={lr.shape[1]}, got input shape "
+            f"{x.shape}."
+        )
+    if precision is None:
+        y = lowrank_apply(lr, x)
+    else:
+        y = lowrank_map(lr, x, _DensePhi(_hashable(precision)))
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _hashable(x: Any) -> Any:
+    if isinstance(x, list | tuple):
+        return tuple(_hashable(a) for a in x)
+    return x
+
+
+def _as_tuple(x: Any, k: int, name: str) -> tuple[int, ...]:
+    if x is None:  # nnx.Conv accepts None as "1"
+        x = 1
+    if _is_int(x):
+        out = (int(x),) * k
+    else:
+        out = tuple(x)
+    if len(out) != k or not all(_is_int(a) and a >= 1 for a in out):
+        raise ValueError(
+            f"`{name}` must be a positive integer or a sequence of {k} positive integers, "
+            f"got {x!r}."
+        )
+    return tuple(int(a) for a in out)
+
+
+_ZEROS = nnx.initializers.zeros_init()
+_STRING_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER")
+
+
+def _canonical_padding(padding: Any, k: int) -> str | tuple[tuple[int, int], ...]:
+    """A padding string, or ``k`` ``(low, high)`` pairs (hashable)."""
+    if isinstance(padding, str):
+        if padding not in _STRING_PADDINGS:
+            raise ValueError(
+                f"`padding` must be one of {_STRING_PADDINGS} or explicit, got {padding!r}."
+            )
+        if padding == "CAUSAL" and k != 1:
+            raise ValueError("`padding='CAUSAL'` is only implemented for 1-D convolutions.")
+        return padding
+    if _is_int(padding):
+        return ((int(padding), int(padding)),) * k
+    if isinstance(padding, Sequence) and len(padding) == k:
+        pairs = []
+        for p in padding:
+            if _is_int(p):
+                pairs.append((int(p), int(p)))
+            elif isinstance(p, Sequence) and len(p) == 2 and all(_is_int(a) for a in p):
+                pairs.append((int(p[0]), int(p[1])))
+            else:
+                break
+        if len(pairs) == k:
+            return tuple(pairs)
+    raise ValueError(
+        f"`padding` must be a string, an int, or a sequence of {k} ints or (low, high) pairs, "
+        f"got {padding!r}."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvPhi:
+    """``phi(x, V)``: convolution of ``x`` (``N, *spatial, in``) with the ``c`` columns of ``V``.
+
+    ``V`` (``prod(kernel_size) * in, c``) is reshaped to the kernel ``(*kernel_size, in, c)``. A
+    hashable value object, so equal configurations give equal ``phi`` for ``lowrank_map``.
+    """
+
+    kernel_size: tuple[int, ...]
+    in_features: int
+    strides: tuple[int, ...]
+    padding: Any
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+    precision: Any
+
+    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
+        kernel = V.reshape(*self.kernel_size, self.in_features, V.shape[-1])
+        nd = x.ndim
+        lhs = (0, nd - 1, *range(1, nd - 1))
+        rhs = (nd - 1, nd - 2, *range(0, nd - 2))
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            self.strides,
+            self.padding,
+            lhs_dilation=self.input_dilation,
+            rhs_dilation=self.kernel_dilation,
+            dimension_numbers=jax.lax.ConvDimensionNumbers(lhs, rhs, lhs),
+            precision=self.precision,
+        )
+
+
+def _conv_forward(
+    lr: LowRank,
+    bias,
+    x,
+    *,
+    kernel_size: tuple[int, ...],
+    in_features: int,
+    strides: tuple[int, ...],
+    padding: Any,
+    input_dilation: tuple[int, ...],
+    kernel_dilation: tuple[int, ...],
+    dtype: Any,
+    precision: Any,
+) -> jax.Array:
+    """The low-rank convolution ``conv(x, V) S^T U^T + b`` with ``nnx.Conv``'s conventions."""
+    x, lr, bias = _promote(x, lr, bias, dtype)
+    k = len(kernel_size)
+    if x.ndim < k + 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"Input must have shape (*batch, {k} spatial axes, in_features={in_features}), got "
+            f"{x.shape}."
+        )
+    num_batch = x.ndim - (k + 1)
+    batch_shape = x.shape[:num_batch]
+    if num_batch != 1:
+        x = x.reshape((-1, *x.shape[num_batch:]))
+    pad = padding
+    if pad in ("CIRCULAR", "REFLECT"):
+        dilated = [(kk - 1) * d + 1 for kk, d in zip(kernel_size, kernel_dilation, strict=True)]
+        pads = [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in dilated] + [(0, 0)]
+        x = jnp.pad(x, pads, mode="wrap" if pad == "CIRCULAR" else "reflect")
+        pad = "VALID"
+    elif pad == "CAUSAL":
+        left = kernel_dilation[0] * (kernel_size[0] - 1)
+        x = jnp.pad(x, [(0, 0), (left, 0), (0, 0)])
+        pad = "VALID"
+    phi = _ConvPhi(
+        kernel_size,
+        in_features,
+        strides,
+        pad,
+        input_dilation,
+        kernel_dilation,
+        _hashable(precision),
+    )
+    y = lowrank_map(lr, x, phi)
+    if bias is not None:
+        y = y + bias
+    if num_batch != 1:
+        y = y.reshape(batch_shape + y.shape[1:])
+    return y
+
+
+# ---- layers --------------------------------------------------------------------------------------
+
+
+class LowRankLinear(nnx.Module):
+    r"""A low-rank drop-in for ``nnx.Linear``: ``y = x W^T + b`` with ``W = U S V^T`` never formed.
+
+    ``W`` is ``out_features x in_features`` (``nnx.Linear``'s ``kernel`` is ``W^T``), stored as a
+    :class:`~dlrt_jax.LowRank` with a static capacity ``c`` and a traced rank ``r <= c`` in the
+    :class:`LowRankParam` ``kernel``; the bias is an ``nnx.Param`` as in ``nnx.Linear``. The call
+    computes ``((x V) S^T) U^T + b`` over the last axis at cost ``O(c (n + m))`` per row; its custom
+    VJP gives the DLRT gradients (see :class:`~dlrt_jax.LowRank`). Train it with the DLRT optax
+    transforms (:func:`dlrt_jax.bug`, ...) through :class:`DLRTOptimizer`; see :func:`train_step`.
+
+    Args:
+        in_features: ``m``, the size of the input's last axis.
+        out_features: ``n``.
+        rank: initial active rank ``r``; default: the capacity (the paper starts adaptive layers at
+            their maximal rank).
+        capacity: static capacity ``c`` in ``[rank, min(n, m)]``; default
+            ``max(floor(min(n, m) / 2), rank)``. The rank-adaptive integrators need
+            ``c <= floor(min(n, m) / 2)``; the fixed-rank ``bug`` and ``projector_splitting`` take
+            any capacity.
+        use_bias: add a bias.
+        dtype: computation dtype (default: the common dtype of inputs and parameters).
+        param_dtype: storage dtype of ``U``, ``S``, ``V`` and the bias (the rank is float32).
+        precision: matmul precision of the input contraction ``x V`` (``None``: default). The small
+            products with ``S`` and ``U`` use the default precision.
+        kernel_init: ``None`` for the paper's initialisation (orthonormal ``U``, ``V`` from QR of
+            Gaussians, ``S = diag`` of sorted ``|N(0, 1)|`` samples); a positive float to scale
+            those singular values; or a callable ``init(key, shape, dtype)`` (an
+            ``nnx.initializers`` initialiser) returning either the dense kernel of shape
+            ``(in_features, out_features)``, which is then truncated by SVD to ``rank``, or a
+            ``LowRank`` of shape ``(out_features, in_features)`` and the layer's capacity.
+        bias_init: initialiser of the bias.
+        rngs: ``nnx.Rngs`` (the ``params`` stream is used).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.nnx import LowRankLinear
+        >>> layer = LowRankLinear(16, 8, rank=2, capacity=4, rngs=nnx.Rngs(0))
+        >>> jax.tree.map(jnp.shape, nnx.as_pure(nnx.state(layer)))["kernel"].U
+        (8, 4)
+        >>> w = layer.kernel.get_value()
+        >>> w.U.shape, w.S.shape, w.V.shape, layer.bias.shape
+        ((8, 4), (4, 4), (16, 4), (8,))
+        >>> int(layer.rank), layer.capacity
+        (2, 4)
+        >>> layer(jnp.ones((3, 16))).shape
+        (3, 8)
+
+    References:
+        Schotthöfer et al., "Low-rank lottery tickets: finding efficient low-rank neural networks
+        via matrix differential equations", NeurIPS 2022.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int | None = None,
+        capacity: int | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = None,
+        bias_init: Callable = _ZEROS,
+        rngs: nnx.Rngs,
+    ):
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not (_is_int(v) and v >= 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        _check_kernel_init(kernel_init)
+        rank, capacity = _resolve_rank_capacity(
+            rank, capacity, (out_features, in_features), "LowRankLinear"
+        )
+        self.kernel = LowRankParam(
+            _init_factor(
+                kernel_init,
+                rngs.params(),
+                (in_features, out_features),
+                rank,
+                capacity,
+                param_dtype,
+            )
+        )
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.use_bias = bool(use_bias)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+
+    @property
+    def factor(self) -> LowRank:
+        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` (``out_features x in_features``)."""
+        return self.kernel.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The active rank (an int32 scalar array; ``int(layer.rank)`` outside ``jit``)."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``c`` (changes only through :func:`fit_capacity`)."""
+        return self.factor.capacity
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """``inputs @ W^T + bias`` over the last axis (any leading batch axes)."""
+        bias = self.bias[...] if self.bias is not None else None
+        return _dense_forward(self.factor, bias, inputs, self.dtype, self.precision)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nnx.Linear,
+        *,
+        rank: int | None = None,
+        tol: float | None = None,
+        capacity: int | None = None,
+    ) -> LowRankLinear:
+        """A :class:`LowRankLinear` initialised by truncated SVD of ``linear``'s dense kernel.
+
+        ``W = linear.kernel^T`` is truncated at ``rank``, or at the smallest rank whose relative
+        tail norm ``sqrt(sum_{j > r} sigma_j^2) / ||sigma||_2`` is ``<= tol`` (clamped to
+        ``[1, capacity]``); with neither, at the capacity. ``capacity`` defaults as in the
+        constructor. The bias, ``dtype``, ``param_dtype`` and ``precision`` are copied. At
+        ``rank = capacity = min(n, m)`` the layer computes what ``linear`` computes.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from dlrt_jax.nnx import LowRankLinear
+            >>> dense = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+            >>> low = LowRankLinear.from_linear(dense, rank=4, capacity=4)
+            >>> x = jnp.ones((2, 6))
+            >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
+            True
+        """
+        if not isinstance(linear, nnx.Linear):
+            raise TypeError(f"`linear` must be an nnx.Linear, got {type(linear).__name__}.")
+        _check_linear_supported(linear, "from_linear")
+        W = jnp.asarray(linear.kernel[...]).T
+        lr = _factor_from_dense(W, rank, tol, capacity, "LowRankLinear.from_linear")
+        bias = None if linear.bias is None else linear.bias[...]
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            rank=int(lr.rank),
+            capacity=lr.capacity,
+            use_bias=bias is not None,
+            dtype=linear.dtype,
+            param_dtype=linear.param_dtype,
+            precision=linear.precision,
+            kernel_init=lambda _key, _shape, _dtype: lr,
+            bias_init=lambda _key, _shape, dtype: jnp.asarray(bias, dtype),
+            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
+        )
+
+
+class LowRankConv(nnx.Module):
+    r"""A low-rank drop-in for ``nnx.Conv``: a convolution with ``c`` filters, then a 1x1 mix.
+
+    The kernel ``(*kernel_size, in, out)`` is matricised as ``W`` (``out x prod(kernel_size) *
+    in``; the dense kernel is ``W^T`` reshaped) and stored as a :class:`~dlrt_jax.LowRank`. The
+    layer convolves the input with the ``c`` columns of ``V`` reshaped to filters
+    ``(*kernel_size, in, c)`` and applies ``S^T U^T`` to the ``c`` channels (a 1x1 convolution),
+    through :func:`~dlrt_jax.lowrank_map`: cost ``O(c (prod(kernel_size) in + out))`` per output
+    pixel and no kernel materialised. The result equals ``nnx.Conv`` with the kernel
+    ``W^T.reshape(*kernel_size, in, out)``.
+
+    Args:
+        in_features: input channels.
+        out_features: output channels.
+        kernel_size: an int (1-D) or a sequence of ints.
+        strides, padding, input_dilation, kernel_dilation: as ``nnx.Conv`` (padding ``'SAME'``,
+            ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'`` (1-D), an int, or a sequence of
+            ints / ``(low, high)`` pairs).
+        feature_group_count: must be 1 (grouped convolutions have no single matrix ``W``).
+        rank, capacity, use_bias, dtype, param_dtype, precision, bias_init, rngs: as
+            :class:`LowRankLinear`, with ``n = out`` and ``m = prod(kernel_size) * in``.
+        kernel_init: as :class:`LowRankLinear`; a callable gets the dense kernel shape
+            ``(*kernel_size, in, out)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.nnx import LowRankConv
+        >>> conv = LowRankConv(3, 16, (3, 3), rank=4, capacity=8, rngs=nnx.Rngs(0))
+        >>> w = conv.kernel.get_value()  # W is 16 x (3 * 3 * 3)
+        >>> w.U.shape, w.S.shape, w.V.shape, conv.bias.shape
+        ((16, 8), (8, 8), (27, 8), (16,))
+        >>> conv(jnp.ones((2, 10, 10, 3))).shape
+        (2, 10, 10, 16)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] | None = 1,
+        *,
+        padding: Any = "SAME",
+        input_dilation: int | Sequence[int] | None = 1,
+        kernel_dilation: int | Sequence[int] | None = 1,
+        feature_group_count: int = 1,
+        rank: int | None = None,
+        capacity: int | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = None,
+        bias_init: Callable = _ZEROS,
+        rngs: nnx.Rngs,
+    ):
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not (_is_int(v) and v >= 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
+        if feature_group_count != 1:
+            raise ValueError(
+                "LowRankConv supports only `feature_group_count=1` (a grouped convolution has no "
+                f"single kernel matrix to factorise), got {feature_group_count!r}."
+            )
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        kernel_size = (kernel_size,) if _is_int(kernel_size) else tuple(kernel_size)
+        k = len(kernel_size)
+        if k < 1 or not all(_is_int(a) and a >= 1 for a in kernel_size):
+            raise ValueError(f"`kernel_size` must be positive integers, got {kernel_size!r}.")
+        strides_t = _as_tuple(strides, k, "strides")
+        input_dilation_t = _as_tuple(input_dilation, k, "input_dilation")
+        kernel_dilation_t = _as_tuple(kernel_dilation, k, "kernel_dilation")
+        padding_c = _canonical_padding(padding, k)
+        _check_kernel_init(kernel_init)
+        m = int(np.prod(kernel_size)) * in_features
+        rank, capacity = _resolve_rank_capacity(rank, capacity, (out_features, m), "LowRankConv")
+        self.kernel = LowRankParam(
+            _init_factor(
+                kernel_init,
+                rngs.params(),
+                (*kernel_size, in_features, out_features),
+                rank,
+                capacity,
+                param_dtype,
+            )
+        )
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.kernel_size = tuple(int(a) for a in kernel_size)
+        self.strides = strides_t
+        self.padding = padding_c
+        self.input_dilation = input_dilation_t
+        self.kernel_dilation = kernel_dilation_t
+        self.feature_group_count = 1
+        self.use_bias = bool(use_bias)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+
+    @property
+    def factor(self) -> LowRank:
+        """The :class:`~dlrt_jax.LowRank` ``W`` (``out x prod(kernel_size) * in``)."""
+        return self.kernel.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The active rank (an int32 scalar array)."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``c``."""
+        return self.factor.capacity
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """The convolution of ``inputs`` (``*batch, *spatial, in_features``), channels last."""
+        bias = self.bias[...] if self.bias is not None else None
+        return _conv_forward(
+            self.factor,
+            bias,
+            inputs,
+            kernel_size=self.kernel_size,
+            in_features=self.in_features,
+            strides=self.strides,
+            padding=self.padding,
+            input_dilation=self.input_dilation,
+            kernel_dilation=self.kernel_dilation,
+            dtype=self.dtype,
+            precision=self.precision,
+        )
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nnx.Conv,
+        *,
+        rank: int | None = None,
+        tol: float | None = None,
+        capacity: int | None = None,
+    ) -> LowRankConv:
+        """A :class:`LowRankConv` initialised by truncated SVD of ``conv``'s matricised kernel.
+
+        Rank rules as :meth:`LowRankLinear.from_linear`; strides, padding, dilations, bias,
+        dtypes and precision are copied. Raises ``ValueError`` for ``feature_group_count != 1``
+        and for a ``mask``.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from dlrt_jax.nnx import LowRankConv
+            >>> dense = nnx.Conv(2, 4, (3, 3), strides=2, rngs=nnx.Rngs(0))
+            >>> low = LowRankConv.from_conv(dense, rank=4, capacity=4)  # W is 4 x 18: exact
+            >>> x = jnp.ones((1, 8, 8, 2))
+            >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
+            True
+        """
+        if not isinstance(conv, nnx.Conv):
+            raise TypeError(f"`conv` must be an nnx.Conv, got {type(conv).__name__}.")
+        _check_conv_supported(conv, "from_conv")
+        kernel = jnp.asarray(conv.kernel[...])
+        out = kernel.shape[-1]
+        W = kernel.reshape(-1, out).T
+        lr = _factor_from_dense(W, rank, tol, capacity, "LowRankConv.from_conv")
+        bias = None if conv.bias is None else conv.bias[...]
+        return cls(
+            conv.in_features,
+            conv.out_features,
+            conv.kernel_size,
+            conv.strides,
+            padding=conv.padding,
+            input_dilation=conv.input_dilation,
+            kernel_dilation=conv.kernel_dilation,
+            rank=int(lr.rank),
+            capacity=lr.capacity,
+            use_bias=bias is not None,
+            dtype=conv.dtype,
+            param_dtype=conv.param_dtype,
+            precision=conv.precision,
+            kernel_init=lambda _key, _shape, _dtype: lr,
+            bias_init=lambda _key, _shape, dtype: jnp.asarray(bias, dtype),
+            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
+        )
+
+
+def _factor_from_dense(W, rank, tol, capacity, where) -> LowRank:
+    if rank is not None and tol is not None:
+        raise ValueError(f"{where}: give at most one of `rank` and `tol`, got both.")
+    if tol is not None and not (isinstance(tol, numbers.Real) and tol >= 0):
+        raise ValueError(f"{where}: `tol` must be a number >= 0, got {tol!r}.")
+    n, m = W.shape
+    if tol is None:
+        rank, capacity = _resolve_rank_capacity(rank, capacity, (n, m), where)
+        return LowRank.from_dense(W, rank=rank, capacity=capacity)
+    _, capacity = _resolve_rank_capacity(None, capacity, (n, m), where)
+    return LowRank.from_dense(W, tol=float(tol), capacity=capacity)
+
+
+def _check_linear_supported(linear: nnx.Linear, where: str) -> None:
+    if type(linear) is not nnx.Linear:
+        raise TypeError(
+            f"{where}: only plain nnx.Linear layers can be converted, got the subclass "
+            f"{type(linear).__name__} (its behaviour may differ from x @ kernel + bias)."
+        )
+    dot_general = getattr(linear, "dot_general", jax.lax.dot_general)
+    if dot_general is not jax.lax.dot_general:
+        raise ValueError(f"{where}: nnx.Linear with a custom `dot_general` is not supported.")
+    if getattr(linear, "preferred_element_type", None) is not None:
+        raise ValueError(f"{where}: nnx.Linear with `preferred_element_type` is not supported.")
+
+
+def _check_conv_supported(conv: nnx.Conv, where: str) -> None:
+    if type(conv) is not nnx.Conv:
+        raise TypeError(
+            f"{where}: only plain nnx.Conv layers can be converted, got the subclass "
+            f"{type(conv).__name__}."
+        )
+    if conv.feature_group_count != 1:
+        raise ValueError(
+            f"{where}: nnx.Conv with feature_group_count={conv.feature_group_count} is not "
+            "supported (a grouped convolution has no single kernel matrix to factorise)."
+        )
+    if getattr(conv, "mask", None) is not None:
+        raise ValueError(f"{where}: nnx.Conv with a `mask` is not supported.")
+    fn = getattr(conv, "conv_general_dilated", jax.lax.conv_general_dilated)
+    if fn is not jax.lax.conv_general_dilated:
+        raise ValueError(
+            f"{where}: nnx.Conv with a custom `conv_general_dilated` is not supported."
+        )
+    if getattr(conv, "preferred_element_type", None) is not None:
+        raise ValueError(f"{where}: nnx.Conv with `preferred_element_type` is not supported.")
+
+
+# ---- model conversion ----------------------------------------------------------------------------
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _to_predicate(filter: Any) -> Callable[[tuple, Any], bool]:
+    """``filter`` as a predicate ``(path, module) -> bool``."""
+    if filter is None:
+        return lambda path, module: True
+    if isinstance(filter, type):
+        return lambda path, module: isinstance(module, filter)
+    if isinstance(filter, str):
+        return lambda path, module: filter in tuple(str(p) for p in path)
+    if callable(filter):
+        try:
+            params = inspect.signature(filter).parameters.values()
+        except (TypeError, ValueError) as e:
+            raise TypeError(
+                "`filter` must be a predicate whose signature can be inspected: (path, module) "
+                "-> bool or (module) -> bool."
+            ) from e
+        positional = [
+            p
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+        if len(positional) == 1 and not varargs:
+            return lambda path, module: filter(module)
+        if len(positional) == 2 or varargs:
+            return filter
+        raise TypeError(
+            "`filter` must take (path, module) or (module), got a callable with "
+            f"{len(positional)} required positional parameters."
+        )
+    raise TypeError(
+        "`filter` must be None, a type, a path name (str) or a predicate (path, module) -> bool "
+        f"or (module) -> bool, got {type(filter).__name__}."
+    )
+
+
+def to_low_rank(
+    model: Any,
+    *,
+    filter: Any = None,
+    rank: int | None = None,
+    tol: float | None = None,
+    capacity: int | None = None,
+    init: str = "svd",
+    rngs: nnx.Rngs | None = None,
+) -> Any:
+    """Replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of a model by low-rank layers.
+
+    Returns a **new** model (built with ``nnx.recursive_map`` on an ``nnx.clone`` of ``model``);
+    ``model`` itself is not modified, and the layers that are not replaced are copies (new
+    ``Variable`` objects, shared immutable arrays). Shared layers stay shared.
+
+    The filter is applied to every ``nnx.Linear`` and ``nnx.Conv`` in the model (other modules are
+    never candidates): ``None`` selects them all; a type selects its instances; a string selects
+    layers whose path contains that name (``'fc1'`` matches the path ``('fc1',)`` and
+    ``('block', 'fc1')``); a callable is called as ``filter(path, module)`` when it takes two
+    positional arguments (``nnx.PathContains(...)`` works) or ``filter(module)`` when it takes one.
+
+    Args:
+        model: an NNX module (or graph of modules).
+        filter: which layers to replace (see above).
+        rank: rank of every new factor; with ``init='svd'`` and neither ``rank`` nor ``tol``, each
+            layer keeps ``capacity`` singular values.
+        tol: relative truncation tolerance of the SVD (``init='svd'`` only).
+        capacity: capacity of every new factor; default ``max(floor(min(n, m) / 2), rank)`` per
+            layer.
+        init: ``'svd'`` (truncated SVD of the dense kernel; bias, dtypes, precision copied) or
+            ``'random'`` (the constructors' paper initialisation and a zero bias: a fresh layer of
+            the same configuration).
+        rngs: ``nnx.Rngs`` for ``init='random'``.
+
+    Returns:
+        The new model.
+
+    Raises:
+        ValueError: when the filter matches no layer, when a matched ``nnx.Conv`` has
+            ``feature_group_count != 1`` or a ``mask``, or for invalid ranks (the message names the
+            layer's path).
+        TypeError: when a matched layer is a subclass of ``nnx.Linear`` / ``nnx.Conv``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.nnx import LowRankLinear, to_low_rank
+        >>> class MLP(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.fc1 = nnx.Linear(16, 16, rngs=rngs)
+        ...         self.out = nnx.Linear(16, 2, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.out(nnx.relu(self.fc1(x)))
+        >>> model = MLP(nnx.Rngs(0))
+        >>> low = to_low_rank(model, filter="fc1", rank=4)
+        >>> type(low.fc1).__name__, type(low.out).__name__, int(low.fc1.rank), low.fc1.capacity
+        ('LowRankLinear', 'Linear', 4, 8)
+        >>> type(model.fc1).__name__  # the input model is unchanged
+        'Linear'
+    """
+    if init not in ("svd", "random"):
+        raise ValueError(f"`init` must be 'svd' or 'random', got {init!r}.")
+    if init == "random":
+        if tol is not None:
+            raise ValueError("`tol` applies to init='svd' only; give `rank` for init='random'.")
+        if not isinstance(rngs, nnx.Rngs):
+            raise ValueError("init='random' needs `rngs` (an nnx.Rngs).")
+    if rank is not None and tol is not None:
+        raise ValueError("Give at most one of `rank` and `tol`, got both.")
+    predicate = _to_predicate(filter)
+    matched: list[str] = []
+    candidates: list[str] = []
+
+    def convert(path, node):
+        if not isinstance(node, nnx.Linear | nnx.Conv):
+            return node
+        candidates.append(_path_str(path))
+        if not predicate(path, node):
+            return node
+        where = f"to_low_rank at {_path_str(path)!r}"
+        matched.append(_path_str(path))
+        if isinstance(node, nnx.Linear):
+            _check_linear_supported(node, where)
+            if init == "svd":
+                return _wrap_errors(
+                    where, LowRankLinear.from_linear, node, rank=rank, tol=tol, capacity=capacity
+                )
+            return _wrap_errors(
+                where,
+                LowRankLinear,
+                node.in_features,
+                node.out_features,
+                rank=rank,
+                capacity=capacity,
+                use_bias=node.bias is not None,
+                dtype=node.dtype,
+                param_dtype=node.param_dtype,
+                precision=node.precision,
+                rngs=rngs,
+            )
+        _check_conv_supported(node, where)
+        if init == "svd":
+            return _wrap_errors(
+                where, LowRankConv.from_conv, node, rank=rank, tol=tol, capacity=capacity
+            )
+        return _wrap_errors(
+            where,
+            LowRankConv,
+            node.in_features,
+            node.out_features,
+            node.kernel_size,
+            node.strides,
+            padding=node.padding,
+            input_dilation=node.input_dilation,
+            kernel_dilation=node.kernel_dilation,
+            rank=rank,
+            capacity=capacity,
+            use_bias=node.bias is not None,
+            dtype=node.dtype,
+            param_dtype=node.param_dtype,
+            precision=node.precision,
+            rngs=rngs,
+        )
+
+    new_model = nnx.recursive_map(convert, nnx.clone(model))
+    if not matched:
+        raise ValueError(
+            "to_low_rank: `filter` matched no nnx.Linear / nnx.Conv layer (the filter is applied "
+            f"to those only). Candidate layers: {candidates or 'none'}."
+        )
+    return new_model
+
+
+def _wrap_errors(where: str, fn: Callable, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+# ---- training glue -------------------------------------------------------------------------------
+
+
+def make_grad_fn(
+    model: nnx.Module, loss_fn: Callable[[Any, Any], jax.Array], batch: Any, *, wrt: Any = nnx.Param
+) -> Callable[[Any], Any]:
+    """The ``grad_fn(params) -> grads`` that :func:`dlrt_jax.bug` / ``projector_splitting`` need.
+
+    Splits ``model`` once into ``(graphdef, params, rest)`` with the filter ``wrt`` (use the
+    ``nnx.Optimizer``'s ``wrt``); ``grad_fn(p)`` merges ``p`` back with ``graphdef`` and ``rest``,
+    evaluates ``loss_fn(model, batch)`` and returns ``jax.grad`` of it with respect to ``p``: a tree
+    of the same structure as ``p`` (``LowRank`` cotangents at the factors). ``p`` may be the pure
+    state that ``nnx.Optimizer.update`` passes to ``tx.update`` (``nnx.as_pure(nnx.state(model,
+    wrt))``) or a state with ``Variable`` wrappers.
+
+    The non-trained state ``rest`` (batch statistics, RNG counters) is the one at the time of the
+    call and changes made to it inside ``grad_fn`` are discarded: every evaluation of a step sees
+    the same dropout masks, which is what the integrators assume (one loss per step). Build the
+    ``grad_fn`` before computing the step's first gradient.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.nnx import LowRankLinear, make_grad_fn
+        >>> model = LowRankLinear(6, 4, rank=2, rngs=nnx.Rngs(0))
+        >>> loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+        >>> grad_fn = make_grad_fn(model, loss_fn, (jnp.ones((5, 6)), jnp.zeros((5, 4))))
+        >>> grads = grad_fn(nnx.as_pure(nnx.state(model, nnx.Param)))
+        >>> grads["kernel"].U.shape, grads["bias"].shape  # grads["kernel"].U = G V
+        ((4, 2), (4,))
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+    graphdef, _, rest = nnx.split(model, wrt, ...)
+
+    def loss_of(params):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch)
+
+    def grad_fn(params):
+        return jax.grad(loss_of)(params)
+
+    return grad_fn
+
+
+def _pure_init(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` whose ``init`` sees the pure state (no ``Variable`` wrappers)."""
+    tx = optax.with_extra_args_support(tx)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: tx.init(nnx.as_pure(params)), tx.update
+    )
+
+
+class DLRTOptimizer(nnx.Optimizer):
+    """``nnx.Optimizer`` for the DLRT transforms (and any other optax transform).
+
+    Identical to ``nnx.Optimizer(model, tx, wrt=wrt)`` except that ``tx.init`` is applied to the
+    pure state ``nnx.as_pure(nnx.state(model, wrt))``, so every array of the optimiser state gets
+    its own ``OptArray`` and the per-factor ``FactorState`` of a DLRT transform keeps its structure
+    across updates. (``nnx.Optimizer`` puts each factor's whole ``FactorState`` into one
+    ``OptVariable``, and its first ``update`` rewrites that into a nested ``State`` dict, so the
+    second step fails inside the inner optimiser.) ``update(model, grads, **kwargs)`` is inherited:
+    it passes ``params = nnx.as_pure(nnx.state(model, wrt))`` (``LowRank`` leaves at the factors) to
+    ``tx.update(grads, opt_state, params, **kwargs)``, so ``grad_fn=`` reaches the integrator; build
+    it with :func:`make_grad_fn` or let :func:`train_step` do it. Ranks change within each factor's
+    capacity without changing any shape; :func:`fit_capacity` changes the capacities of the model
+    and of this optimiser's state together. ``optimizer.tx`` is ``tx`` with the ``init`` wrapped.
+
+    Args:
+        model: the NNX model.
+        tx: an optax transform, e.g. ``dlrt_jax.bug(optax.adam(1e-3), tau=0.09)``.
+        wrt: the filter of the trained variables (default ``nnx.Param``, which includes
+            :class:`LowRankParam`).
+        **kwargs: passed to ``nnx.Optimizer`` (e.g. ``graph`` on flax versions that have it).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import dlrt_jax
+        >>> from dlrt_jax.nnx import DLRTOptimizer, LowRankLinear, make_grad_fn
+        >>> model = LowRankLinear(12, 10, rank=3, capacity=5, rngs=nnx.Rngs(0))
+        >>> optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.1))
+        >>> jax.tree.map(jnp.shape, nnx.as_pure(optimizer.opt_state).factors["kernel"].S[0].mu)
+        (5, 5)
+        >>> batch = jax.random.normal(jax.random.key(1), (32, 12))
+        >>> loss_fn = lambda m, x: jnp.mean((m(x) - x[:, :10]) ** 2)
+        >>> grads = nnx.grad(loss_fn)(model, batch)
+        >>> _ = optimizer.update(model, grads, grad_fn=make_grad_fn(model, loss_fn, batch))
+        >>> int(optimizer.step[...])
+        1
+    """
+
+    def __init__(
+        self, model: Any, tx: optax.GradientTransformation, *, wrt: Any = nnx.Param, **kwargs
+    ):
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"`tx` must be an optax GradientTransformation, got {type(tx).__name__}."
+            )
+        super().__init__(model, _pure_init(tx), wrt=wrt, **kwargs)
+
+
+def _check_optimizer(optimizer: Any, where: str) -> None:
+    """Reject an ``nnx.Optimizer`` whose state holds a whole subtree in one ``Variable``."""
+    if not isinstance(optimizer, nnx.Optimizer):
+        raise TypeError(
+            f"{where}: `optimizer` must be an nnx.Optimizer, got {type(optimizer).__name__}."
+        )
+    if isinstance(optimizer, DLRTOptimizer):
+        return
+    variables = jax.tree.leaves(optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for v in variables:
+        if isinstance(v, nnx.Variable):
+            value = v.get_value()
+            if value is not None and not isinstance(value, jax.Array | np.ndarray | numbers.Number):
+                raise TypeError(
+                    f"{where}: this nnx.Optimizer holds a {type(value).__name__} in one optimiser "
+                    "Variable (the state of a LowRank factor), which its update cannot keep "
+                    "intact. "
+                    "Build it as dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...) instead."
+                )
+
+
+def train_step(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    batch: Any,
+) -> jax.Array:
+    """One training step of ``model`` through ``optimizer``; returns the loss before the step.
+
+    Computes the loss and gradient with ``nnx.value_and_grad`` over ``optimizer.wrt`` and calls
+    ``optimizer.update(model, grads, grad_fn=...)`` with :func:`make_grad_fn`'s ``grad_fn`` when
+    ``optimizer.tx`` accepts extra arguments (every DLRT transform does; :func:`dlrt_jax.bug` and
+    :func:`dlrt_jax.projector_splitting` need it, :func:`dlrt_jax.parallel_bug` ignores it), plain
+    ``optimizer.update(model, grads)`` otherwise. Works eagerly and under ``nnx.jit`` (make
+    ``loss_fn`` static or bind it with ``functools.partial``). Rank changes within the capacity
+    keep all shapes, so the jitted step compiles once per set of capacities.
+
+    Examples:
+        >>> import functools, jax, jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import dlrt_jax
+        >>> from dlrt_jax.nnx import DLRTOptimizer, LowRankLinear, train_step
+        >>> model = LowRankLinear(12, 10, rank=4, capacity=5, rngs=nnx.Rngs(0))
+        >>> optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.1))
+        >>> x = jax.random.normal(jax.random.key(1), (32, 12))
+        >>> loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+        >>> step = nnx.jit(functools.partial(train_step, loss_fn=loss_fn))
+        >>> losses = [float(step(model, optimizer, batch=(x, x[:, :10]))) for _ in range(20)]
+        >>> losses[-1] < losses[0], 2 <= int(model.rank) <= 5
+        (True, True)
+    """
+    _check_optimizer(optimizer, "train_step")
+    wrt = optimizer.wrt
+    grad_fn = make_grad_fn(model, loss_fn, batch, wrt=wrt)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, batch)
+    if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
+        optimizer.update(model, grads, grad_fn=grad_fn)
+    else:
+        optimizer.update(model, grads)
+    return loss
+
+
+def fit_capacity(model: nnx.Module, optimizer: nnx.Optimizer, **kwargs: Any) -> None:
+    """:func:`dlrt_jax.fit_capacity` for an NNX model and its ``nnx.Optimizer``, in place.
+
+    Resizes the capacity of every factor in ``nnx.state(model, optimizer.wrt)`` to a bucket above
+    its rank (``kwargs``: ``headroom``, ``multiple``, ``max_capacity``) and the ``K``/``L``/``S``
+    optimiser moments in ``optimizer.opt_state`` with it, then writes both back; ``W`` is unchanged
+    and training continues with the same optimiser. Call it outside ``jit`` (say every epoch); a
+    jitted step recompiles once for the new shapes.
+
+    Examples:
+        >>> import jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> import dlrt_jax
+        >>> from dlrt_jax.nnx import DLRTOptimizer, LowRankLinear, fit_capacity
+        >>> model = LowRankLinear(64, 64, rank=3, capacity=32, rngs=nnx.Rngs(0))
+        >>> optimizer = DLRTOptimizer(model, dlrt_jax.parallel_bug(optax.adam(1e-3), tau=0.1))
+        >>> fit_capacity(model, optimizer, headroom=2.0, multiple=4)
+        >>> model.capacity, int(model.rank), model.kernel.get_value().U.shape
+        (8, 3, (64, 8))
+    """
+    _check_optimizer(optimizer, "fit_capacity")
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    new_params, new_opt_state = _fit_capacity(params, opt_state, **kwargs)
+    nnx.update(model, new_params)
+    nnx.update(optimizer.opt_state, nnx.state(new_opt_state))

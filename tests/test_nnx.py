@@ -1,0 +1,607 @@
+"""Flax NNX layers, converter and training glue of dlrt_jax.nnx.
+
+References are written independently here: dense ``x @ W^T + b`` and ``lax.conv_general_dilated``
+/ ``nnx.Conv`` with the reconstructed kernel, and ``G = dL/dW`` by autodiff of the dense model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import dlrt_jax
+from dlrt_jax import LowRank, is_lowrank
+from dlrt_jax.nnx import (
+    DLRTOptimizer,
+    LowRankConv,
+    LowRankLinear,
+    LowRankParam,
+    fit_capacity,
+    make_grad_fn,
+    to_low_rank,
+    train_step,
+)
+
+ATOL = 2e-5
+
+
+def _normal_init(std=0.5):
+    return nnx.initializers.normal(std)
+
+
+def _orth_err(B):
+    B = np.asarray(B, np.float64)
+    return np.max(np.abs(B.T @ B - np.eye(B.shape[1])))
+
+
+def _mask(lr):
+    return np.arange(lr.capacity) < int(lr.rank)
+
+
+# ---- LowRankParam and state handling -------------------------------------------------------------
+
+
+class _Two(nnx.Module):
+    def __init__(self, rngs):
+        self.a = LowRankLinear(8, 6, rank=2, capacity=3, bias_init=_normal_init(), rngs=rngs)
+        self.b = nnx.Linear(6, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jnp.tanh(self.a(x)))
+
+
+def test_lowrank_param_state_split_merge_and_grad():
+    model = _Two(nnx.Rngs(0))
+    assert isinstance(model.a.kernel, LowRankParam) and isinstance(model.a.kernel, nnx.Param)
+
+    factors = nnx.state(model, LowRankParam)
+    assert list(factors.keys()) == ["a"] and list(factors["a"].keys()) == ["kernel"]
+    pure = nnx.as_pure(nnx.state(model, nnx.Param))
+    leaves = jax.tree.leaves(pure, is_leaf=is_lowrank)
+    assert sum(is_lowrank(leaf) for leaf in leaves) == 1 and len(leaves) == 4  # factor, 3 arrays
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    merged = nnx.merge(graphdef, params, rest)
+    np.testing.assert_allclose(merged(x), model(x), atol=ATOL)
+    merged_pure = nnx.merge(graphdef, nnx.as_pure(params), rest)  # what grad_fn does
+    assert isinstance(merged_pure.a.kernel, LowRankParam)
+    np.testing.assert_allclose(merged_pure(x), model(x), atol=ATOL)
+
+    def loss(p):
+        return jnp.sum(nnx.merge(graphdef, p, rest)(x) ** 2)
+
+    grads = jax.grad(loss)(params)
+    g = grads["a"]["kernel"]
+    assert isinstance(g, LowRankParam) and is_lowrank(g.get_value())
+    assert g.get_value().U.shape == (6, 3)
+    assert float(g.get_value().rank) == 0.0
+
+    with pytest.raises(TypeError, match="LowRankParam holds a dlrt_jax.LowRank"):
+        LowRankParam(jnp.zeros((3, 3)))
+
+
+# ---- LowRankLinear -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("batch_shape", [(4,), (2, 3), ()])
+def test_linear_equals_dense_formula(use_bias, batch_shape):
+    layer = LowRankLinear(
+        8, 6, rank=2, capacity=3, use_bias=use_bias, bias_init=_normal_init(), rngs=nnx.Rngs(0)
+    )
+    W = np.asarray(layer.factor.to_dense(), np.float64)
+    x = np.asarray(jax.random.normal(jax.random.key(2), (*batch_shape, 8)))
+    want = x @ W.T + (np.asarray(layer.bias[...]) if use_bias else 0.0)
+    got = layer(jnp.asarray(x))
+    assert got.shape == (*batch_shape, 6)
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert int(layer.rank) == 2 and layer.capacity == 3
+    assert np.linalg.matrix_rank(W, tol=1e-5) == 2  # the inactive column is masked
+
+
+def test_linear_defaults_and_paper_init():
+    layer = LowRankLinear(8, 6, rngs=nnx.Rngs(0))
+    lr = layer.factor
+    assert lr.capacity == 3 and int(layer.rank) == 3  # floor(min/2), rank = capacity
+    assert _orth_err(lr.U) < 1e-5 and _orth_err(lr.V) < 1e-5
+    s = np.diag(np.asarray(lr.S))
+    assert np.all(s >= 0) and np.all(np.diff(s) <= 0)  # sorted |N(0, 1)|
+    np.testing.assert_allclose(np.asarray(lr.S), np.diag(s), atol=0)  # diagonal
+    np.testing.assert_allclose(layer.bias[...], 0.0)
+    scaled = LowRankLinear(8, 6, kernel_init=3.0, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(scaled.factor.S), 3.0 * np.asarray(lr.S), rtol=1e-6)
+    # capacity follows a rank above the default
+    assert LowRankLinear(8, 6, rank=4, rngs=nnx.Rngs(0)).capacity == 4
+
+
+def test_linear_dense_initializer_is_truncated_by_svd():
+    init = nnx.initializers.lecun_normal()
+    layer = LowRankLinear(8, 6, rank=2, capacity=3, kernel_init=init, rngs=nnx.Rngs(5))
+    kernel = init(nnx.Rngs(5).params(), (8, 6), jnp.float32)  # same key stream as the layer
+    P, s, Qt = np.linalg.svd(np.asarray(kernel, np.float64).T)
+    want = P[:, :2] @ np.diag(s[:2]) @ Qt[:2]
+    np.testing.assert_allclose(layer.factor.to_dense(), want, atol=1e-5)
+
+
+def test_linear_from_linear_full_rank_and_tol():
+    dense = nnx.Linear(8, 6, bias_init=_normal_init(), rngs=nnx.Rngs(0))
+    low = LowRankLinear.from_linear(dense, rank=6, capacity=6)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    np.testing.assert_allclose(low(x), dense(x), atol=ATOL)
+    np.testing.assert_allclose(low.bias[...], dense.bias[...])
+
+    # a rank-2 kernel is found by the tolerance rule; the truncation error is the tail norm
+    U = np.linalg.qr(np.random.default_rng(0).standard_normal((8, 2)))[0]
+    V = np.linalg.qr(np.random.default_rng(1).standard_normal((6, 2)))[0]
+    dense.kernel[...] = jnp.asarray(U @ np.diag([3.0, 1.0]) @ V.T, jnp.float32)
+    low = LowRankLinear.from_linear(dense, tol=1e-4)
+    assert int(low.rank) == 2 and low.capacity == 3
+    np.testing.assert_allclose(low(x), dense(x), atol=ATOL)
+    low1 = LowRankLinear.from_linear(dense, rank=1)
+    err = np.linalg.norm(np.asarray(low1.factor.to_dense()).T - np.asarray(dense.kernel[...]))
+    np.testing.assert_allclose(err, 1.0, rtol=1e-5)
+
+
+def test_linear_dtype_and_precision():
+    layer = LowRankLinear(8, 6, rank=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert layer(jnp.ones((2, 8))).dtype == jnp.bfloat16
+    assert layer.factor.dtype == jnp.float32
+    hi = LowRankLinear(8, 6, rank=2, precision="highest", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    np.testing.assert_allclose(hi(x), x @ hi.factor.to_dense().T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rank=0), ValueError, "`rank` must be None or an integer in"),
+        (dict(rank=7), ValueError, r"\[1, min\(n, m\)=6\]"),
+        (dict(rank=4, capacity=3), ValueError, "exceeds `capacity`"),
+        (dict(capacity=7), ValueError, "`capacity` must be None or an integer"),
+        (dict(rank=2.5), ValueError, "`rank`"),
+        (dict(kernel_init="orthogonal"), TypeError, "`kernel_init` must be None"),
+        (dict(kernel_init=-1.0), ValueError, "must be > 0"),
+        (dict(kernel_init=lambda k, s, d: jnp.zeros((3, 3))), ValueError, "dense kernel shape"),
+        (
+            dict(kernel_init=lambda k, s, d: LowRank.random(k, (8, 6), capacity=3)),
+            ValueError,
+            "needs shape",
+        ),
+    ],
+)
+def test_linear_bad_args(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LowRankLinear(8, 6, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_linear_bad_inputs():
+    with pytest.raises(ValueError, match="`in_features` must be a positive integer"):
+        LowRankLinear(0, 3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="`rngs` must be an nnx.Rngs"):
+        LowRankLinear(4, 3, rngs=0)
+    layer = LowRankLinear(8, 6, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="in_features=8"):
+        layer(jnp.ones((2, 5)))
+    with pytest.raises(TypeError, match="nnx.Linear"):
+        LowRankLinear.from_linear(layer)
+    with pytest.raises(ValueError, match="at most one of `rank` and `tol`"):
+        LowRankLinear.from_linear(nnx.Linear(8, 6, rngs=nnx.Rngs(0)), rank=1, tol=0.1)
+
+
+# ---- LowRankConv ---------------------------------------------------------------------------------
+
+
+def _conv_pair(kernel_size, strides, padding, rank=3, capacity=6, **kw):
+    """A LowRankConv and an nnx.Conv holding the reconstructed kernel W^T."""
+    cin, cout = 3, 6
+    low = LowRankConv(
+        cin,
+        cout,
+        kernel_size,
+        strides,
+        padding=padding,
+        rank=rank,
+        capacity=capacity,
+        bias_init=_normal_init(),
+        rngs=nnx.Rngs(0),
+        **kw,
+    )
+    dense = nnx.Conv(cin, cout, kernel_size, strides, padding=padding, rngs=nnx.Rngs(1), **kw)
+    W = low.factor.to_dense()  # (out, prod(k) * in)
+    dense.kernel[...] = W.T.reshape(*kernel_size, cin, cout)
+    dense.bias[...] = low.bias[...]
+    return low, dense
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (5, 5)])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", ((1, 2), (0, 1))])
+def test_conv_equals_nnx_conv(kernel_size, strides, padding):
+    low, dense = _conv_pair(kernel_size, strides, padding)
+    x = jax.random.normal(jax.random.key(3), (2, 9, 8, 3))
+    got, want = low(x), dense(x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kernel_size, padding, kw, x_shape",
+    [
+        ((3, 3), "CIRCULAR", {}, (2, 9, 8, 3)),
+        ((3, 3), "REFLECT", dict(kernel_dilation=2), (2, 9, 8, 3)),
+        ((3,), "CAUSAL", dict(kernel_dilation=2), (2, 11, 3)),
+        ((3, 3), ((1, 1), (2, 0)), dict(input_dilation=2), (2, 9, 8, 3)),
+        ((3, 3), 1, {}, (2, 1, 9, 8, 3)),  # two batch axes
+        ((3, 3), "SAME", {}, (9, 8, 3)),  # unbatched
+    ],
+)
+def test_conv_other_configurations(kernel_size, padding, kw, x_shape):
+    low, dense = _conv_pair(kernel_size, 1, padding, **kw)
+    x = jax.random.normal(jax.random.key(4), x_shape)
+    np.testing.assert_allclose(low(x), dense(x), atol=1e-4)
+
+
+def test_conv_from_conv_full_rank():
+    dense = nnx.Conv(3, 6, (3, 3), strides=2, padding="VALID", rngs=nnx.Rngs(0))
+    low = LowRankConv.from_conv(dense, rank=6, capacity=6)  # W is 6 x 27
+    assert low.strides == (2, 2) and low.padding == "VALID"
+    x = jax.random.normal(jax.random.key(3), (2, 9, 8, 3))
+    np.testing.assert_allclose(low(x), dense(x), atol=1e-5)
+
+
+def test_conv_feature_groups_and_bad_args_raise():
+    with pytest.raises(ValueError, match="feature_group_count=1"):
+        LowRankConv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+    grouped = nnx.Conv(4, 4, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="feature_group_count=2"):
+        LowRankConv.from_conv(grouped)
+    with pytest.raises(ValueError, match="`padding` must be one of"):
+        LowRankConv(3, 4, (3, 3), padding="FULL", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="CAUSAL"):
+        LowRankConv(3, 4, (3, 3), padding="CAUSAL", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`strides` must be"):
+        LowRankConv(3, 4, (3, 3), strides=(1, 2, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="`rank`"):
+        LowRankConv(3, 4, (3, 3), rank=5, rngs=nnx.Rngs(0))  # W is 4 x 27
+    with pytest.raises(ValueError, match="in_features=3"):
+        LowRankConv(3, 4, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 5, 5, 2)))
+
+
+# ---- gradients: the DLRT slots against a dense-W autodiff reference ------------------------------
+
+
+def _check_slots(g, lr, G):
+    """grad.U = G V, grad.S = U^T G V, grad.V = G^T U, masked to the active rank."""
+    mask = _mask(lr)
+    U, S, V = (np.asarray(a, np.float64) for a in (lr.U, lr.S, lr.V))
+    U, V = U * mask, V * mask
+    G = np.asarray(G, np.float64)
+    scale = np.max(np.abs(G))
+    np.testing.assert_allclose(g.U, G @ V, atol=1e-4 * scale)
+    np.testing.assert_allclose(g.S, U.T @ G @ V, atol=1e-4 * scale)
+    np.testing.assert_allclose(g.V, G.T @ U, atol=1e-4 * scale)
+    assert np.max(np.abs(np.asarray(g.U)[:, ~mask]), initial=0.0) == 0.0
+
+
+def test_linear_model_grads_are_dlrt_slots():
+    model = _Two(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    t = jax.random.normal(jax.random.key(2), (4, 3))
+
+    def loss_fn(m):
+        return jnp.mean((m(x) - t) ** 2)
+
+    grads = nnx.grad(loss_fn)(model)
+    lr = model.a.factor
+    b, Wb, bb = model.a.bias[...], model.b.kernel[...], model.b.bias[...]
+
+    def dense_loss(W):
+        return jnp.mean((jnp.tanh(x @ W.T + b) @ Wb + bb - t) ** 2)
+
+    G = jax.grad(dense_loss)(lr.to_dense())
+    _check_slots(grads["a"]["kernel"].get_value(), lr, G)
+    # the other parameters get ordinary gradients
+    np.testing.assert_allclose(
+        grads["b"]["kernel"][...],
+        jax.grad(lambda Wb_: jnp.mean((jnp.tanh(model.a(x)) @ Wb_ + bb - t) ** 2))(Wb),
+        atol=1e-6,
+    )
+
+
+def test_conv_grads_are_dlrt_slots():
+    strides, padding = 2, "SAME"
+    low = LowRankConv(3, 6, (3, 3), strides, padding=padding, rank=3, capacity=6, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 9, 8, 3))
+    t = jax.random.normal(jax.random.key(2), low(x).shape)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum((m(x) - t) ** 2)))(low)
+    lr = low.factor
+    b = low.bias[...]
+
+    def dense_loss(W):
+        kernel = W.T.reshape(3, 3, 3, 6)
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (strides, strides),
+            padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision="highest",
+        )
+        return jnp.sum((y + b - t) ** 2)
+
+    G = jax.jit(jax.grad(dense_loss))(lr.to_dense())
+    _check_slots(grads["kernel"].get_value(), lr, G)
+
+
+# ---- to_low_rank ---------------------------------------------------------------------------------
+
+
+class _Block(nnx.Module):
+    def __init__(self, rngs):
+        self.fc2 = nnx.Linear(6, 6, rngs=rngs)
+        self.norm = nnx.LayerNorm(6, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(nnx.relu(self.fc2(x)))
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 6, (3, 3), rngs=rngs)  # W is 6 x 27
+        self.fc1 = nnx.Linear(6, 6, rngs=rngs)
+        self.block = _Block(rngs)
+        self.head = nnx.Linear(6, 4, rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.mean(nnx.relu(self.conv(x)), axis=(1, 2))
+        return self.head(self.block(nnx.relu(self.fc1(h))))
+
+
+def _kinds(model):
+    return {
+        "conv": type(model.conv).__name__,
+        "fc1": type(model.fc1).__name__,
+        "fc2": type(model.block.fc2).__name__,
+        "head": type(model.head).__name__,
+        "norm": type(model.block.norm).__name__,
+    }
+
+
+@pytest.mark.parametrize(
+    "filter, converted",
+    [
+        (lambda path, m: path[-1] != "head", {"conv", "fc1", "fc2"}),
+        (lambda m: isinstance(m, nnx.Conv), {"conv"}),
+        (nnx.Linear, {"fc1", "fc2", "head"}),
+        ("fc1", {"fc1"}),
+        (nnx.PathContains("block"), {"fc2"}),
+        (None, {"conv", "fc1", "fc2", "head"}),
+    ],
+)
+def test_to_low_rank_replaces_exactly_the_matched_layers(filter, converted):
+    model = _Net(nnx.Rngs(0))
+    before = _kinds(model)
+    new = to_low_rank(model, filter=filter, rank=4, capacity=4)
+    assert _kinds(model) == before  # the input model is untouched
+    kinds = _kinds(new)
+    for name, kind in kinds.items():
+        if name in converted:
+            assert kind in ("LowRankLinear", "LowRankConv"), (name, kind)
+            layer = new.block.fc2 if name == "fc2" else getattr(new, name)
+            assert int(layer.rank) == 4 and layer.capacity == 4
+        else:
+            assert kind == before[name], (name, kind)
+    # untouched layers are copies: training the new model does not move the old one
+    new.block.norm.scale[...] += 1.0
+    assert float(jnp.max(model.block.norm.scale[...])) == 1.0
+
+
+def test_to_low_rank_full_rank_outputs_agree_and_svd_init():
+    model = _Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 9, 8, 3))
+    new = to_low_rank(model, filter=lambda path, m: path[-1] != "head", rank=6, capacity=6)
+    np.testing.assert_allclose(new(x), model(x), atol=1e-4)
+    np.testing.assert_allclose(new.fc1.bias[...], model.fc1.bias[...])
+    np.testing.assert_allclose(new.fc1.factor.to_dense().T, model.fc1.kernel[...], atol=1e-5)
+    low = to_low_rank(model, filter="fc1", tol=0.5)
+    assert low.fc1.capacity == 3 and 1 <= int(low.fc1.rank) <= 3
+
+
+def test_to_low_rank_random_init_and_errors():
+    model = _Net(nnx.Rngs(0))
+    new = to_low_rank(model, filter="fc1", rank=2, init="random", rngs=nnx.Rngs(3))
+    lr = new.fc1.factor
+    assert int(lr.rank) == 2 and lr.capacity == 3
+    assert not np.allclose(lr.to_dense().T, model.fc1.kernel[...], atol=1e-2)
+    with pytest.raises(ValueError, match="matched no nnx.Linear / nnx.Conv"):
+        to_low_rank(model, filter="nope")
+    with pytest.raises(ValueError, match="needs `rngs`"):
+        to_low_rank(model, init="random")
+    with pytest.raises(ValueError, match="`init` must be"):
+        to_low_rank(model, init="zeros")
+    with pytest.raises(ValueError, match="'head'.*`rank`"):
+        to_low_rank(model, filter=nnx.Linear, rank=6)  # head is 4 x 6
+    with pytest.raises(TypeError, match="`filter` must"):
+        to_low_rank(model, filter=3)
+
+    class Grouped(nnx.Module):
+        def __init__(self, rngs):
+            self.g = nnx.Conv(6, 6, (3, 3), feature_group_count=2, rngs=rngs)
+            self.fc = nnx.Linear(6, 6, rngs=rngs)
+
+    grouped = Grouped(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'g'.*feature_group_count=2"):
+        to_low_rank(grouped)
+    assert type(to_low_rank(grouped, filter="fc").fc) is LowRankLinear
+
+
+def test_to_low_rank_sequential_shared_layers_and_root():
+    seq = nnx.Sequential(
+        nnx.Linear(6, 6, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(6, 4, rngs=nnx.Rngs(1))
+    )
+    new = to_low_rank(seq, filter=lambda path, m: path[-1] == 0, rank=6, capacity=6)
+    assert [type(layer).__name__ for layer in new.layers[::2]] == ["LowRankLinear", "Linear"]
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    np.testing.assert_allclose(new(x), seq(x), atol=1e-5)
+
+    class Shared(nnx.Module):
+        def __init__(self, layer):
+            self.a, self.b = layer, layer
+
+    shared = to_low_rank(Shared(seq.layers[0]), rank=2)
+    assert type(shared.a) is LowRankLinear and shared.a is shared.b  # sharing is kept
+    assert type(to_low_rank(seq.layers[0], rank=2)) is LowRankLinear  # the root itself
+
+
+# ---- training through DLRTOptimizer --------------------------------------------------------------
+
+
+class _MLP(nnx.Module):
+    def __init__(self, rngs, rank=2, capacity=8):
+        self.l1 = LowRankLinear(16, 32, rank=rank, capacity=capacity, rngs=rngs)
+        self.l2 = LowRankLinear(32, 32, rank=rank, capacity=capacity, rngs=rngs)
+        self.head = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
+
+
+def _data():
+    kx, kt = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (128, 16))
+    return x, jnp.tanh(x @ jax.random.normal(kt, (16, 4)))
+
+
+def _mse(model, batch):
+    x, y = batch
+    return jnp.mean((model(x) - y) ** 2)
+
+
+INTEGRATORS = {
+    "bug": lambda: dlrt_jax.bug(optax.adam(1e-2)),
+    "bug_adaptive": lambda: dlrt_jax.bug(optax.adam(1e-2), tau=0.05),
+    "parallel_bug": lambda: dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.05),
+    "projector_splitting": lambda: dlrt_jax.projector_splitting(optax.adam(1e-2)),
+}
+
+
+def _spy(tx, record):
+    """Records the tree structures that the optimiser passes to ``tx`` and ``grad_fn`` sees."""
+
+    def structure(tree):
+        return jax.tree.structure(tree, is_leaf=is_lowrank)
+
+    def update(grads, state, params=None, *, grad_fn=None):
+        record["params"] = structure(params)
+        record["grads"] = structure(grads)
+        record["lowrank_params"] = sum(
+            is_lowrank(x) for x in jax.tree.leaves(params, is_leaf=is_lowrank)
+        )
+
+        def spied(p):
+            record.setdefault("grad_fn_in", []).append(structure(p))
+            out = grad_fn(p)
+            record.setdefault("grad_fn_out", []).append(structure(out))
+            return out
+
+        return tx.update(grads, state, params, grad_fn=spied)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+@pytest.mark.parametrize("name", list(INTEGRATORS))
+def test_training_with_each_integrator_under_nnx_jit(name):
+    x, y = _data()
+    model = _MLP(nnx.Rngs(1))
+    record = {}
+    optimizer = DLRTOptimizer(model, _spy(INTEGRATORS[name](), record), wrt=nnx.Param)
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        traces.append(1)
+        return train_step(model, optimizer, _mse, batch)
+
+    losses = [float(step(model, optimizer, (x, y))) for _ in range(25)]
+    assert len(traces) == 1  # ranks move inside fixed shapes: no retracing
+    assert losses[-1] < 0.8 * losses[0], losses
+    for layer in (model.l1, model.l2):
+        lr = layer.factor
+        assert lr.capacity == 8 and 2 <= int(lr.rank) <= 8
+        assert _orth_err(lr.U) < 1e-4 and _orth_err(lr.V) < 1e-4
+        assert is_lowrank(lr)
+    # what the optimiser passes as params and what grad_fn receives/returns have one structure
+    assert record["lowrank_params"] == 2
+    assert record["grads"] == record["params"]
+    n_evals = {"bug": 1, "bug_adaptive": 1, "parallel_bug": 0, "projector_splitting": 2}[name]
+    assert len(record.get("grad_fn_in", [])) == n_evals
+    for s in record.get("grad_fn_in", []) + record.get("grad_fn_out", []):
+        assert s == record["params"]
+    assert int(optimizer.step[...]) == 25
+
+
+def test_rank_changes_and_fit_capacity_then_training_continues():
+    k1, k2 = jax.random.split(jax.random.key(3))
+    singular_values = jnp.array([3.0, 2.5, 2.0, 1.5, 1.0, 0.8])
+    target = LowRank.random(k1, (16, 16), rank=6, singular_values=singular_values).to_dense()
+    x = jax.random.normal(k2, (64, 16))
+    batch = (x, x @ target.T)
+    model = LowRankLinear(16, 16, rank=2, capacity=4, use_bias=False, rngs=nnx.Rngs(0))
+    optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(0.1), tau=0.05))
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        traces.append(1)
+        return train_step(model, optimizer, _mse, batch)
+
+    ranks, losses = [], []
+    for _ in range(6):
+        losses.append(float(step(model, optimizer, batch)))
+        ranks.append(int(model.rank))
+    assert ranks[-1] > 2 and max(ranks) <= 4, ranks  # the rank grew within the capacity
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert len(traces) == 1
+
+    rank = int(model.rank)
+    W_before = model.factor.to_dense()
+    fit_capacity(model, optimizer, headroom=2.0, multiple=4)  # 4 -> 8 = floor(16 / 2)
+    want = min(8, 4 * -(-2 * rank // 4))
+    assert model.capacity == want > 4 and int(model.rank) == rank
+    np.testing.assert_allclose(model.factor.to_dense(), W_before, atol=1e-5)
+    assert _orth_err(model.factor.U) < 1e-5 and _orth_err(model.factor.V) < 1e-5
+    state = nnx.as_pure(optimizer.opt_state)
+    assert state.factors["kernel"].S[0].mu.shape == (want, want)
+    assert state.factors["kernel"].K[0].nu.shape == (16, want)
+    for _ in range(4):
+        losses.append(float(step(model, optimizer, batch)))
+    assert len(traces) == 2  # one retrace for the new shapes
+    assert losses[-1] < losses[5], losses  # training continues
+    assert int(model.rank) <= model.capacity == want
+    assert _orth_err(model.factor.U) < 1e-4
+
+
+def test_make_grad_fn_matches_nnx_grad_and_plain_optimizer_is_rejected():
+    x, y = _data()
+    model = _MLP(nnx.Rngs(1))
+    grad_fn = make_grad_fn(model, _mse, (x, y))
+    pure = nnx.as_pure(nnx.state(model, nnx.Param))
+    got = grad_fn(pure)
+    want = nnx.as_pure(nnx.grad(_mse)(model, (x, y)))
+    assert jax.tree.structure(got) == jax.tree.structure(pure)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        make_grad_fn(model, None, (x, y))
+
+    plain = nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2)), wrt=nnx.Param)
+    with pytest.raises(TypeError, match="DLRTOptimizer"):
+        train_step(model, plain, _mse, (x, y))
+    with pytest.raises(TypeError, match="DLRTOptimizer"):
+        fit_capacity(model, plain)
+    # a plain optax optimiser in DLRTOptimizer trains the (U, S, V) entries as ordinary arrays
+    sgd = DLRTOptimizer(model, optax.sgd(1e-3))
+    assert float(train_step(model, sgd, _mse, (x, y))) > 0

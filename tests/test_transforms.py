@@ -1,0 +1,305 @@
+"""The optax transforms: jit stability, inner optimisers, composition, capacity, bad input, NaNs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dlrt_jax
+from dlrt_jax import LowRank
+from dlrt_jax._integrators import transport
+
+N, M, CAP = 16, 12, 6
+
+
+def _lowrank_target(key, rank):
+    k1, k2 = jax.random.split(key)
+    U = jnp.linalg.qr(jax.random.normal(k1, (N, rank)))[0]
+    V = jnp.linalg.qr(jax.random.normal(k2, (M, rank)))[0]
+    return U @ jnp.diag(jnp.linspace(3.0, 1.0, rank)) @ V.T
+
+
+def _params(rank=3, key=0):
+    return {
+        "w": LowRank.random(jax.random.key(key), (N, M), rank=rank, capacity=CAP),
+        "b": jnp.zeros((N,)),
+    }
+
+
+def _loss(p, A):
+    bias = p["b"][:, None] if "b" in p else 0.0
+    return 0.5 * jnp.sum((p["w"].to_dense() + bias - A) ** 2)
+
+
+def _make_step(tx, counter=None):
+    def step(params, state, A):
+        if counter is not None:
+            counter.append(1)  # runs once per trace
+        grad_fn = jax.grad(lambda p: _loss(p, A))
+        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda: dlrt_jax.bug(1.0, tau=0.02, min_rank=1),
+        lambda: dlrt_jax.parallel_bug(0.5, tau=0.02, min_rank=1),
+    ],
+    ids=["bug", "parallel_bug"],
+)
+def test_adaptive_ranks_move_up_and_down_under_one_trace(make_tx):
+    targets = [_lowrank_target(jax.random.key(1), 2), _lowrank_target(jax.random.key(2), 5)]
+    params = {"w": _params(rank=3)["w"]}
+    tx = make_tx()
+    state = tx.init(params)
+    traces = []
+    step = _make_step(tx, traces)
+    ranks = []
+    for i in range(60):
+        params, state = step(params, state, targets[(i // 15) % 2])
+        ranks.append(int(params["w"].rank))
+    assert len(traces) == 1
+    assert 2 in ranks and 5 in ranks
+    assert ranks[14] == 2 and ranks[29] == 5 and ranks[44] == 2 and ranks[59] == 5, ranks
+    assert int(state.count) == 60 and int(state.num_skipped) == 0
+
+
+def test_nan_or_inf_gradient_skips_the_step_and_counts_it():
+    params = _params()
+    tx = dlrt_jax.bug(0.1, tau=0.1)
+    state = tx.init(params)
+    A = _lowrank_target(jax.random.key(1), 2)
+    grad_fn = jax.grad(lambda p: _loss(p, A))
+    grads = grad_fn(params)
+    bad = jax.tree_util.tree_map(lambda g: g, grads)
+    bad["w"] = bad["w"]._unchecked(
+        bad["w"].U.at[0, 0].set(jnp.nan), bad["w"].S, bad["w"].V, bad["w"].rank
+    )
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+        return optax.apply_updates(params, updates), state
+
+    new, state1 = step(params, state, bad)
+    for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state1.num_skipped) == 1 and int(state1.count) == 1
+
+    # an Inf appearing only in the second (S-step) evaluation is caught too
+    def inf_grad_fn(p):
+        g = grad_fn(p)
+        w = g["w"]
+        g["w"] = w._unchecked(w.U, w.S.at[0, 0].set(jnp.inf), w.V, w.rank)
+        return g
+
+    updates, state2 = tx.update(grads, state, params, grad_fn=inf_grad_fn)
+    assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree_util.tree_leaves(updates))
+    assert int(state2.num_skipped) == 1
+    # and a good step afterwards works
+    new, state3 = step(params, state1, grads)
+    assert int(state3.num_skipped) == 1 and float(_loss(new, A)) < float(_loss(params, A))
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [optax.sgd(0.05, momentum=0.9), optax.adam(0.05), optax.rmsprop(0.01)],
+    ids=["momentum", "adam", "rmsprop"],
+)
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda o: dlrt_jax.bug(o, tau=0.05),
+        lambda o: dlrt_jax.bug(o),
+        lambda o: dlrt_jax.parallel_bug(o, tau=0.05),
+        lambda o: dlrt_jax.ksl(o),
+    ],
+    ids=["bug_adaptive", "bug", "parallel_bug", "ksl"],
+)
+def test_inner_optimisers_train(inner, make_tx):
+    A = _lowrank_target(jax.random.key(3), 3)
+    params = _params(rank=4)
+    tx = make_tx(inner)
+    state = tx.init(params)
+    step = _make_step(tx)
+    l0 = float(_loss(params, A))
+    for _ in range(150):
+        params, state = step(params, state, A)
+    assert float(_loss(params, A)) < 0.1 * l0
+    U = np.asarray(params["w"].U)
+    np.testing.assert_allclose(U.T @ U, np.eye(CAP), atol=1e-4)
+
+
+def test_transport_maps_first_moments_linearly_and_second_moments_quadratically():
+    state = optax.adam(1e-3).init(jnp.zeros((3, 3)))
+    mu = jnp.arange(9.0).reshape(3, 3)
+    state = (state[0]._replace(mu=mu, nu=mu**2, count=jnp.array(7)), state[1])
+    left = jnp.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.6]])
+    right = jnp.array([[0.8, 0.6, 0.0], [-0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    out = transport(state, (3, 3), left=left, right=right)
+    np.testing.assert_allclose(out[0].mu, left @ mu @ right.T, atol=1e-6)
+    np.testing.assert_allclose(out[0].nu, (left**2) @ (mu**2) @ (right**2).T, atol=1e-5)
+    assert int(out[0].count) == 7
+    assert np.all(np.asarray(out[0].nu) >= 0)
+
+
+def test_momentum_is_carried_across_basis_changes():
+    """With momentum, a second step differs from a momentum-free one (state not reset)."""
+    A = _lowrank_target(jax.random.key(4), 3)
+    params = _params()
+    outs = []
+    for inner in (optax.sgd(0.1, momentum=0.9), optax.sgd(0.1)):
+        tx = dlrt_jax.bug(inner, tau=0.05)
+        state = tx.init(params)
+        p = params
+        step = _make_step(tx)
+        for _ in range(2):
+            p, state = step(p, state, A)
+        outs.append(p["w"].to_dense())
+        if inner is not None:
+            fs = state.factors["w"]
+    assert float(jnp.linalg.norm(outs[0] - outs[1])) > 1e-3
+    assert fs.K is not None
+
+
+def test_composes_with_chain_and_inject_hyperparams():
+    A = _lowrank_target(jax.random.key(5), 3)
+    params = _params()
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.inject_hyperparams(dlrt_jax.bug)(optimizer=optax.sgd(0.5), tau=0.05),
+    )
+    state = tx.init(params)
+    step = _make_step(tx)
+    l0 = float(_loss(params, A))
+    for _ in range(30):
+        params, state = step(params, state, A)
+    assert float(_loss(params, A)) < 0.5 * l0
+    # a learning-rate schedule injected into the inner optimiser: lr 0 leaves the factors alone
+    tx0 = dlrt_jax.bug(optax.inject_hyperparams(optax.sgd)(learning_rate=0.0))
+    state0 = tx0.init(params)
+    p1, _ = _make_step(tx0)(params, state0, A)
+    np.testing.assert_allclose(p1["w"].to_dense(), params["w"].to_dense(), atol=1e-5)
+    # tau injected as a traced hyperparameter
+    txi = optax.inject_hyperparams(dlrt_jax.parallel_bug)(optimizer=0.5, tau=0.05)
+    si = txi.init(params)
+    pi, si = _make_step(txi)(params, si, A)
+    assert np.isclose(float(si.hyperparams["tau"]), 0.05)
+
+
+def test_other_leaves_take_one_step_of_their_optimiser_with_the_first_gradient():
+    A = _lowrank_target(jax.random.key(6), 3)
+    params = _params()
+    tx = dlrt_jax.bug(0.1, tau=0.05, other_optimizer=optax.sgd(0.3))
+    state = tx.init(params)
+    grads = jax.grad(lambda p: _loss(p, A))(params)
+    grad_fn = jax.grad(lambda p: _loss(p, A))
+    updates, _ = tx.update(grads, state, params, grad_fn=grad_fn)
+    np.testing.assert_allclose(updates["b"], -0.3 * grads["b"], rtol=1e-6)
+
+
+def test_capacity_shrink_and_grow_keeps_w_and_state_and_bounds_recompiles():
+    A = _lowrank_target(jax.random.key(7), 2)
+    params = _params(rank=5)
+    tx = dlrt_jax.bug(optax.adam(0.02), tau=0.1)
+    state = tx.init(params)
+    traces = []
+    step = _make_step(tx, traces)
+    for _ in range(40):
+        params, state = step(params, state, A)
+    r = int(params["w"].rank)
+    assert r <= 3
+    W = params["w"].to_dense()
+    small, small_state = dlrt_jax.fit_capacity(params, state, headroom=1.5, multiple=1)
+    c = small["w"].capacity
+    assert c == min(-(-3 * r // 2), 6) and c < CAP
+    np.testing.assert_allclose(small["w"].to_dense(), W, atol=1e-6)
+    assert small_state.factors["w"].K[0].mu.shape == (N, c)
+    assert small_state.factors["w"].L[0].nu.shape == (M, c)
+    assert small_state.factors["w"].S[0].nu.shape == (c, c)
+    U = np.asarray(small["w"].U)
+    np.testing.assert_allclose(U.T @ U, np.eye(c), atol=1e-5)
+    for _ in range(5):
+        small, small_state = step(small, small_state, A)
+    grown, grown_state = dlrt_jax.resize_capacity(small, small_state, CAP)
+    np.testing.assert_allclose(grown["w"].to_dense(), small["w"].to_dense(), atol=1e-6)
+    U = np.asarray(grown["w"].U)
+    np.testing.assert_allclose(U.T @ U, np.eye(CAP), atol=1e-5)
+    l_before = float(_loss(grown, A))
+    for _ in range(5):
+        grown, grown_state = step(grown, grown_state, A)
+    assert len(traces) == 2  # capacity CAP (compiled once, reused after growing) and c
+    assert float(_loss(grown, A)) < l_before
+
+
+def test_resize_capacity_validates():
+    params = _params(rank=3)
+    with pytest.raises(ValueError, match="rank=3"):
+        dlrt_jax.resize_capacity(params, None, 2)
+    with pytest.raises(ValueError, match="no LowRank"):
+        dlrt_jax.resize_capacity({"b": jnp.zeros(3)}, None, 2)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+def test_hyperparameters_are_validated_at_construction():
+    with pytest.raises(ValueError, match="tau"):
+        dlrt_jax.bug(0.1, tau=-0.1)
+    with pytest.raises(ValueError, match="tau"):
+        dlrt_jax.parallel_bug(0.1, tau=float("nan"))
+    with pytest.raises(ValueError, match="min_rank"):
+        dlrt_jax.bug(0.1, tau=0.1, min_rank=0)
+    with pytest.raises(ValueError, match="max_rank"):
+        dlrt_jax.bug(0.1, tau=0.1, min_rank=3, max_rank=2)
+    with pytest.raises(ValueError, match="learning rate must be > 0"):
+        dlrt_jax.bug(-1.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        dlrt_jax.bug("adam")
+
+
+def test_factor_constraints_checked_at_init():
+    wide = {"w": LowRank.random(jax.random.key(0), (N, M), rank=2, capacity=8)}
+    with pytest.raises(ValueError, match=r"capacity <= floor\(min\(n, m\) / 2\) = 6"):
+        dlrt_jax.bug(0.1, tau=0.1).init(wide)
+    with pytest.raises(ValueError, match="capacity"):
+        dlrt_jax.parallel_bug(0.1).init(wide)
+    dlrt_jax.bug(0.1).init(wide)  # fixed rank: any capacity
+    dlrt_jax.ksl(0.1).init(wide)
+    small = {"w": LowRank.random(jax.random.key(0), (N, M), rank=1, capacity=2)}
+    with pytest.raises(ValueError, match="min_rank"):
+        dlrt_jax.bug(0.1, tau=0.1, min_rank=3).init(small)
+    with pytest.raises(ValueError, match="no LowRank"):
+        dlrt_jax.bug(0.1).init({"b": jnp.zeros(3)})
+
+
+def test_update_arguments_are_validated():
+    A = _lowrank_target(jax.random.key(8), 2)
+    params = _params()
+    grad_fn = jax.grad(lambda p: _loss(p, A))
+    grads = grad_fn(params)
+    for tx in (dlrt_jax.bug(0.1), dlrt_jax.bug(0.1, tau=0.1), dlrt_jax.ksl(0.1)):
+        state = tx.init(params)
+        with pytest.raises(TypeError, match="grad_fn"):
+            tx.update(grads, state, params)
+    tx = dlrt_jax.parallel_bug(0.1)
+    state = tx.init(params)
+    tx.update(grads, state, params)  # no extra argument needed
+    with pytest.raises(TypeError, match="unexpected extra arguments"):
+        tx.update(grads, state, params, value=1.0)
+    with pytest.raises(ValueError, match="needs `params`"):
+        tx.update(grads, state)
+    with pytest.raises(ValueError, match="does not match the params tree"):
+        tx.update({"w": grads["w"]}, state, params)
+    bad = dict(grads, b=jnp.zeros((N + 1,)))
+    with pytest.raises(ValueError, match=r"gradient of params\['b'\] has shape"):
+        tx.update(bad, state, params)
+    with pytest.raises(ValueError, match=r"params\['w'\] is a LowRank but its gradient is not"):
+        tx.update(dict(grads, w=jnp.zeros((N, M))), state, params)
+    txb = dlrt_jax.bug(0.1)
+    with pytest.raises(ValueError, match="grad_fn: the gradient tree"):
+        txb.update(grads, txb.init(params), params, grad_fn=lambda p: {"w": grads["w"]})
