@@ -77,15 +77,15 @@ def init_factor_state(tx: optax.GradientTransformation, x: LowRank) -> FactorSta
 def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
     r"""Carry an inner optimiser state into a new basis.
 
-    A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T``
-    (either map may be absent), the same linear map that takes the factor's coordinates from the
-    old basis to the new one: ``m_K -> m_K N^T``, ``m_L -> m_L M^T``, ``m_S -> M m_S N^T``
-    with ``M = U_1^T U_0`` and ``N = V_1^T V_0``. Elementwise second moments (fields named in ``SECOND_MOMENT_FIELDS``)
-    are transported with the elementwise squares of the maps, ``(M∘M) nu (N∘N)^T``: the diagonal of
-    the transported covariance when entries are uncorrelated. This keeps them non-negative and is
-    exact when the basis change permutes or flips basis vectors. Directions new to the basis start
-    with zero moments; directions dropped by truncation lose theirs. Other leaves (counts,
-    hyperparameters) are left alone.
+    A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T`` (either
+    map may be absent), the same linear map that takes the factor's coordinates from the old basis
+    to the new one: ``m_K -> m_K N^T``, ``m_L -> m_L M^T``, ``m_S -> M m_S N^T`` with ``M = U_1^T
+    U_0`` and ``N = V_1^T V_0``. Elementwise second moments (fields named in
+    ``SECOND_MOMENT_FIELDS``) are transported with the elementwise squares of the maps, ``(M∘M) nu
+    (N∘N)^T``: the diagonal of the transported covariance when entries are uncorrelated. This keeps
+    them non-negative and is exact when the basis change permutes or flips basis vectors. Directions
+    new to the basis start with zero moments; directions dropped by truncation lose theirs. Other
+    leaves (counts, hyperparameters) are left alone.
     """
 
     def move(path, leaf):
