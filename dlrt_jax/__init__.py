@@ -24,6 +24,17 @@ from dlrt_jax._truncation import tail_norms, truncation_rank
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("checkpoint", "data", "ensemble", "linen", "models", "nnx", "parallel", "precision")
+
+
+def __getattr__(name):  # lazy submodules: `dlrt_jax.nnx` without importing flax up front
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"dlrt_jax.{name}")
+    raise AttributeError(f"module 'dlrt_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "DLRTState",
     "LowRank",
