@@ -277,3 +277,25 @@ def test_number_of_gradient_evaluations():
         grads = jax.grad(lambda q: 0.5 * jnp.sum((q["w"].to_dense() - A) ** 2))(params)
         tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
         assert len(calls) == extra
+
+
+@pytest.mark.parametrize(
+    "make_tx", [lambda: dlrt_jax.bug(0.1, tau=0.0), lambda: dlrt_jax.parallel_bug(0.1, tau=0.0)]
+)
+def test_truncation_at_full_rank_reproduces_w(make_tx):
+    """Zero gradient and tau = 0: the SVD truncation must give back W (columns of Q, not rows)."""
+    x = LowRank.random(jax.random.key(11), (N, M), rank=R, capacity=CAP)
+    S = jnp.zeros((CAP, CAP)).at[:R, :R].set(jax.random.normal(jax.random.key(12), (R, R)))
+    x = x.replace(S=S)  # a full (non-diagonal) S: its SVD has non-trivial P and Q
+    params = {"w": x}
+    tx = make_tx()
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, state = tx.update(
+        grads, tx.init(params), params, grad_fn=lambda p: jax.tree_util.tree_map(jnp.zeros_like, p)
+    )
+    new = optax.apply_updates(params, updates)["w"]
+    np.testing.assert_allclose(new.to_dense(), x.to_dense(), atol=1e-5)
+    assert int(state.num_skipped) == 0
+    # the singular values are the same, in the diagonal S (the new bases are singular vectors)
+    s_new = np.sort(np.diag(np.asarray(new.S)))[::-1][:R]
+    np.testing.assert_allclose(s_new, np.linalg.svd(np.asarray(S), compute_uv=False)[:R], rtol=1e-5)
