@@ -1,0 +1,241 @@
+"""Tests of dlrt_jax.models (parameter counts, the three weight kinds) and dlrt_jax.train_mnist."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dlrt_jax
+from dlrt_jax import LowRank, models, train_mnist
+
+# ---- parameter counting against the paper's tables (dlrt.md section 4) --------------------------
+
+# (width, ranks, eval compression % from the paper's result files)
+MLP_ROWS = [
+    (500, [176, 170, 171, 174], 34.96),
+    (500, [52, 67, 73, 72], 75.26),
+    (500, [35, 53, 51, 46], 82.57),
+    (500, [13, 21, 24, 20], 92.44),
+    (784, [56, 67, 63, 59], 84.11),
+    (784, [17, 23, 22, 23], 94.28),
+]
+# LeNet5 ranks (conv1, conv2, fc1) -> eval compression % with r(n + m)
+LENET_ROWS = [([10, 23, 62], 77.1), ([8, 8, 15], 93.2), ([2, 2, 3], 97.7)]
+
+
+def _factor(n, m, r):
+    """A LowRank of shape (n, m) and rank r with zero entries (counting needs only the shapes)."""
+    return LowRank(jnp.zeros((n, r)), jnp.zeros((r, r)), jnp.zeros((m, r)), r)
+
+
+def _mlp(width, ranks):
+    shapes = [(width, 784)] + [(width, width)] * 3
+    layers = [
+        {"w": _factor(n, m, r), "b": jnp.zeros(n)} for (n, m), r in zip(shapes, ranks, strict=False)
+    ]
+    return layers + [{"w": jnp.zeros((10, width)), "b": jnp.zeros(10)}]
+
+
+def _lenet(ranks):
+    shapes = models.LENET5_SHAPES
+    layers = [
+        {"w": _factor(n, m, r), "b": jnp.zeros(n)} for (n, m), r in zip(shapes, ranks, strict=False)
+    ]
+    return layers + [{"w": jnp.zeros(shapes[3]), "b": jnp.zeros(10)}]
+
+
+def test_dense_weight_count_of_the_paper_models():
+    assert models.dense_param_count(_mlp(500, [4] * 4)) == 1_147_000  # 784*500 + 3*500^2 + 5000
+    assert models.dense_param_count(_lenet([2, 2, 2])) == 430_500  # 500 + 25000 + 400000 + 5000
+    # the real initialisers build the same shapes (traced abstractly: nothing is computed)
+    mlp = jax.eval_shape(lambda k: models.init_mlp(k, 500), jax.random.key(0))
+    assert models.dense_param_count(mlp) == 1_147_000
+    lenet = jax.eval_shape(lambda k: models.init_lenet5(k, dense=True), jax.random.key(0))
+    assert [layer["w"].shape for layer in lenet] == list(models.LENET5_SHAPES)
+    assert models.dense_param_count(lenet) == 430_500
+
+
+@pytest.mark.parametrize("width,ranks,paper", MLP_ROWS)
+def test_mlp_eval_compression_matches_paper(width, ranks, paper):
+    counts = models.param_counts(_mlp(width, ranks))
+    assert counts["ranks"] == ranks
+    assert round(100 * counts["eval_compression"], 2) == paper
+
+
+def test_mlp_counts_by_hand():
+    ranks = [52, 67, 73, 72]
+    counts = models.param_counts(_mlp(500, ranks))
+    # r(n + m): 52 * (500 + 784) + (67 + 73 + 72) * 1000, plus the dense 10 x 500 classifier
+    assert counts["eval_params"] == 66_768 + 212_000 + 5_000
+    # 2nr + 4r^2 + 2rm per factored layer
+    train = 2 * 500 * 52 + 4 * 52**2 + 2 * 52 * 784
+    train += sum(2 * 500 * r + 4 * r**2 + 2 * r * 500 for r in ranks[1:])
+    assert counts["train_params"] == train + 5_000
+    assert counts["train_compression"] == pytest.approx(1 - (train + 5_000) / 1_147_000)
+
+
+@pytest.mark.parametrize("ranks,paper", LENET_ROWS)
+def test_lenet_eval_compression_matches_paper(ranks, paper):
+    counts = models.param_counts(_lenet(ranks))
+    assert round(100 * counts["eval_compression"], 1) == paper
+
+
+def test_counts_of_dense_and_uv_models():
+    dense = models.param_counts(models.init_mlp(jax.random.key(0), 40, dense=True))
+    assert dense["eval_params"] == dense["dense_params"] == 784 * 40 + 3 * 1600 + 400
+    assert dense["eval_compression"] == 0.0 and dense["ranks"] == []
+    uv = models.param_counts(models.init_lenet5(jax.random.key(0), rank=[3, 4, 5], uv=True))
+    expected = 3 * 45 + 4 * 550 + 5 * 1300 + 5000
+    assert uv["ranks"] == [3, 4, 5]
+    assert uv["eval_params"] == uv["train_params"] == expected
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def test_adaptive_init_starts_at_half_capacity_with_cap():
+    key = jax.random.key(0)
+    p = jax.eval_shape(lambda k: models.init_mlp(k, 500), key)
+    assert [layer["w"].capacity for layer in p[:4]] == [250] * 4
+    p = jax.eval_shape(lambda k: models.init_mlp(k, 500, max_rank=100), key)
+    assert [layer["w"].capacity for layer in p[:4]] == [100] * 4
+    lenet = jax.eval_shape(lambda k: models.init_lenet5(k, max_rank=20), key)
+    assert [layer["w"].capacity for layer in lenet[:3]] == [10, 20, 20]
+    small = models.init_mlp(key, 40)  # rank = capacity = 20 at the start
+    assert models.layer_ranks(small) == [20] * 4
+    assert [layer["w"].capacity for layer in small[:4]] == [20] * 4
+    with pytest.raises(ValueError, match="rank"):
+        models.init_lenet5(jax.random.key(0), rank=21)  # conv1 is 20 x 25
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet5"])
+def test_three_weight_kinds_agree_at_init(model):
+    """Dense, U V^T and LowRank variants are built from the same factors: same function at init."""
+    key = jax.random.key(3)
+    x = jax.random.uniform(jax.random.key(4), (3, 28, 28))
+    if model == "mlp":
+        init, apply, x = models.init_mlp, models.mlp_apply, x.reshape(3, -1)
+        kw = {"width": 24}
+    else:
+        init, apply, kw = models.init_lenet5, models.lenet5_apply, {}
+    ref = apply(init(key, **kw), x)
+    assert (
+        float(jnp.max(jnp.abs(ref))) > 1e-3
+    )  # a nonzero output, so the comparison means something
+    for variant in ({"dense": True}, {"uv": True}):
+        np.testing.assert_allclose(apply(init(key, **kw, **variant), x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_lowrank_conv_gradients_are_the_dlrt_projections():
+    """grad.U = G V, grad.V = G^T U for conv2 (G from the dense model): checks the conv phi."""
+    params = models.init_lenet5(jax.random.key(0), rank=[4, 6, 8])
+    dense = [dict(layer) for layer in params]
+    dense[1]["w"] = params[1]["w"].to_dense()
+    batch = (jax.random.uniform(jax.random.key(1), (5, 28, 28)), jnp.arange(5))
+    loss = models.cross_entropy_loss(models.lenet5_apply)
+    grad = jax.jit(jax.grad(loss))
+    g = grad(params, batch)[1]["w"]
+    G = grad(dense, batch)[1]["w"]
+    w = params[1]["w"]
+    scale = float(jnp.max(jnp.abs(G @ w.V)))
+    assert scale > 1e-6
+    np.testing.assert_allclose(g.U, G @ w.V, atol=1e-4 * scale)
+    np.testing.assert_allclose(g.V, G.T @ w.U, atol=1e-4 * scale)
+
+
+def test_uv_gets_true_gradients():
+    params = models.init_mlp(jax.random.key(0), 16, rank=3, uv=True)
+    assert isinstance(params[1]["w"], models.Factorized)
+    batch = (jax.random.uniform(jax.random.key(1), (4, 784)), jnp.arange(4))
+    loss = models.cross_entropy_loss(models.mlp_apply)
+    g = jax.grad(loss)(params, batch)[1]["w"]
+    dense = [dict(layer) for layer in params]
+    dense[1]["w"] = params[1]["w"].U @ params[1]["w"].V.T
+    G = jax.grad(loss)(dense, batch)[1]["w"]
+    np.testing.assert_allclose(g.U, G @ params[1]["w"].V, atol=1e-6)
+    np.testing.assert_allclose(g.V, G.T @ params[1]["w"].U, atol=1e-6)
+
+
+def test_decayed_singular_values():
+    """s_k / d^k with k = 0..r-1 (the paper's code): the largest value is not damped."""
+    key = jax.random.key(0)
+    plain = models.init_lenet5(key, rank=20, uv=True)[2]["w"]
+    decayed = models.init_lenet5(key, rank=20, uv=True, decay=2.0)[2]["w"]
+    s_plain = np.asarray(jnp.sum(plain.U**2, axis=0))  # = s_k, as U_f = U sqrt(S)
+    s_decayed = np.asarray(jnp.sum(decayed.U**2, axis=0))
+    np.testing.assert_allclose(s_decayed, s_plain / 2.0 ** np.arange(20), rtol=1e-4)
+    assert np.all(np.diff(s_plain) <= 1e-6)  # sorted, descending
+    lowrank = models.init_lenet5(key, rank=20, decay=2.0)[2]["w"]
+    np.testing.assert_allclose(np.diagonal(lowrank.S), s_decayed, rtol=1e-4)
+
+
+# ---- the training entry point -------------------------------------------------------------------
+
+
+def test_build_transform_rejects_unknown_and_missing_tau():
+    with pytest.raises(ValueError, match="integrator"):
+        train_mnist.build_transform("nope", 0.1)
+    with pytest.raises(ValueError, match="tau"):
+        train_mnist.build_transform("bug", 0.1, tau=None)
+    tx, needs = train_mnist.build_transform("parallel_bug", 0.1, tau=0.1)
+    assert not needs
+
+
+def test_jitted_step_traces_once_per_capacity_set():
+    params = models.init_mlp(jax.random.key(0), 16)
+    tx, needs = train_mnist.build_transform("parallel_bug", optax.adam(1e-3), tau=0.1)
+    step = train_mnist.make_step(
+        models.cross_entropy_loss(models.mlp_apply), tx, needs_grad_fn=needs
+    )
+    state = tx.init(params)
+    batch = (jax.random.uniform(jax.random.key(1), (8, 784)), jnp.arange(8) % 10)
+    for _ in range(3):
+        params, state, _ = step(params, state, batch)
+    assert step._cache_size() == 1
+    params, state = dlrt_jax.resize_capacity(params, state, lambda x: int(x.rank))
+    for _ in range(2):
+        params, state, _ = step(params, state, batch)
+    assert step._cache_size() == 2
+
+
+def _data_dir():
+    d = os.environ.get("DLRT_DATA_DIR")
+    if not d or not (Path(d) / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("real MNIST not available: set DLRT_DATA_DIR to the directory holding mnist/")
+    return d
+
+
+def test_main_quick_run_on_real_mnist(tmp_path):
+    data_dir = _data_dir()
+    argv = ["--subset", "2048", "--epochs", "1", "--width", "64", "--batch-size", "16"]
+    argv += ["--lr", "3e-3"]  # 128 steps; the paper's 1e-3 needs more for this tiny network
+    argv += ["--data-dir", data_dir, "--out", str(tmp_path), "--no-progress"]
+    results = train_mnist.run(argv)
+    json_path, png_path = Path(results["paths"]["json"]), Path(results["paths"]["png"])
+    assert json_path.parent == tmp_path and png_path.is_file() and png_path.stat().st_size > 1000
+    saved = json.loads(json_path.read_text())
+    final = saved["final"]
+    assert final["test_acc"] > 0.4, final  # chance is 0.1; this run reaches about 0.6
+    assert len(saved["history"]) == 2 and saved["history"][1]["steps"] == 2048 // 16
+    caps = final["capacities"]
+    assert len(final["ranks"]) == 4
+    for r, c in zip(final["ranks"], caps, strict=True):
+        assert 2 <= r <= c <= 32  # min_rank <= rank <= capacity <= floor(64 / 2)
+    assert final["ranks"] != [32, 32, 32, 32]  # tau = 0.09 truncates the random start
+    assert 0.0 < final["eval_compression"] < 1.0
+    assert saved["environment"]["jax"] == jax.__version__
+    assert saved["config"]["integrator"] == "bug"
+
+
+def test_main_returns_none_for_the_console_script(tmp_path):
+    data_dir = _data_dir()
+    argv = ["--subset", "256", "--epochs", "1", "--width", "16", "--integrator", "ksl"]
+    argv += ["--rank", "4", "--data-dir", data_dir, "--out", str(tmp_path), "--no-progress"]
+    assert train_mnist.main(argv) is None  # console scripts call sys.exit(main())
+    saved = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert saved["final"]["ranks"] == [4, 4, 4, 4]  # fixed rank
