@@ -241,7 +241,7 @@ def _run(
     return treedef.unflatten(new_leaves), treedef.unflatten(update_leaves), new_state
 
 
-def _dlrt_transform(
+def _build(
     integrator: _int.Integrator,
     optimizer: Any,
     other_optimizer: Any,
@@ -250,12 +250,12 @@ def _dlrt_transform(
     min_rank: int,
     max_rank: int | None,
     name: str,
-) -> optax.GradientTransformationExtraArgs:
+):
+    """Validate the hyperparameters; return the config, the other optimiser and ``init``."""
     _check_truncation(tau, absolute, min_rank, max_rank)
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
     cfg = _int.Config(tx=tx, tau=tau, absolute=absolute, min_rank=min_rank, max_rank=max_rank)
-    needs_grad_fn = integrator.num_evals > 1
 
     def init_fn(params):
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
@@ -281,6 +281,24 @@ def _dlrt_transform(
             factors=factors,
             other=other.init(others),
         )
+
+    return cfg, other, init_fn
+
+
+def _dlrt_transform(
+    integrator: _int.Integrator,
+    optimizer: Any,
+    other_optimizer: Any,
+    tau: Any,
+    absolute: bool,
+    min_rank: int,
+    max_rank: int | None,
+    name: str,
+) -> optax.GradientTransformationExtraArgs:
+    cfg, other, init_fn = _build(
+        integrator, optimizer, other_optimizer, tau, absolute, min_rank, max_rank, name
+    )
+    needs_grad_fn = integrator.num_evals > 1
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
         if extra_args:
@@ -546,26 +564,17 @@ def _step(integrator, params, grad_fn, learning_rate, kwargs, name):
     unknown = set(kwargs) - {"tau", "absolute", "min_rank", "max_rank"}
     if unknown:
         raise TypeError(f"{name} got unexpected keyword arguments {sorted(unknown)}.")
-    tau = kwargs.get("tau")
-    absolute = kwargs.get("absolute", False)
-    min_rank = kwargs.get("min_rank", 2 if integrator is not _int.KSL else 1)
-    max_rank = kwargs.get("max_rank")
-    _check_truncation(tau, absolute, min_rank, max_rank)
-    tx = _as_transform(learning_rate, "learning_rate")
-    cfg = _int.Config(tx=tx, tau=tau, absolute=absolute, min_rank=min_rank, max_rank=max_rank)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]:
-        if is_lowrank(leaf):
-            _check_factor(leaf, _path_str(path), integrator, cfg)
+    cfg, other, init_fn = _build(
+        integrator,
+        learning_rate,
+        None,
+        kwargs.get("tau"),
+        kwargs.get("absolute", False),
+        kwargs.get("min_rank", 2),
+        kwargs.get("max_rank"),
+        name,
+    )
+    state = init_fn(params)
     grads = grad_fn(params)
     _check_grads(grads, params, name)
-    factors = jax.tree_util.tree_map(
-        lambda x: _int.init_factor_state(tx, x) if is_lowrank(x) else None,
-        params,
-        is_leaf=is_lowrank,
-    )
-    others = jax.tree_util.tree_map(
-        lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank
-    )
-    state = DLRTState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32), factors, tx.init(others))
-    new_params, _, _ = _run(integrator, cfg, tx, grads, state, params, grad_fn)
-    return new_params
+    return _run(integrator, cfg, other, grads, state, params, grad_fn)[0]
