@@ -6,9 +6,9 @@ singular values ``s_k / d^k`` (``s_k`` sorted ``|N(0, 1)|``, ``k = 0..19`` as in
 so the largest value is not damped) for d = 1, 2, 10.
 
 DLRT side: ``dlrt_jax.projector_splitting`` (the fixed-rank KSL integrator, 3 gradient
-evaluations per step). Rank 20 is the full rank of conv1 (20 x 25): the rank-adaptive integrators
-cap the capacity at floor(20 / 2) = 10 there, and ``dlrt_jax.bug(tau=None)`` currently refuses a
-capacity above floor(min(n, m) / 2) as well, so KSL is the integrator that runs this protocol.
+evaluations per step) by default, or ``--integrator bug_fixed`` (fixed-rank BUG, 2 evaluations).
+Rank 20 is the full rank of conv1 (20 x 25): the rank-adaptive integrators cap the capacity at
+floor(20 / 2) = 10 there, so a fixed-rank integrator runs this protocol.
 U V^T side: two dense factors per layer, ``U = U0 sqrt(S0)``, ``V = V0 sqrt(S0)`` from the same
 initial factors (same function at step 0), trained by ``optax.sgd(0.01)`` with true gradients.
 Writes ``dlrt_vs_uv.{csv,json,png}`` to ``--out``.
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--rank", type=int, default=20)
+    p.add_argument("--integrator", choices=["ksl", "bug_fixed"], default="ksl")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--subset", type=int, default=None)
@@ -63,7 +64,7 @@ def _run(args, data, method: str, d: float, seed: int) -> dict:
     decay = None if d == 1 else d
     if method == "dlrt":
         params = models.init_lenet5(key, rank=args.rank, decay=decay)
-        tx, needs_grad_fn = build_transform("ksl", optax.sgd(args.lr))
+        tx, needs_grad_fn = build_transform(args.integrator, optax.sgd(args.lr))
     else:
         params = models.init_lenet5(key, rank=args.rank, decay=decay, uv=True)
         tx, needs_grad_fn = optax.sgd(args.lr), False
@@ -137,7 +138,7 @@ def _plot(runs: list[dict], path: Path) -> None:
                 continue
             acc = np.array([r["acc_per_epoch"] for r in group])
             epochs = np.arange(acc.shape[1])
-            label = "DLRT (KSL)" if method == "dlrt" else "U V^T (SGD)"
+            label = "DLRT (fixed rank)" if method == "dlrt" else "U V^T (SGD)"
             ax.plot(epochs[1:], acc.mean(0)[1:], style, label=f"{label}, {len(group)} runs")
         ax.set_title(f"initial s_k / d^k, d = {d:g}")
         ax.set_xlabel("epoch")
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
                 payload = {
                     "experiment": "DLRT vs U V^T, LeNet5 fixed rank (dlrt.md section 4)",
                     "protocol": {
-                        "dlrt": f"dlrt_jax.projector_splitting(optax.sgd({args.lr})), fixed rank "
+                        "dlrt": f"{args.integrator} (fixed rank) with optax.sgd({args.lr}), rank "
                         f"{args.rank} in conv1, conv2, fc1 (capacity = rank)",
                         "uv": f"W = U V^T, optax.sgd({args.lr}) on U and V (true gradients)",
                         "init": "s_k / d^k, s_k sorted |N(0,1)|, k = 0..rank-1 (the paper's "

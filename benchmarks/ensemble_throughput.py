@@ -7,7 +7,7 @@ step and "map" in one jitted ``jax.lax.map`` step (:func:`dlrt_jax.ensemble.make
 "sequential" calls one jitted single-member step (compiled once, ``tau`` as an argument) E times.
 Synthetic inputs (throughput does not depend on the data). Reports the median wall time of one
 ensemble step over ``--repeats`` timed steps after warm-up, prints a table and writes
-``ensemble_throughput.json`` to ``--out``.
+``<--name>.json`` (default ``ensemble_throughput.json``) to ``--out``.
 
 On the CPU with jaxlib 0.10.x, "vmap" is skipped unless ``--force-vmap`` is given: the batched
 LAPACK kernels of that jaxlib can deadlock XLA's CPU thread pool (observed with these shapes on 2
@@ -16,6 +16,8 @@ cores; see :func:`dlrt_jax.ensemble.make_ensemble_step`).
 Examples:
     OPENBLAS_NUM_THREADS=1 python benchmarks/ensemble_throughput.py
     OPENBLAS_NUM_THREADS=1 python benchmarks/ensemble_throughput.py --members 1 2 4 8 --repeats 30
+    OPENBLAS_NUM_THREADS=1 python benchmarks/ensemble_throughput.py --width 32 --capacity 8 \
+        --force-vmap --members 1 2 4 8 --name ensemble_throughput_w32
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force-vmap", action="store_true", help="run vmap even where it may hang")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--name", default="ensemble_throughput", help="output file stem")
     return p
 
 
@@ -229,7 +232,7 @@ def main(argv=None) -> None:
     print(_table(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "ensemble_throughput.json"
+    path = out / f"{args.name}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

@@ -86,10 +86,13 @@ def test_lenet_eval_compression_matches_paper(ranks, paper):
 
 
 def test_counts_of_dense_and_uv_models():
-    dense = models.param_counts(models.init_mlp(jax.random.key(0), 40, dense=True))
+    key = jax.random.key(0)  # shapes are all the counts need: trace abstractly
+    dense = models.param_counts(jax.eval_shape(lambda k: models.init_mlp(k, 40, dense=True), key))
     assert dense["eval_params"] == dense["dense_params"] == 784 * 40 + 3 * 1600 + 400
     assert dense["eval_compression"] == 0.0 and dense["ranks"] == []
-    uv = models.param_counts(models.init_lenet5(jax.random.key(0), rank=[3, 4, 5], uv=True))
+    uv_params = jax.eval_shape(lambda k: models.init_lenet5(k, rank=[3, 4, 5], uv=True), key)
+    assert isinstance(uv_params[0]["w"], models.Factorized)
+    uv = models.param_counts(uv_params)
     expected = 3 * 45 + 4 * 550 + 5 * 1300 + 5000
     assert uv["ranks"] == [3, 4, 5]
     assert uv["eval_params"] == uv["train_params"] == expected
