@@ -23,6 +23,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from dlrt_jax import models  # noqa: E402
@@ -55,7 +56,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--taus", type=float, nargs="+", default=TAUS)
+    p.add_argument("--taus", type=float, nargs="*", default=TAUS)
     p.add_argument("--epochs", type=int, default=10, help="epochs at tau 0.09 and dense")
     p.add_argument(
         "--epochs-other",
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=500)
     p.add_argument("--wide", action="store_true", help="also width 784 at tau 0.09 and 0.17")
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument(
+        "--dense-init",
+        choices=["factors", "glorot"],
+        default="factors",
+        help="dense baseline's hidden weights: U S V^T of the DLRT start (default) or "
+        "Glorot-uniform (the Keras default, as a TensorFlow dense baseline would use)",
+    )
     p.add_argument("--integrator", default="bug", choices=["bug", "parallel_bug"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -82,11 +90,16 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
     key = jax.random.key(args.seed)
     if tau is None:
         params = models.init_mlp(key, width, dense=True)
+        if args.dense_init == "glorot":
+            glorot = jax.nn.initializers.glorot_uniform()
+            for i, k in enumerate(jax.random.split(jax.random.fold_in(key, 1), len(params) - 1)):
+                params[i]["w"] = glorot(k, params[i]["w"].shape, jnp.float32)
         tx, needs_grad_fn = optax.adam(args.lr), False
     else:
         params = models.init_mlp(key, width)
         tx, needs_grad_fn = build_transform(args.integrator, optax.adam(args.lr), tau=tau)
-    label = f"w{width} " + ("dense" if tau is None else f"tau={tau:g}")
+    dense_label = "dense" if args.dense_init == "factors" else "dense (glorot)"
+    label = f"w{width} " + (dense_label if tau is None else f"tau={tau:g}")
     t0 = time.perf_counter()
     result = train(
         params,
@@ -111,6 +124,7 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
     return {
         "width": width,
         "tau": "dense" if tau is None else tau,
+        "dense_init": args.dense_init if tau is None else None,
         "epochs": epochs,
         "seed": args.seed,
         "test_acc": round(100 * final["test_acc"], 2),

@@ -24,11 +24,13 @@ from dlrt_jax._factors import LowRank
 from dlrt_jax._linalg import (
     active_first_concat,
     column_mask,
+    gram_inverse_factor,
     mask_block,
     mask_cols,
     mm,
     mmt,
     orth,
+    orth_complement,
     orth_span,
     qr,
     svd,
@@ -125,6 +127,14 @@ def _truncate(cfg: Config, Uh, Sh, Vh, capacity: int, rank):
     ``Uh`` and ``Vh`` have orthonormal columns (all of them), so ``U1 = Uh P[:, :c]`` does too.
     With ``cfg.tau`` None the rank stays ``rank`` (fixed-rank variant).
     """
+    P, S1, Qt, r1 = _svd_truncate(cfg, Sh, capacity, rank)
+    U1 = mm(Uh, P[:, :capacity])
+    V1 = mm(Vh, Qt[:capacity, :].T)
+    return LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
+
+
+def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
+    """``Sh = P diag(sigma) Qt``, the new rank ``r1`` and ``S1 = diag(sigma[:r1])`` (c x c)."""
     P, sigma, Qt = svd(Sh)
     if cfg.tau is None:
         r1 = rank.astype(jnp.int32)
@@ -139,10 +149,8 @@ def _truncate(cfg: Config, Uh, Sh, Vh, capacity: int, rank):
             max_rank=max_rank,
         )
     m1 = column_mask(capacity, r1)
-    U1 = mm(Uh, P[:, :capacity])
-    V1 = mm(Vh, Qt[:capacity, :].T)
     S1 = jnp.diag(jnp.where(m1, sigma[:capacity], 0.0)).astype(Sh.dtype)
-    return LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
+    return P, S1, Qt, r1
 
 
 def _basis_maps(new: LowRank, old: LowRank):
@@ -152,9 +160,12 @@ def _basis_maps(new: LowRank, old: LowRank):
     return tmm(U1, U0), tmm(V1, V0)
 
 
-def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s) -> tuple[LowRank, FactorState]:
-    """Transport the K- and L-states (which live in the old bases) into the new ones."""
-    M, N = _basis_maps(new, x)
+def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps=None) -> tuple[LowRank, FactorState]:
+    """Transport the K- and L-states (which live in the old bases) into the new ones.
+
+    ``maps`` = ``(M, N)`` as :func:`_basis_maps` would compute them, when known already.
+    """
+    M, N = _basis_maps(new, x) if maps is None else maps
     st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
     st_l = transport(st_l, (x.shape[1], x.capacity), right=M)
     return new, FactorState(st_k, st_l, st_s)
@@ -212,36 +223,52 @@ BUG = Integrator("bug", (_bug_basis_update, _bug_galerkin), lambda cfg: cfg.tau 
 def _parallel_step(cfg: Config, carry, g):
     """All substeps from ``(U0, S0, V0)`` and one gradient, then augmentation and truncation.
 
-    ``K1``, ``L1``, ``S_ = S0 - h U0^T G0 V0``; ``U~ = orth((I - U0 U0^T) K1)`` (projected twice),
-    ``U^ = [U0 | U~]``, ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]``. ``S^`` is assembled in the
-    computed basis ``U^ = orth([U0 | K1_perp])`` as
-    ``(U^T U0) S_ (V^T V0)^T + (U^T K1_perp)(V^T V0)^T + (U^T U0)(V^T L1_perp)^T``, which equals
-    the block form for any orthonormal ``U^`` spanning ``[U0 | U~]`` (signs and order included).
+    ``K1``, ``L1``, ``S_ = S0 - h U0^T G0 V0``; ``U~ = orth((I - U0 U0^T) K1)``,
+    ``U^ = [U0 | U~]``, ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]``, then truncation.
+
+    Computed in the basis ``U^ = [U | Q]`` made of *all* ``c`` columns of ``U`` (active and
+    inactive: they are orthonormal) and ``Q = orth((I - U U^T) K1)`` (:func:`orth_complement`,
+    one ``n x c`` QR); likewise ``V^ = [V | P]``. Its leading ``c + r`` columns contain
+    ``span([U0 | K1])``, and ``S^ = U^^T Y V^^T`` with
+    ``Y = U0 S_ V0^T + (I - U0 U0^T) K1 V0^T + U0 L1^T (I - V0 V0^T)`` (the matrix the block form
+    represents, ``U0``/``V0`` the active columns) is, block by block,
+    ``[[S_ + U_in^T K1 + (V_in^T L1)^T, L1^T P], [Q^T K1, 0]]`` where ``U_in^T K1`` is the
+    inactive rows of ``U^T K1``. ``U^ S^ V^^T = Y`` exactly, so the truncation gives the same
+    factor as in the ``2r``-column basis of the block form, and the maps into the new basis
+    are the leading blocks of the SVD factors (no ``n``-sized products).
     """
     x, st = carry
     c = x.capacity
-    m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
+    m = x.mask
     U0, S0, V0 = x.masked()
-    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    # K1 = U0 S0 + dK, L1 = V0 S0^T + dL: the augmentation uses the steps dK, dL themselves,
+    # (I - U U^T) K1 = (I - U U^T) dK, which keeps full relative accuracy however small they are
+    dK, st_k = cfg.tx.update(mask_cols(g.U, m), st.K, mm(U0, S0))
+    dL, st_l = cfg.tx.update(mask_cols(g.V, m), st.L, mmt(V0, S0))
     S_, st_s = _inner_step(cfg.tx, S0, mask_block(g.S, m, m), st.S)
     S_ = mask_block(S_, m, m)
 
-    def perp(A, B):  # (I - B B^T) A, twice
-        A = A - mm(B, tmm(B, A))
-        return A - mm(B, tmm(B, A))
-
-    Kp, Lp = perp(K1, U0), perp(L1, V0)
-    Uh = orth(active_first_concat(U0, Kp, x.rank))
-    Vh = orth(active_first_concat(V0, Lp, x.rank))
-    Mh = mask_block(tmm(Uh, U0), m2, m)
-    Nh = mask_block(tmm(Vh, V0), m2, m)
-    Sh = mmt(mm(Mh, S_), Nh) + mmt(mask_block(tmm(Uh, Kp), m2, m), Nh)
-    Sh = Sh + mmt(Mh, mask_block(tmm(Vh, Lp), m2, m))
+    # all c columns of U, V are orthonormal; Uc = U LUinv^T restores that to roundoff so that
+    # it cannot drift (folded into the small factors, never formed)
+    LUinv, LVinv = gram_inverse_factor(x.U), gram_inverse_factor(x.V)
+    Q, AU, CU = orth_complement(x.U, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
+    P, AV, CV = orth_complement(x.V, LVinv, dL.astype(x.dtype), m)
+    inactive = ~m
+    top = S_ + mask_block(AU, inactive, m) + mask_block(AV, inactive, m).T
+    Sh = jnp.block([[top, CV.T], [CU, jnp.zeros_like(CU)]])
+    m2 = column_mask(2 * c, c + x.rank)
     Sh = mask_block(Sh, m2, m2)
-    new = _truncate(cfg, Uh, Sh, Vh, c, x.rank)
-    M, N = _basis_maps(new, x)
+    Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank)
+    Pv = Pvt[:c, :].T
+    U1 = mm(x.U, tmm(LUinv, Pu[:c, :c])) + mm(Q, Pu[c:, :c])
+    V1 = mm(x.V, tmm(LVinv, Pv[:c, :])) + mm(P, Pv[c:, :])
+    new = LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
+    # M = U1^T U0 = Pu[:c, :c]^T (U^T U0) with U^T U0 = [diag(m); 0]; N likewise.
+    m1 = column_mask(c, r1)
+    M = mask_block(Pu[:c, :c].T, m1, m)
+    N = mask_block(Pv[:c, :].T, m1, m)
     st_s = transport(st_s, (c, c), left=M, right=N)
-    return _finish(x, new, st_k, st_l, st_s), None
+    return _finish(x, new, st_k, st_l, st_s, maps=(M, N)), None
 
 
 PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True)

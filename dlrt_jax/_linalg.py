@@ -61,20 +61,127 @@ def orth(a: jax.Array) -> jax.Array:
     return qr(a)[0]
 
 
-def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``orth(a)`` and a boolean vector of the columns of ``Q`` that come from ``a``.
+def column_norms(a: jax.Array) -> jax.Array:
+    """Euclidean norms of the columns of ``a``, safe from over- and underflow."""
+    scale = jnp.max(jnp.abs(a), axis=0)
+    safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    return scale * jnp.sqrt(jnp.sum(jnp.square(a / safe), axis=0))
 
-    Column ``j`` of ``Q`` is flagged ``False`` when the QR pivot ``|R_jj|`` is at roundoff level
-    relative to the largest pivot, i.e. when column ``j`` of ``a`` lies (numerically) in the span
-    of the previous columns. Those columns of ``Q`` are an arbitrary completion, not part of the
-    span of ``a``; the rank-adaptive BUG gives them no Galerkin update, so its step does not depend
-    on roundoff when ``[K1 | U0]`` is rank-deficient.
+
+def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """An orthonormal ``Q`` (all columns) whose flagged leading columns span exactly ``range(a)``.
+
+    Returns ``(Q, in_span)``: ``Q`` has ``a.shape[1]`` orthonormal columns, and the columns with
+    ``in_span`` true (a prefix) are an orthonormal basis of the numerical range of ``a``; the others
+    are an arbitrary orthonormal completion. The rank-adaptive BUG gives the completion no Galerkin
+    update, so its step does not depend on roundoff when ``[K1 | U0]`` is rank-deficient.
+
+    The columns are first scaled to unit norm (this leaves the range unchanged and makes the test
+    independent of the scale of ``K1`` against ``U0``); then ``a = Q0 R`` (Householder) and
+    ``R = P diag(s) W^T`` (an SVD of the small ``k x k`` factor) give ``Q = Q0 P`` and the numerical
+    rank from ``s``. A plain pivot test on ``R`` would not do: a dependent column in the middle
+    makes QR insert an arbitrary direction that later columns are orthogonalised against.
     """
-    q, r = qr(a)
-    d = jnp.abs(jnp.diagonal(r))
-    eps = jnp.finfo(a.dtype).eps
-    tol = 16.0 * eps * (a.shape[0] ** 0.5) * jnp.max(d)
-    return q, d > tol
+    norms = column_norms(a)
+    safe = jnp.where(norms > 0, norms, jnp.ones_like(norms))
+    q0, r = qr(a / safe)
+    p, s, _ = svd(r)
+    tol = 16.0 * jnp.finfo(a.dtype).eps * (a.shape[0] ** 0.5)
+    return mm(q0, p), s > tol
+
+
+def filler(shape: tuple[int, int], dtype) -> jax.Array:
+    """A fixed pseudo-random ``(n, k)`` matrix with entries in ``[-1, 1)`` and columns of norm ~1.
+
+    Put into the inactive (zero) columns of a matrix before a QR: LAPACK's Householder QR is
+    about 1.6x slower on exactly zero columns, and generic columns give the QR a well-defined
+    orthonormal completion there. Built from an integer hash of the indices (no PRNG state;
+    XLA evaluates it for free), so it is the same on every call.
+    """
+    n, k = shape
+    i = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    j = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    h = (i * jnp.uint32(0x9E3779B1)) ^ (j * jnp.uint32(0x85EBCA77) + jnp.uint32(0x165667B1))
+    h = (h ^ (h >> 15)) * jnp.uint32(0x2C1B3C6D)
+    h = (h ^ (h >> 12)) * jnp.uint32(0x297A2D39)
+    h = h ^ (h >> 15)
+    u = h.astype(jnp.float32) * (2.0 / 4294967296.0) - 1.0  # uniform in [-1, 1)
+    return (u * (3.0 / n) ** 0.5).astype(dtype)
+
+
+def fill_cols(a: jax.Array, mask: jax.Array) -> jax.Array:
+    """``a`` with its columns outside ``mask`` replaced by :func:`filler` columns."""
+    return jnp.where(mask[None, :], a, filler(a.shape, a.dtype))
+
+
+def gram_inverse_factor(U: jax.Array) -> jax.Array:
+    """``Linv`` with ``U Linv^T`` orthonormal (Cholesky-QR of ``U``, the product not formed).
+
+    ``L L^T = U^T U``; ``Linv = L^{-1}``. For ``U`` orthonormal up to roundoff this is
+    ``I + O(eps)``; folding it into later ``c x c`` factors re-orthonormalises ``U`` at the cost
+    of the Gram matrix only. NaN-safe like :func:`qr`.
+    """
+    c = U.shape[1]
+    gram, ok = _guard(tmm(U, U))
+    L = jnp.linalg.cholesky(jnp.where(ok, gram, jnp.eye(c, dtype=gram.dtype)))
+    Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(c, dtype=L.dtype), lower=True)
+    return _poison(ok, Linv)[0]
+
+
+def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array):
+    """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``,
+    whose leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask`` = the leading ``r``).
+
+    ``Uc`` (orthonormal: see :func:`gram_inverse_factor`) is never formed. Returns
+    ``(Q, Uc^T D, Q^T D)`` with the columns of ``D`` outside ``mask`` taken as zero.
+    ``[Uc | Q]`` is then an orthonormal basis of ``2c`` columns whose leading ``c + r`` columns
+    contain ``span([Uc | D[:, :r]])``: the parallel BUG's augmented basis at the cost of one
+    ``n x c`` QR instead of ``n x 2c``.
+
+    ``B = (I - Uc Uc^T) D``, the zero and inactive columns of ``D`` replaced by :func:`filler`
+    first (that does not change the span, avoids LAPACK's slow path on zero columns and gives
+    the QR a generic completion orthogonal to ``Uc``); Householder
+    ``B = Qh R``; ``T = Uc^T Qh``. Usually ``|T|`` is at roundoff level and one correction
+    ``Q = Qh - Uc T`` makes ``Q`` orthogonal to ``Uc`` (``Q^T Q = I - T^T T``), with
+    ``Q^T D = R`` (on the used columns). Where the QR had to complete rank-deficient columns
+    (directions Householder picks freely in ``R^n``), ``T`` is large; then ``Qh - Uc T`` is
+    re-orthonormalised by Cholesky-QR (same span) and, should a completion lie numerically
+    inside ``span(Uc)`` (the Cholesky factor then being singular), the QR of the ``n x 2c``
+    matrix ``[Uc | B]`` is used instead.
+    """
+    c = D.shape[1]
+    D = mask_cols(D, mask)
+    keep = mask & jnp.any(D != 0, axis=0)
+    Df = fill_cols(D, keep)
+    Af = mm(Linv, tmm(U, Df))  # Uc^T Df
+    B = Df - mm(U, tmm(Linv, Af))
+    A = mask_cols(Af, keep)
+    Qh, R = qr(B)
+    T = mm(Linv, tmm(U, Qh))  # Uc^T Qh
+    Q0 = Qh - mm(U, tmm(Linv, T))
+    tiny = jnp.max(jnp.abs(T)) <= 1e-3
+
+    def fast(_):
+        return Q0, mask_cols(R, keep)
+
+    def slow(_):
+        gram, finite = _guard(tmm(Q0, Q0))
+        L = jnp.linalg.cholesky(jnp.where(finite, gram, jnp.eye(c, dtype=gram.dtype)))
+        ok = finite & jnp.all(jnp.isfinite(L)) & (jnp.min(jnp.diagonal(L)) > 0.25)
+
+        def clean(_):
+            Li = jax.scipy.linalg.solve_triangular(L, jnp.eye(c, dtype=L.dtype), lower=True)
+            return mmt(Q0, Li)
+
+        def robust(_):
+            Uc = mmt(U, Linv)
+            return orth(jnp.concatenate([Uc, B], axis=1))[:, c:]
+
+        Q = jax.lax.cond(ok, clean, robust, None)
+        return Q, tmm(Q, D)
+
+    Q, C = jax.lax.cond(tiny, fast, slow, None)
+    return Q, A, C
 
 
 def column_mask(capacity: int, rank: jax.Array) -> jax.Array:

@@ -17,8 +17,11 @@ def tail_norms(sigma: jax.Array) -> jax.Array:
     the smallest singular value (the reference codes left it out). Computed as a reversed
     cumulative sum of squares, which is accurate for tails far below ``||sigma||``.
     """
-    sq = jnp.square(sigma.astype(jnp.float32) if sigma.dtype == jnp.bfloat16 else sigma)
-    return jnp.sqrt(jnp.cumsum(sq[::-1])[::-1])
+    s = sigma.astype(jnp.float32) if sigma.dtype == jnp.bfloat16 else sigma
+    # scaled by the largest value, so squares neither overflow (1e20) nor underflow (1e-30)
+    smax = jnp.max(jnp.abs(s))
+    scale = jnp.where(smax > 0, smax, jnp.ones_like(smax))
+    return scale * jnp.sqrt(jnp.cumsum(jnp.square(s / scale)[::-1])[::-1])
 
 
 def truncation_rank(

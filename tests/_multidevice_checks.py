@@ -180,6 +180,34 @@ def check_model_parallel():
     }
 
 
+def check_sharded_checkpoint():
+    """Save a row-sharded state and restore it into a sharded target: values and shardings."""
+    import tempfile
+
+    from dlrt_jax.checkpoint import restore_checkpoint, save_checkpoint
+
+    tx = dlrt_jax.bug(optax.adam(1e-2), tau=0.1)
+    params, batch = make_problem()
+    mesh = parallel.make_mesh(data=2, model=4)
+    p, s = sharded_run(tx, params, batch, mesh, model_axis="model")
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, 4, {"params": p, "opt_state": s}, metadata={"mesh": "2x4"})
+        target = parallel.shard_state(params, tx.init(params), mesh, model_axis="model")
+        out = restore_checkpoint(
+            d, {"params": target[0], "opt_state": target[1]}, metadata={"mesh": "2x4"}
+        )
+    same = all(
+        np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding == b.sharding
+        for a, b in zip(
+            jax.tree_util.tree_leaves((p, s)),
+            jax.tree_util.tree_leaves((out["params"], out["opt_state"])),
+            strict=True,
+        )
+    )
+    spec = str(out["params"]["h"].U.sharding.spec)
+    return {"name": "sharded_checkpoint", "U_spec": spec, "ok": bool(same)}
+
+
 def check_errors():
     params, batch = make_problem()
     tx = dlrt_jax.bug(0.1, tau=0.1)
@@ -216,6 +244,7 @@ def main(out_path):
             "data_parallel_parallel_bug_sgd", dlrt_jax.parallel_bug(0.05, tau=0.1)
         ),
         check_model_parallel,
+        check_sharded_checkpoint,
         check_errors,
     ]
     results = []

@@ -82,6 +82,11 @@ def test_model_parallel_rows_sharded(multidevice):
     assert r["max_diff_params"] <= 1e-5 and r["max_diff_state"] <= 1e-5
 
 
+def test_sharded_checkpoint_roundtrip(multidevice):
+    r = _check(multidevice, "sharded_checkpoint")  # values bit-identical, shardings kept
+    assert r["U_spec"] == "P('model', None)"
+
+
 def test_multidevice_errors(multidevice):
     r = _check(multidevice, "errors")
     assert "divisible by the size 8" in r["messages"]["batch"]
@@ -91,7 +96,7 @@ def test_multidevice_errors(multidevice):
 def test_multidevice_helper_exit_status(multidevice):
     results, proc = multidevice
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(results) == 4
+    assert len(results) == 5
 
 
 # ---- single-device checks (in process) -----------------------------------------------------------
