@@ -76,18 +76,20 @@ def orth_span(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     are an arbitrary orthonormal completion. The rank-adaptive BUG gives the completion no Galerkin
     update, so its step does not depend on roundoff when ``[K1 | U0]`` is rank-deficient.
 
-    The columns are first scaled to unit norm (this leaves the range unchanged and makes the test
-    independent of the scale of ``K1`` against ``U0``); then ``a = Q0 R`` (Householder) and
-    ``R = P diag(s) W^T`` (an SVD of the small ``k x k`` factor) give ``Q = Q0 P`` and the numerical
-    rank from ``s``. A plain pivot test on ``R`` would not do: a dependent column in the middle
-    makes QR insert an arbitrary direction that later columns are orthogonalised against.
+    A first Householder QR flags the columns of ``a`` that are (numerically) in the span of the
+    previous ones: pivot ``|R_jj|`` at roundoff level relative to the column's own norm, so the
+    test does not depend on the scale of ``K1`` against ``U0``. A dependent column in the middle
+    makes QR insert an arbitrary direction that later columns are orthogonalised against, so a
+    second QR runs on the columns reordered with the spanning ones first.
     """
-    norms = column_norms(a)
-    safe = jnp.where(norms > 0, norms, jnp.ones_like(norms))
-    q0, r = qr(a / safe)
-    p, s, _ = svd(r)
     tol = 16.0 * jnp.finfo(a.dtype).eps * (a.shape[0] ** 0.5)
-    return mm(q0, p), s > tol
+
+    def qr_flags(b):
+        q, r = qr(b)
+        return q, jnp.abs(jnp.diagonal(r)) > tol * column_norms(b)  # zero columns: False
+
+    _, ok = qr_flags(a)
+    return qr_flags(a[:, jnp.argsort(~ok, stable=True)])
 
 
 def filler(shape: tuple[int, int], dtype) -> jax.Array:
@@ -128,6 +130,31 @@ def gram_inverse_factor(U: jax.Array) -> jax.Array:
     return _poison(ok, Linv)[0]
 
 
+def cholesky_qr2(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Cholesky-QR2: ``a = Q R`` from two passes of ``Q = a L^{-T}``, ``L L^T = a^T a``.
+
+    Matrix products only (full precision), so it runs at matmul speed where LAPACK's
+    Householder QR does not, but it is only accurate for well-conditioned ``a``
+    (``cond(a) << eps^{-1/2}``, about 3e3 in float32). Returns ``(Q, R, ok)``: ``ok`` is False
+    when the first pass left ``Q`` far from orthonormal (``max |Q^T Q - I| > 0.1``: ``a``
+    too ill-conditioned or rank-deficient) or anything is not finite; the caller must then use
+    Householder QR instead.
+    """
+    c = a.shape[1]
+    eye = jnp.eye(c, dtype=a.dtype)
+
+    def one_pass(x):
+        gram, finite = _guard(tmm(x, x))
+        L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
+        Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+        return mmt(x, Linv), L, gram, finite & jnp.all(jnp.isfinite(Linv))
+
+    q1, L1, _, ok1 = one_pass(a)
+    q, L2, gram2, ok2 = one_pass(q1)
+    ok = ok1 & ok2 & (jnp.max(jnp.abs(gram2 - eye)) <= 0.1)
+    return q, mm(L2.T, L1.T), ok
+
+
 def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array):
     """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``,
     whose leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask`` = the leading ``r``).
@@ -140,8 +167,8 @@ def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array
 
     ``B = (I - Uc Uc^T) D``, the zero and inactive columns of ``D`` replaced by :func:`filler`
     first (that does not change the span, avoids LAPACK's slow path on zero columns and gives
-    the QR a generic completion orthogonal to ``Uc``); Householder
-    ``B = Qh R``; ``T = Uc^T Qh``. Usually ``|T|`` is at roundoff level and one correction
+    the QR a generic completion orthogonal to ``Uc``); ``B = Qh R`` by :func:`cholesky_qr2`
+    (matrix products) when ``B`` is well-conditioned, else by Householder; ``T = Uc^T Qh``. Usually ``|T|`` is at roundoff level and one correction
     ``Q = Qh - Uc T`` makes ``Q`` orthogonal to ``Uc`` (``Q^T Q = I - T^T T``), with
     ``Q^T D = R`` (on the used columns). Where the QR had to complete rank-deficient columns
     (directions Householder picks freely in ``R^n``), ``T`` is large; then ``Qh - Uc T`` is
@@ -156,7 +183,8 @@ def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array
     Af = mm(Linv, tmm(U, Df))  # Uc^T Df
     B = Df - mm(U, tmm(Linv, Af))
     A = mask_cols(Af, keep)
-    Qh, R = qr(B)
+    Qc, Rc, well_conditioned = cholesky_qr2(B)
+    Qh, R = jax.lax.cond(well_conditioned, lambda _: (Qc, Rc), lambda _: qr(B), None)
     T = mm(Linv, tmm(U, Qh))  # Uc^T Qh
     Q0 = Qh - mm(U, tmm(Linv, T))
     tiny = jnp.max(jnp.abs(T)) <= 1e-3
