@@ -17,17 +17,20 @@ the rank (a multiple of 8, of 32 above rank 64), starting at that rank, so that 
 rank. Capacities are capped per layer at ``min(n, m)`` (``min(n, m) // 2`` for the integrators that
 augment the bases to ``2c`` columns).
 
-For every configuration it records: the median (and 10/90 % quantiles) of ``--steps`` step times
-after compilation, each step synchronised; the compile time (trace + lower + compile); the number
+All configurations of a network are compiled first and then timed *interleaved*: ``--steps``
+rounds, each calling every configuration once in a fresh random order, so that the drifting load
+of a shared machine affects them alike. For every configuration it records: the median (and
+10/90 % quantiles) of the ``--steps`` synchronised step times after compilation and two warm-up
+calls; the compile time (trace + lower + compile); the number
 of times the step was traced (1 when nothing retraces); XLA's memory analysis of the compiled step
 (arguments + outputs + temporaries - donated aliases) and, on GPUs, the device's peak bytes in use;
 the FLOPs of one step from XLA's cost analysis (custom calls such as LAPACK's QR and SVD are not
 counted there) and the achieved fraction of the machine's matmul rate (measured first, with a large
-float32 matmul); the load average of the machine before and after.
+float32 matmul, best of 10); the load average of the machine before and after.
 
 Outputs in ``--out`` (default ``benchmarks/results``): ``speed_<tag>.csv`` and ``.json`` (every
 row, the environment, the matmul rate) and ``speed_<tag>.png`` (step time against rank with the
-dense lines, one panel per network, like Fig. 4 of the paper), and a table on stdout.
+dense lines, one panel per network, like the paper's timing figure), and a table on stdout.
 
 ``--profile`` adds, per DLRT method, the time of the forward+backward pass alone (``jax.grad`` of
 the loss) and of the optimiser update alone (``tx.update`` with the gradient given; for the
@@ -37,7 +40,7 @@ of the linear algebra of one step (QR, SVD, Gram matrices) at the shapes the int
 Examples:
     OPENBLAS_NUM_THREADS=1 python benchmarks/speed.py --nets mlp5120 --ranks 8 32 128 512
     OPENBLAS_NUM_THREADS=1 python benchmarks/speed.py --nets mlp500 lenet5 --ranks 16 32 64 128
-    python benchmarks/speed.py --smoke          # tiny shapes, a few seconds: checks it runs
+    python benchmarks/speed.py --smoke          # tiny shapes, about 30 s: checks it runs
     python benchmarks/speed.py --gpu ...        # GPU sizes: width 5120 at batch 4096
 """
 
@@ -202,7 +205,8 @@ def make_batch(key, net: str, batch: int):
 
 
 def matmul_rate(n: int, repeats: int = 10) -> float:
-    """Achieved float32 GFLOP/s of an ``n x n`` matmul at default precision (median)."""
+    """Float32 GFLOP/s of an ``n x n`` matmul at default precision (best of ``repeats``: the
+    rate the machine reaches when the other load lets it)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     jax.block_until_ready(f(a))
@@ -211,7 +215,7 @@ def matmul_rate(n: int, repeats: int = 10) -> float:
         t = time.perf_counter()
         jax.block_until_ready(f(a))
         ts.append(time.perf_counter() - t)
-    return 2 * n**3 / float(np.median(ts)) / 1e9
+    return 2 * n**3 / float(np.min(ts)) / 1e9
 
 
 def _analyse(compiled) -> dict[str, Any]:
@@ -535,9 +539,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, (net, batch) in zip(axes[0], nets):
         sel = [r for r in rows if r["net"] == net and r["batch"] == batch and r["phase"] == "train"]
         for method, style in (("dense_sgd", "k--"), ("dense_adam", "k:")):
-            for r in sel:
-                if r["method"] == method:
-                    ax.axhline(r["ms"], color="k", ls=style[1:], label=method)
+            dense = [r["ms"] for r in sel if r["method"] == method]
+            if dense:  # several runs merged: their median
+                ax.axhline(float(np.median(dense)), color="k", ls=style[1:], label=method)
         for method in ("usv_sgd",) + DLRT_METHODS:
             pts = sorted((r["rank"], r["ms"]) for r in sel if r["method"] == method)
             if pts:
@@ -554,7 +558,39 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(paths: list[str], file=sys.stdout) -> None:
+    """A short table of the training steps in result JSON files written by this script."""
+    print(
+        f"{'backend':7} {'net':8} {'batch':>5} {'method':18} {'rank':>5} {'ms':>9} "
+        f"{'xDense':>7} {'/USV':>6}",
+        file=file,
+    )
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        backend = payload.get("env", {}).get("backend", "?")
+        for r in payload["rows"]:
+            if r.get("phase") != "train":
+                continue
+            print(
+                f"{backend:7} {r['net']:8} {_fmt(r.get('batch'), 'd'):>5} {r['method']:18} "
+                f"{_fmt(r.get('rank'), 'd'):>5} {_fmt(r['ms'], '.2f'):>9} "
+                f"{_fmt(r.get('speedup_vs_dense_sgd'), '.2f'):>7} "
+                f"{_fmt(r.get('ratio_to_usv_sgd'), '.2f'):>6}",
+                file=file,
+            )
+
+
 # ---- main ---------------------------------------------------------------------------------------
+
+
+def _write(rows: list[dict], rate: float, args, out: Path, tag: str, *, plot_it: bool) -> None:
+    """Ratios, then ``speed_<tag>.json`` / ``.csv`` (and ``.png``) in ``out``."""
+    add_ratios(rows, rate)
+    payload = {"env": environment(), "matmul_gflops": rate, "args": vars(args), "rows": rows}
+    (out / f"speed_{tag}.json").write_text(json.dumps(payload, indent=1, default=str))
+    write_csv(out / f"speed_{tag}.csv", rows)
+    if plot_it:
+        plot(rows, out / f"speed_{tag}.png")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -588,6 +624,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="output stem suffix: speed_<tag>.{csv,json,png}")
     p.add_argument("--out", default=os.environ.get("OUT") or str(DEFAULT_OUT))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--replot",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="only plot the rows of these result files together (to speed_<tag>.png in --out)",
+    )
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="only print a short table of the training steps in these result files",
+    )
     return p
 
 
@@ -596,6 +646,15 @@ DEFAULT_RANKS = {"mlp500": [16, 32, 64, 128], "mlp5120": [8, 32, 128, 512], "len
 
 def main(argv=None) -> list[dict]:
     args = _parser().parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return []
+    if args.replot:
+        rows = [r for f in args.replot for r in json.loads(Path(f).read_text())["rows"]]
+        path = Path(args.out) / f"speed_{args.tag or 'merged'}.png"
+        plot(rows, path)
+        print(f"wrote {path}")
+        return rows
     if args.smoke:
         NETS["mlp64"] = ("mlp", 64)
         args.nets = ["mlp64", "lenet5"]
@@ -664,18 +723,13 @@ def main(argv=None) -> list[dict]:
                 row["final_ranks"] = _ranks_of(job.runner.args[0])
             rows.append(row)
         jobs.clear()  # free the compiled steps and their buffers
-    add_ratios(rows, rate)
+        _write(rows, rate, args, out, tag, plot_it=False)  # partial results survive a timeout
     print(
         f"\n{backend}: matmul rate {rate:.1f} GFLOP/s; total {time.perf_counter() - t_start:.0f} s;"
         f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MB"
     )
+    _write(rows, rate, args, out, tag, plot_it=not args.no_plot)
     print_table(rows)
-    env = environment()
-    payload = {"env": env, "matmul_gflops": rate, "args": vars(args), "rows": rows}
-    (out / f"speed_{tag}.json").write_text(json.dumps(payload, indent=1, default=str))
-    write_csv(out / f"speed_{tag}.csv", rows)
-    if not args.no_plot:
-        plot(rows, out / f"speed_{tag}.png")
     print(f"wrote {out}/speed_{tag}.{{csv,json{'' if args.no_plot else ',png'}}}")
     return rows
 

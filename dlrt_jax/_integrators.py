@@ -24,15 +24,14 @@ from dlrt_jax._factors import LowRank
 from dlrt_jax._linalg import (
     active_first_concat,
     column_mask,
-    gram_inverse_factor,
     mask_block,
     mask_cols,
     mm,
     mmt,
-    orth,
     orth_complement,
     orth_span,
-    qr,
+    orthonormal_basis,
+    qr_fast,
     svd,
     tmm,
 )
@@ -182,7 +181,7 @@ def _bug_basis_update(cfg: Config, carry, g):
     U0, S0, V0 = x.masked()
     if cfg.tau is None:  # fixed rank: U1 = orth(K1), V1 = orth(L1), S~ = M S0 N^T
         m = x.mask
-        U1, V1 = orth(K1), orth(L1)
+        U1, V1 = qr_fast(K1, m)[0], qr_fast(L1, m)[0]
         M = mask_block(tmm(U1, U0), m, m)
         N = mask_block(tmm(V1, V0), m, m)
         point = LowRank._unchecked(U1, mm(mm(M, S0), N.T), V1, x.rank)
@@ -227,15 +226,19 @@ def _parallel_step(cfg: Config, carry, g):
     ``U^ = [U0 | U~]``, ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]``, then truncation.
 
     Computed in the basis ``U^ = [U | Q]`` made of *all* ``c`` columns of ``U`` (active and
-    inactive: they are orthonormal) and ``Q = orth((I - U U^T) K1)`` (:func:`orth_complement`,
-    one ``n x c`` QR); likewise ``V^ = [V | P]``. Its leading ``c + r`` columns contain
-    ``span([U0 | K1])``, and ``S^ = U^^T Y V^^T`` with
-    ``Y = U0 S_ V0^T + (I - U0 U0^T) K1 V0^T + U0 L1^T (I - V0 V0^T)`` (the matrix the block form
-    represents, ``U0``/``V0`` the active columns) is, block by block,
-    ``[[S_ + U_in^T K1 + (V_in^T L1)^T, L1^T P], [Q^T K1, 0]]`` where ``U_in^T K1`` is the
-    inactive rows of ``U^T K1``. ``U^ S^ V^^T = Y`` exactly, so the truncation gives the same
-    factor as in the ``2r``-column basis of the block form, and the maps into the new basis
-    are the leading blocks of the SVD factors (no ``n``-sized products).
+    inactive: they are orthonormal) and ``Q = orth((I - U U^T) K1)`` (:func:`orth_complement`:
+    one ``n x c`` QR instead of the QR of ``[U0 | K1]``); likewise ``V^ = [V | P]``. Its
+    leading ``c + r`` columns contain ``span([U0 | K1])``. With ``K1 = U0 S0 + dK`` and
+    ``L1 = V0 S0^T + dL`` (``dK``, ``dL`` the inner optimiser's steps),
+    ``S^ = U^^T Y V^`` for the matrix the block form represents,
+    ``Y = U0 S_ V0^T + (I - U0 U0^T) K1 V0^T + U0 L1^T (I - V0 V0^T)``, is, block by block,
+    ``[[S_ + U_in^T dK + (V_in^T dL)^T, dL^T P], [Q^T dK, 0]]`` (``U_in^T dK``: the inactive
+    rows of ``U^T dK``, in the active columns). ``U^ S^ V^^T = Y`` exactly, so the truncation
+    gives the same factor as the ``2r``-column block form; the projections use ``dK``, ``dL``
+    rather than ``K1``, ``L1`` (same result in exact arithmetic, full relative accuracy for
+    small steps), and the maps into the new basis are leading blocks of the SVD factors.
+    ``U`` and ``V`` are re-orthonormalised (Cholesky-QR, folded into ``c x c`` factors) at the
+    start of every step, so that roundoff in the bases cannot accumulate.
     """
     x, st = carry
     c = x.capacity
@@ -248,11 +251,12 @@ def _parallel_step(cfg: Config, carry, g):
     S_, st_s = _inner_step(cfg.tx, S0, mask_block(g.S, m, m), st.S)
     S_ = mask_block(S_, m, m)
 
-    # all c columns of U, V are orthonormal; Uc = U LUinv^T restores that to roundoff so that
+    # all c columns of U, V are orthonormal; Uc = Ub LUinv^T restores that to roundoff so that
     # it cannot drift (folded into the small factors, never formed)
-    LUinv, LVinv = gram_inverse_factor(x.U), gram_inverse_factor(x.V)
-    Q, AU, CU = orth_complement(x.U, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
-    P, AV, CV = orth_complement(x.V, LVinv, dL.astype(x.dtype), m)
+    Ub, LUinv = orthonormal_basis(x.U)
+    Vb, LVinv = orthonormal_basis(x.V)
+    Q, AU, CU = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
+    P, AV, CV = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)
     inactive = ~m
     top = S_ + mask_block(AU, inactive, m) + mask_block(AV, inactive, m).T
     Sh = jnp.block([[top, CV.T], [CU, jnp.zeros_like(CU)]])
@@ -260,8 +264,8 @@ def _parallel_step(cfg: Config, carry, g):
     Sh = mask_block(Sh, m2, m2)
     Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank)
     Pv = Pvt[:c, :].T
-    U1 = mm(x.U, tmm(LUinv, Pu[:c, :c])) + mm(Q, Pu[c:, :c])
-    V1 = mm(x.V, tmm(LVinv, Pv[:c, :])) + mm(P, Pv[c:, :])
+    U1 = mm(Ub, tmm(LUinv, Pu[:c, :c])) + mm(Q, Pu[c:, :c])
+    V1 = mm(Vb, tmm(LVinv, Pv[:c, :])) + mm(P, Pv[c:, :])
     new = LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
     # M = U1^T U0 = Pu[:c, :c]^T (U^T U0) with U^T U0 = [diag(m); 0]; N likewise.
     m1 = column_mask(c, r1)
@@ -283,7 +287,7 @@ def _ksl_k(cfg: Config, carry, g):
     m = x.mask
     U0, S0, V0 = x.masked()
     K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
-    U1, R = qr(mask_cols(K1, m))
+    U1, R = qr_fast(mask_cols(K1, m), m)
     M = mask_block(tmm(U1, U0), m, m)
     point = LowRank._unchecked(U1, mask_block(R, m, m), V0, x.rank)
     return (x, st, st_k, M, point), point
@@ -306,7 +310,7 @@ def _ksl_l(cfg: Config, carry, g):
     m = x.mask
     st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
     L1, st_l = _inner_step(cfg.tx, mmt(point.V, point.S), mask_cols(g.V, m), st_l)
-    V1, R = qr(mask_cols(L1, m))
+    V1, R = qr_fast(mask_cols(L1, m), m)
     new = LowRank._unchecked(point.U, mask_block(R.T, m, m), V1, x.rank)
     N = mask_block(tmm(V1, point.V), m, m)
     st_s = transport(st_s, point.S.shape, right=N)

@@ -116,18 +116,24 @@ def fill_cols(a: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask[None, :], a, filler(a.shape, a.dtype))
 
 
-def gram_inverse_factor(U: jax.Array) -> jax.Array:
-    """``Linv`` with ``U Linv^T`` orthonormal (Cholesky-QR of ``U``, the product not formed).
+def orthonormal_basis(U: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(B, Linv)`` with ``B Linv^T`` orthonormal and spanning ``span(U)``; the product is not
+    formed.
 
-    ``L L^T = U^T U``; ``Linv = L^{-1}``. For ``U`` orthonormal up to roundoff this is
-    ``I + O(eps)``; folding it into later ``c x c`` factors re-orthonormalises ``U`` at the cost
-    of the Gram matrix only. NaN-safe like :func:`qr`.
+    For the bases the integrators keep (orthonormal up to roundoff) ``B = U`` and ``Linv = L^{-1}``
+    with ``L L^T = U^T U`` (Cholesky-QR: ``Linv = I + O(eps)``); folding ``Linv`` into later
+    ``c x c`` factors re-orthonormalises ``U`` at the cost of its Gram matrix, so roundoff cannot
+    accumulate over steps. Should ``U`` be far from orthonormal (a hand-made or corrupted factor:
+    a pivot of ``L`` below 1/2), ``B`` is its Householder QR factor and ``Linv = I``.
+    NaN-safe like :func:`qr`.
     """
     c = U.shape[1]
-    gram, ok = _guard(tmm(U, U))
-    L = jnp.linalg.cholesky(jnp.where(ok, gram, jnp.eye(c, dtype=gram.dtype)))
-    Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(c, dtype=L.dtype), lower=True)
-    return _poison(ok, Linv)[0]
+    eye = jnp.eye(c, dtype=U.dtype)
+    gram, finite = _guard(tmm(U, U))
+    L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
+    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+    ok = finite & jnp.all(jnp.isfinite(Linv)) & (jnp.min(jnp.diagonal(L)) > 0.5)
+    return jax.lax.cond(ok, lambda _: (U, Linv), lambda _: (orth(U), eye), None)
 
 
 def cholesky_qr2(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -155,11 +161,26 @@ def cholesky_qr2(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return q, mm(L2.T, L1.T), ok
 
 
+def qr_fast(a: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Reduced QR ``a = Q R``: :func:`cholesky_qr2` (matrix products) when ``a`` is
+    well-conditioned, else Householder (:func:`qr`). NaN-safe like :func:`qr`.
+
+    With ``mask``, the columns outside it are replaced by :func:`filler` first (a zero column
+    would make the Cholesky factor singular); ``Q``'s columns there are then an orthonormal
+    completion and ``R`` is only meaningful on ``mask``. Both give a valid QR, so the result
+    differs between the two paths only by the signs of ``Q``'s columns and ``R``'s rows.
+    """
+    if mask is not None:
+        a = fill_cols(a, mask)
+    q, r, ok = cholesky_qr2(a)
+    return jax.lax.cond(ok, lambda _: (q, r), lambda _: qr(a), None)
+
+
 def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array):
     """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``,
     whose leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask`` = the leading ``r``).
 
-    ``Uc`` (orthonormal: see :func:`gram_inverse_factor`) is never formed. Returns
+    ``Uc`` (orthonormal: see :func:`orthonormal_basis`) is never formed. Returns
     ``(Q, Uc^T D, Q^T D)`` with the columns of ``D`` outside ``mask`` taken as zero.
     ``[Uc | Q]`` is then an orthonormal basis of ``2c`` columns whose leading ``c + r`` columns
     contain ``span([Uc | D[:, :r]])``: the parallel BUG's augmented basis at the cost of one
@@ -167,14 +188,14 @@ def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array
 
     ``B = (I - Uc Uc^T) D``, the zero and inactive columns of ``D`` replaced by :func:`filler`
     first (that does not change the span, avoids LAPACK's slow path on zero columns and gives
-    the QR a generic completion orthogonal to ``Uc``); ``B = Qh R`` by :func:`cholesky_qr2`
-    (matrix products) when ``B`` is well-conditioned, else by Householder; ``T = Uc^T Qh``. Usually ``|T|`` is at roundoff level and one correction
-    ``Q = Qh - Uc T`` makes ``Q`` orthogonal to ``Uc`` (``Q^T Q = I - T^T T``), with
-    ``Q^T D = R`` (on the used columns). Where the QR had to complete rank-deficient columns
-    (directions Householder picks freely in ``R^n``), ``T`` is large; then ``Qh - Uc T`` is
-    re-orthonormalised by Cholesky-QR (same span) and, should a completion lie numerically
-    inside ``span(Uc)`` (the Cholesky factor then being singular), the QR of the ``n x 2c``
-    matrix ``[Uc | B]`` is used instead.
+    the QR a generic completion orthogonal to ``Uc``). ``B = Qh R`` by :func:`cholesky_qr2`
+    (matrix products) when ``B`` is well-conditioned, else by Householder. ``T = Uc^T Qh`` is
+    usually at roundoff level, and one correction ``Q = Qh - Uc T`` makes ``Q`` orthogonal to
+    ``Uc`` (``Q^T Q = I - T^T T``), with ``Q^T D = R`` (on the used columns). Where the QR had
+    to complete rank-deficient columns (directions Householder picks freely in ``R^n``), ``T``
+    is large; then ``Qh - Uc T`` is re-orthonormalised by Cholesky-QR (same span) and, should a
+    completion lie numerically inside ``span(Uc)`` (the Cholesky factor then being singular),
+    the QR of the ``n x 2c`` matrix ``[Uc | B]`` is used instead.
     """
     c = D.shape[1]
     D = mask_cols(D, mask)

@@ -304,7 +304,7 @@ def test_same_seed_same_result():
     assert not np.array_equal(np.asarray(params2["w"].U), np.asarray(params["w"].U))
 
 
-# ---- regression tests for fixed core bugs (see the module docstring) ------------------------------------------------
+# ---- regression tests for fixed core bugs (see the module docstring) ---------------------------
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e25])

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU speed measurements of dlrt_jax (benchmarks/speed.py with GPU sizes), in under 8 minutes.
+#
+# For a machine with jax[cuda] installed and no network, run from anywhere in the working tree:
+#     bash benchmarks/gpu.sh            # writes speed_gpu_*.{csv,json,png} to $OUT or
+#                                       # benchmarks/results/, prints a short table last
+#     bash benchmarks/gpu.sh --smoke    # tiny shapes, a minute on a CPU: checks that it runs
+#
+# Sections (each under its own time limit, so one slow section cannot eat the others):
+#   1. the 500-wide MLP (784-500x4-10, batch 256), every method at ranks 32, 64, 128;
+#   2. the 5120-wide MLP at batch 4096, ranks 32, 128, 512 (adaptive capacity <= 392 in the
+#      784-input layer);
+#   3. LeNet5 (batch 128) at ranks 16 and 64 (capped per layer).
+# Environment: PYTHON (default python), OUT (output folder), STEPS (timed steps, default 20).
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OPENBLAS_NUM_THREADS=1
+PY="${PYTHON:-python}"
+OUT_DIR="${OUT:-benchmarks/results}"
+STEPS="${STEPS:-20}"
+mkdir -p "$OUT_DIR"
+
+"$PY" -c 'import jax; print("jax", jax.__version__, "devices", jax.devices())'
+
+status=0
+run() {  # run <seconds> <tag> <speed.py arguments...>
+    local limit="$1" tag="$2"
+    shift 2
+    echo "== $tag (limit ${limit}s): speed.py $*"
+    if ! timeout --signal=INT "$limit" "$PY" benchmarks/speed.py --out "$OUT_DIR" --tag "$tag" \
+        --steps "$STEPS" "$@"; then
+        echo "!! section $tag failed or ran out of time" >&2
+        status=1
+    fi
+}
+
+if [[ "${1:-}" == "--smoke" ]]; then
+    STEPS=3
+    run 300 gpu_smoke --smoke --no-plot
+    tags=(gpu_smoke)
+else
+    run 160 gpu_mlp500 --gpu --nets mlp500 --ranks 32 64 128
+    run 200 gpu_mlp5120 --gpu --nets mlp5120 --ranks 32 128 512 --batch 4096
+    run 90 gpu_lenet5 --gpu --nets lenet5 --ranks 16 64
+    tags=(gpu_mlp500 gpu_mlp5120 gpu_lenet5)
+fi
+
+files=()
+for t in "${tags[@]}"; do
+    [[ -f "$OUT_DIR/speed_$t.json" ]] && files+=("$OUT_DIR/speed_$t.json")
+done
+echo
+echo "== summary (training steps; xDense = dense SGD time / this time, /USV = this / U S V^T SGD)"
+if ((${#files[@]})); then
+    "$PY" benchmarks/speed.py --summarize "${files[@]}"
+else
+    echo "no results written" >&2
+    status=1
+fi
+exit "$status"
