@@ -364,7 +364,26 @@ def _conv_forward(
 # ---- layers --------------------------------------------------------------------------------------
 
 
-class LowRankLinear(nnx.Module):
+class _FactorAccessors:
+    """``factor``, ``rank``, ``capacity`` of a layer whose ``kernel`` is a :class:`LowRankParam`."""
+
+    @property
+    def factor(self) -> LowRank:
+        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` of the kernel (out x in)."""
+        return self.kernel.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The active rank (an int32 scalar array; ``int(layer.rank)`` outside ``jit``)."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``c`` (changes only through :func:`fit_capacity`)."""
+        return self.factor.capacity
+
+
+class LowRankLinear(_FactorAccessors, nnx.Module):
     r"""A low-rank drop-in for ``nnx.Linear``: ``y = x W^T + b`` with ``W = U S V^T`` never formed.
 
     ``W`` is ``out_features x in_features`` (``nnx.Linear``'s ``kernel`` is ``W^T``), stored as a
@@ -463,21 +482,6 @@ class LowRankLinear(nnx.Module):
         self.param_dtype = param_dtype
         self.precision = precision
 
-    @property
-    def factor(self) -> LowRank:
-        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` (``out_features x in_features``)."""
-        return self.kernel.get_value()
-
-    @property
-    def rank(self) -> jax.Array:
-        """The active rank (an int32 scalar array; ``int(layer.rank)`` outside ``jit``)."""
-        return self.factor.active_rank
-
-    @property
-    def capacity(self) -> int:
-        """The static capacity ``c`` (changes only through :func:`fit_capacity`)."""
-        return self.factor.capacity
-
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """``inputs @ W^T + bias`` over the last axis (any leading batch axes)."""
         bias = self.bias[...] if self.bias is not None else None
@@ -531,7 +535,7 @@ class LowRankLinear(nnx.Module):
         )
 
 
-class LowRankConv(nnx.Module):
+class LowRankConv(_FactorAccessors, nnx.Module):
     r"""A low-rank drop-in for ``nnx.Conv``: a convolution with ``c`` filters, then a 1x1 mix.
 
     The kernel ``(*kernel_size, in, out)`` is matricised as ``W`` (``out x prod(kernel_size) *
@@ -636,21 +640,6 @@ class LowRankConv(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
-
-    @property
-    def factor(self) -> LowRank:
-        """The :class:`~dlrt_jax.LowRank` ``W`` (``out x prod(kernel_size) * in``)."""
-        return self.kernel.get_value()
-
-    @property
-    def rank(self) -> jax.Array:
-        """The active rank (an int32 scalar array)."""
-        return self.factor.active_rank
-
-    @property
-    def capacity(self) -> int:
-        """The static capacity ``c``."""
-        return self.factor.capacity
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """The convolution of ``inputs`` (``*batch, *spatial, in_features``), channels last."""
