@@ -56,9 +56,12 @@ class LowRank:
     ``U`` is ``(n, c)``, ``S`` is ``(c, c)`` and ``V`` is ``(m, c)`` (``W`` is ``n x m``, out x in).
     Only the leading ``r`` columns of ``U`` and ``V`` and the leading ``r x r`` block of ``S`` are
     active; ``r`` is a traced scalar (``rank``), so a jitted training step keeps one set of shapes
-    while the rank moves. The inactive parts are masked wherever the factor is used, so they never
-    influence results. The integrators keep all ``c`` columns of ``U`` and ``V`` orthonormal (the
-    inactive ones are an orthonormal completion) and ``S`` zero outside its active block.
+    while the rank moves. The inactive parts never influence results: ``S`` is masked to its active
+    block wherever the factor is used, and so are the small ``(batch, c)`` intermediates of
+    :func:`lowrank_apply` (masking the ``(n, c)`` bases instead costs a pass over them per use);
+    the inactive columns of ``U`` and ``V`` must therefore be finite. The integrators keep all
+    ``c`` columns of ``U`` and ``V`` orthonormal (the inactive ones are an orthonormal completion)
+    and ``S`` zero outside its active block.
 
     ``rank`` is stored as a float32 scalar holding a whole number, so that ``jax.grad`` accepts a
     pytree of ``LowRank`` leaves; ``active_rank`` gives it as int32.
@@ -363,25 +366,30 @@ def _sum_outer(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _apply(phi, U, S, V, x):
-    z = phi(x, V)
-    return (z @ S.T) @ U.T
+def _apply(phi, U, S, V, x, mask):
+    return _apply_fwd(phi, U, S, V, x, mask)[0]
 
 
-def _apply_fwd(phi, U, S, V, x):
+def _apply_fwd(phi, U, S, V, x, mask):
+    # Only the small (..., c) intermediates are masked, never the (n, c) bases: ``S`` is zero
+    # outside its active block, so the inactive columns of U and V (finite and orthonormal, as
+    # every factor keeps them) do not reach the output, and masking z and dy U gives the
+    # projected gradients of the masked factor.
     z = phi(x, V)
-    return (z @ S.T) @ U.T, (U, S, V, x, z)
+    z = jnp.where(mask, z, jnp.zeros((), z.dtype))
+    return (z @ S.T) @ U.T, (U, S, V, x, z, mask)
 
 
 def _apply_bwd(phi, res, dy):
-    U, S, V, x, z = res
+    U, S, V, x, z, mask = res
     dyU = dy @ U  # (..., c)
+    dyU = jnp.where(mask, dyU, jnp.zeros((), dyU.dtype))
     _, phi_vjp = jax.vjp(phi, x, V)
     dx = phi_vjp(dyU @ S)[0]  # dL/dx = dy W
     gU = _sum_outer(dy, z)  # G V
     gS = _sum_outer(dyU, z)  # U^T G V
     gV = phi_vjp(dyU)[1]  # G^T U
-    return gU, gS, gV, dx
+    return gU, gS, gV, dx, None
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)
@@ -413,8 +421,8 @@ def lowrank_map(
     """
     if not isinstance(lr, LowRank):
         raise TypeError(f"`lr` must be a LowRank, got {type(lr).__name__}.")
-    U, S, V = lr.masked()
-    return _apply(phi, U, S, V, x)
+    mask = lr.mask
+    return _apply(phi, lr.U, _linalg.mask_block(lr.S, mask, mask), lr.V, x, mask)
 
 
 def lowrank_apply(lr: LowRank, x: jax.Array) -> jax.Array:

@@ -64,6 +64,10 @@ class Integrator(NamedTuple):
     name: str
     phases: tuple[Callable, ...]
     augments: Callable[[Config], bool]  # builds 2c-column bases, so needs 2c <= min(n, m)
+    # the gradient slots ("U": G V, "S": U^T G V, "V": G^T U) each phase reads. Only these are
+    # checked for finiteness, so that under jit XLA drops the products of the others (the
+    # S-step's evaluation then costs two of the three backward products of a layer less)
+    reads: tuple[frozenset[str], ...]
 
     @property
     def num_evals(self) -> int:
@@ -111,10 +115,17 @@ def _inner_step(tx, value, grad, state):
     return value + update.astype(value.dtype), state
 
 
+def _masked_s(x: LowRank) -> jax.Array:
+    """``S`` zero outside its active block. ``U S`` and ``V S^T`` need no masking of the
+    ``(n, c)`` bases then: their inactive columns (finite, orthonormal) meet zero rows of ``S``."""
+    m = x.mask
+    return mask_block(x.S, m, m)
+
+
 def _kl_steps(cfg: Config, x: LowRank, st: FactorState, g: LowRank):
     """K- and L-steps from one gradient: ``K1 = U0 S0 - h G V0``, ``L1 = V0 S0^T - h G^T U0``."""
     m = x.mask
-    U0, S0, V0 = x.masked()
+    U0, S0, V0 = x.U, _masked_s(x), x.V
     K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
     L1, st_l = _inner_step(cfg.tx, mmt(V0, S0), mask_cols(g.V, m), st.L)
     return mask_cols(K1, m), mask_cols(L1, m), st_k, st_l
@@ -154,9 +165,8 @@ def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
 
 def _basis_maps(new: LowRank, old: LowRank):
     """``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns."""
-    U1, _, V1 = new.masked()
-    U0, _, V0 = old.masked()
-    return tmm(U1, U0), tmm(V1, V0)
+    m1, m0 = new.mask, old.mask
+    return mask_block(tmm(new.U, old.U), m1, m0), mask_block(tmm(new.V, old.V), m1, m0)
 
 
 def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps=None) -> tuple[LowRank, FactorState]:
@@ -175,27 +185,37 @@ def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps=None) -> tuple[LowR
 
 def _bug_basis_update(cfg: Config, carry, g):
     """K- and L-steps, new (or augmented) bases, Galerkin starting point of the S-step."""
+    if cfg.tau is not None:
+        return _bug_augment(cfg, carry, g)
+    # fixed rank: U1 = orth(K1), V1 = orth(L1), S~ = M S0 N^T
+    x, st = carry
+    m = x.mask
+    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    U1, V1 = qr_fast(K1, m)[0], qr_fast(L1, m)[0]
+    # x.U, x.V unmasked: their inactive columns only reach entries that mask_block zeroes
+    M = mask_block(tmm(U1, x.U), m, m)
+    N = mask_block(tmm(V1, x.V), m, m)
+    point = LowRank._unchecked(U1, mm(mm(M, _masked_s(x)), N.T), V1, x.rank)
+    st_s = transport(st.S, (x.capacity, x.capacity), left=M, right=N)
+    return (x, st_k, st_l, st_s, point, m), point
+
+
+def _bug_augment(cfg: Config, carry, g):
+    """Rank-adaptive: ``U^ = orth([K1 | U0])``, ``V^ = orth([L1 | V0])``,
+    ``S^0 = (U^^T U0) S0 (V0^T V^)``."""
     x, st = carry
     c = x.capacity
     K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
     U0, S0, V0 = x.masked()
-    if cfg.tau is None:  # fixed rank: U1 = orth(K1), V1 = orth(L1), S~ = M S0 N^T
-        m = x.mask
-        U1, V1 = qr_fast(K1, m)[0], qr_fast(L1, m)[0]
-        M = mask_block(tmm(U1, U0), m, m)
-        N = mask_block(tmm(V1, V0), m, m)
-        point = LowRank._unchecked(U1, mm(mm(M, S0), N.T), V1, x.rank)
-    else:  # augmented: U^ = orth([K1 | U0]), V^ = orth([L1 | V0]), S^0 = (U^T U0) S0 (V0^T V^)
-        m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
-        Uh, in_u = orth_span(active_first_concat(K1, U0, x.rank))
-        Vh, in_v = orth_span(active_first_concat(L1, V0, x.rank))
-        M = mask_block(tmm(Uh, U0), m2, m)
-        N = mask_block(tmm(Vh, V0), m2, m)
-        point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
-        # Only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update.
-        m = (in_u & m2, in_v & m2)
+    m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
+    Uh, in_u = orth_span(active_first_concat(K1, U0, x.rank))
+    Vh, in_v = orth_span(active_first_concat(L1, V0, x.rank))
+    M = mask_block(tmm(Uh, U0), m2, m)
+    N = mask_block(tmm(Vh, V0), m2, m)
+    point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
+    # Only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update.
     st_s = transport(st.S, (c, c), left=M, right=N)
-    return (x, st_k, st_l, st_s, point, m), point
+    return (x, st_k, st_l, st_s, point, (in_u & m2, in_v & m2)), point
 
 
 def _bug_galerkin(cfg: Config, carry, g):
@@ -208,12 +228,19 @@ def _bug_galerkin(cfg: Config, carry, g):
         new = LowRank._unchecked(point.U, S1, point.V, x.rank)
     else:
         new = _truncate(cfg, point.U, S1, point.V, x.capacity, point.rank)
-        U1, _, V1 = new.masked()
-        st_s = transport(st_s, point.S.shape, left=tmm(U1, point.U), right=tmm(V1, point.V))
+        rows = new.mask[:, None]
+        left = jnp.where(rows, tmm(new.U, point.U), 0.0)
+        right = jnp.where(rows, tmm(new.V, point.V), 0.0)
+        st_s = transport(st_s, point.S.shape, left=left, right=right)
     return _finish(x, new, st_k, st_l, st_s), None
 
 
-BUG = Integrator("bug", (_bug_basis_update, _bug_galerkin), lambda cfg: cfg.tau is not None)
+BUG = Integrator(
+    "bug",
+    (_bug_basis_update, _bug_galerkin),
+    lambda cfg: cfg.tau is not None,
+    (frozenset("UV"), frozenset("S")),
+)
 
 
 # ---- parallel rank-adaptive BUG (one gradient evaluation) --------------------------------------
@@ -243,7 +270,7 @@ def _parallel_step(cfg: Config, carry, g):
     x, st = carry
     c = x.capacity
     m = x.mask
-    U0, S0, V0 = x.masked()
+    U0, S0, V0 = x.U, _masked_s(x), x.V
     # K1 = U0 S0 + dK, L1 = V0 S0^T + dL: the augmentation uses the steps dK, dL themselves,
     # (I - U U^T) K1 = (I - U U^T) dK, which keeps full relative accuracy however small they are
     dK, st_k = cfg.tx.update(mask_cols(g.U, m), st.K, mm(U0, S0))
@@ -275,7 +302,7 @@ def _parallel_step(cfg: Config, carry, g):
     return _finish(x, new, st_k, st_l, st_s, maps=(M, N)), None
 
 
-PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True)
+PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True, (frozenset("USV"),))
 
 
 # ---- projector-splitting KSL (Lie-Trotter) -------------------------------------------------------
@@ -285,7 +312,7 @@ def _ksl_k(cfg: Config, carry, g):
     """K-step ``K1 = U0 S0 - h G(U0 S0 V0^T) V0``, ``(U1, S^) = qr(K1)``."""
     x, st = carry
     m = x.mask
-    U0, S0, V0 = x.masked()
+    U0, S0, V0 = x.U, _masked_s(x), x.V
     K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
     U1, R = qr_fast(mask_cols(K1, m), m)
     M = mask_block(tmm(U1, U0), m, m)
@@ -318,7 +345,12 @@ def _ksl_l(cfg: Config, carry, g):
     return (new, FactorState(st_k, st_l, st_s)), None
 
 
-KSL = Integrator("projector_splitting", (_ksl_k, _ksl_s, _ksl_l), lambda cfg: False)
+KSL = Integrator(
+    "projector_splitting",
+    (_ksl_k, _ksl_s, _ksl_l),
+    lambda cfg: False,
+    (frozenset("U"), frozenset("S"), frozenset("V")),
+)
 
 
 # ---- S-only fine-tuning --------------------------------------------------------------------------
@@ -333,4 +365,4 @@ def _s_only_step(cfg: Config, carry, g):
     return (new, FactorState(st.K, st.L, st_s)), None
 
 
-S_ONLY = Integrator("s_only", (_s_only_step,), lambda cfg: False)
+S_ONLY = Integrator("s_only", (_s_only_step,), lambda cfg: False, (frozenset("S"),))

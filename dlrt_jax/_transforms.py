@@ -36,7 +36,8 @@ class DLRTState(NamedTuple):
 
     Attributes:
         count: number of ``update`` calls.
-        num_skipped: number of steps skipped because a gradient or the result was not finite.
+        num_skipped: number of steps skipped because a gradient the step reads, or the result, was
+            not finite.
         factors: a tree shaped like the params with a ``FactorState(K, L, S)`` (the inner optimiser
             states of the three substeps) at each ``LowRank`` and ``None`` elsewhere.
         other: the state of the optimiser of the leaves that are not ``LowRank``.
@@ -149,6 +150,11 @@ def _check_grads(grads: Any, params: Any, where: str) -> None:
                 )
 
 
+def _read_slots(g: LowRank, slots: frozenset[str]) -> list[jax.Array]:
+    """The gradient slots of ``g`` a phase reads (the others are never used)."""
+    return [getattr(g, name) for name in "USV" if name in slots]
+
+
 def _all_finite(trees) -> jax.Array:
     ok = jnp.array(True)
     for leaf in jax.tree_util.tree_leaves(trees):
@@ -190,7 +196,9 @@ def _run(
 
     carries = [(leaves[i], st_leaves[i]) for i in idx]
     g = [g_leaves[i] for i in idx]
-    finite = _all_finite(g_leaves)
+    # only what the step uses is checked: the non-factor gradients and the slots each phase reads
+    finite = _all_finite([gl for leaf, gl in zip(leaves, g_leaves) if not is_lowrank(leaf)])
+    finite = finite & _all_finite([_read_slots(gi, integrator.reads[0]) for gi in g])
     for k, phase in enumerate(integrator.phases):
         outs = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
         carries = [o[0] for o in outs]
@@ -202,7 +210,7 @@ def _run(
             _check_grads(eval_grads, treedef.unflatten(points), "grad_fn")
             eval_leaves = treedef.flatten_up_to(eval_grads)
             g = [eval_leaves[i] for i in idx]
-            finite = finite & _all_finite(g)
+            finite = finite & _all_finite([_read_slots(gi, integrator.reads[k + 1]) for gi in g])
 
     others = [None if is_lowrank(leaf) else leaf for leaf in leaves]
     other_grads = [None if is_lowrank(leaf) else gl for leaf, gl in zip(leaves, g_leaves)]
