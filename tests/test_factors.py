@@ -34,6 +34,18 @@ def test_inactive_columns_never_influence_results():
     xin = jax.random.normal(jax.random.key(3), (4, 7))
     np.testing.assert_allclose(garbage(xin), x(xin), atol=1e-6)
     np.testing.assert_allclose(garbage.to_dense(), x.to_dense(), atol=1e-6)
+    # finite, non-orthonormal inactive columns of U and V (only S and the (batch, c)
+    # intermediates are masked in lowrank_apply): same output and same gradient slots
+    junk = garbage.replace(U=x.U.at[:, 2].set(7.0), V=x.V.at[:, 2].set(-3.0))
+    np.testing.assert_allclose(junk(xin), x(xin), atol=1e-5)
+
+    def loss(w):
+        return jnp.sum(jnp.sin(w(xin)))
+
+    g_junk, g = jax.grad(loss)(junk), jax.grad(loss)(x)
+    for a, b in zip((g_junk.U, g_junk.S, g_junk.V), (g.U, g.S, g.V)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert np.all(np.asarray(g_junk.U)[:, 2] == 0) and np.all(np.asarray(g_junk.S)[2] == 0)
 
 
 def test_from_dense_rank_and_tolerance():
