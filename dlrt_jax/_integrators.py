@@ -282,8 +282,9 @@ def _parallel_step(cfg: Config, carry, g):
     # it cannot drift (folded into the small factors, never formed)
     Ub, LUinv = orthonormal_basis(x.U)
     Vb, LVinv = orthonormal_basis(x.V)
-    Q, AU, CU = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
-    P, AV, CV = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)
+    # Q = Ub FU + BU GU, P = Vb FV + BV GV (factored: see orth_complement)
+    AU, BU, FU, GU, CU = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
+    AV, BV, FV, GV, CV = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)
     inactive = ~m
     top = S_ + mask_block(AU, inactive, m) + mask_block(AV, inactive, m).T
     Sh = jnp.block([[top, CV.T], [CU, jnp.zeros_like(CU)]])
@@ -291,8 +292,9 @@ def _parallel_step(cfg: Config, carry, g):
     Sh = mask_block(Sh, m2, m2)
     Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank)
     Pv = Pvt[:c, :].T
-    U1 = mm(Ub, tmm(LUinv, Pu[:c, :c])) + mm(Q, Pu[c:, :c])
-    V1 = mm(Vb, tmm(LVinv, Pv[:c, :])) + mm(P, Pv[c:, :])
+    # U1 = [Uc | Q] Pu[:, :c], V1 = [Vc | P] Pv: two n x c x c products each
+    U1 = mm(Ub, tmm(LUinv, Pu[:c, :c]) + mm(FU, Pu[c:, :c])) + mm(BU, mm(GU, Pu[c:, :c]))
+    V1 = mm(Vb, tmm(LVinv, Pv[:c, :]) + mm(FV, Pv[c:, :])) + mm(BV, mm(GV, Pv[c:, :]))
     new = LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
     # M = U1^T U0 = Pu[:c, :c]^T (U^T U0) with U^T U0 = [diag(m); 0]; N likewise.
     m1 = column_mask(c, r1)

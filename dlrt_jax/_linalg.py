@@ -164,19 +164,8 @@ def cholesky_qr2(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     too ill-conditioned or rank-deficient) or anything is not finite; the caller must then use
     Householder QR instead.
     """
-    c = a.shape[1]
-    eye = jnp.eye(c, dtype=a.dtype)
-
-    def one_pass(x):
-        gram, finite = _guard(tmm(x, x))
-        L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
-        Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
-        return mmt(x, Linv), L, gram, finite & jnp.all(jnp.isfinite(Linv))
-
-    q1, L1, _, ok1 = one_pass(a)
-    q, L2, gram2, ok2 = one_pass(q1)
-    ok = ok1 & ok2 & (jnp.max(jnp.abs(gram2 - eye)) <= 0.1)
-    return q, mm(L2.T, L1.T), ok
+    q1, _, Linv2, r, ok = _cholesky_qr2_parts(a)
+    return mmt(q1, Linv2), r, ok
 
 
 def qr_fast(a: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -196,59 +185,85 @@ def qr_fast(a: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax
 
 def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array):
     """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``,
-    whose leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask`` = the leading ``r``).
+    whose leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask`` = the leading ``r``),
+    returned in factored form.
 
-    ``Uc`` (orthonormal: see :func:`orthonormal_basis`) is never formed. Returns
-    ``(Q, Uc^T D, Q^T D)`` with the columns of ``D`` outside ``mask`` taken as zero.
-    ``[Uc | Q]`` is then an orthonormal basis of ``2c`` columns whose leading ``c + r`` columns
-    contain ``span([Uc | D[:, :r]])``: the parallel BUG's augmented basis at the cost of one
-    ``n x c`` QR instead of ``n x 2c``.
+    ``Uc`` (orthonormal: see :func:`orthonormal_basis`) is never formed, and neither, usually,
+    is ``Q``: returns ``(Bm, F, G, Uc^T D, Q^T D)`` with ``Q = U F + Bm G`` (``F``, ``G``
+    ``c x c``) and the columns of ``D`` outside ``mask`` taken as zero. ``[Uc | Q]`` is then an
+    orthonormal basis of ``2c`` columns whose leading ``c + r`` columns contain
+    ``span([Uc | D[:, :r]])``: the parallel BUG's augmented basis at the cost of one ``n x c``
+    QR instead of ``n x 2c``. A caller needing ``[Uc | Q] P`` forms it with two products,
+    ``U (Linv^T P_top + F P_bot) + Bm (G P_bot)``.
 
     ``B = (I - Uc Uc^T) D``, the zero and inactive columns of ``D`` replaced by :func:`filler`
     first (that does not change the span, avoids LAPACK's slow path on zero columns and gives
-    the QR a generic completion orthogonal to ``Uc``). ``B = Qh R`` by :func:`cholesky_qr2`
-    (matrix products) when ``B`` is well-conditioned, else by Householder. ``T = Uc^T Qh`` is
-    usually at roundoff level, and one correction ``Q = Qh - Uc T`` makes ``Q`` orthogonal to
-    ``Uc`` (``Q^T Q = I - T^T T``), with ``Q^T D = R`` (on the used columns). Where the QR had
-    to complete rank-deficient columns (directions Householder picks freely in ``R^n``), ``T``
-    is large; then ``Qh - Uc T`` is re-orthonormalised by Cholesky-QR (same span) and, should a
+    the QR a generic completion orthogonal to ``Uc``). Usually (fast path) ``B = Qh R`` by
+    Cholesky-QR2, ``Qh = B R^{-1}``, ``T = Uc^T Qh = (Uc^T B) R^{-1}`` is at roundoff level and
+    one correction ``Q = Qh - Uc T`` makes ``Q`` orthogonal to ``Uc``: ``Bm = B``,
+    ``G = R^{-1}``, ``F = -Linv^T T``, ``Q^T D = R`` (on the used columns). Neither ``Qh`` nor
+    ``Q`` is formed, which saves two of the ``n x c x c`` products. Otherwise (slow path, ``Q``
+    formed: ``Bm = Q``, ``F = 0``, ``G = I``): Householder where Cholesky-QR2 fails; where the
+    QR had to complete rank-deficient columns (directions picked freely in ``R^n``), ``T`` is
+    large and ``Qh - Uc T`` is re-orthonormalised by Cholesky-QR (same span) and, should a
     completion lie numerically inside ``span(Uc)`` (the Cholesky factor then being singular),
     the QR of the ``n x 2c`` matrix ``[Uc | B]`` is used instead.
     """
     c = D.shape[1]
+    eye = jnp.eye(c, dtype=D.dtype)
     D = mask_cols(D, mask)
     keep = mask & jnp.any(D != 0, axis=0)
     Df = fill_cols(D, keep)
     Af = mm(Linv, tmm(U, Df))  # Uc^T Df
     B = Df - mm(U, tmm(Linv, Af))
     A = mask_cols(Af, keep)
-    Qc, Rc, well_conditioned = cholesky_qr2(B)
-    Qh, R = select_or(well_conditioned, (Qc, Rc), lambda: qr(B))
-    T = mm(Linv, tmm(U, Qh))  # Uc^T Qh
-    Q0 = Qh - mm(U, tmm(Linv, T))
-    tiny = jnp.max(jnp.abs(T)) <= 1e-3
+    # Cholesky-QR2 of B up to its last product: Qh = Q1 L2^{-T}, Q1 = B L1^{-T}
+    q1, Linv1, Linv2, Rc, well_conditioned = _cholesky_qr2_parts(B)
+    Rinv = mm(Linv1.T, Linv2.T)  # R = L2^T L1^T
+    T = mm(mm(Linv, tmm(U, B)), Rinv)  # Uc^T Qh
+    tiny = jnp.all(jnp.isfinite(T)) & (jnp.max(jnp.abs(T)) <= 1e-3)
 
-    def fast(_):
-        return Q0, mask_cols(R, keep)
-
-    def slow(_):
+    def slow():
+        Qh = select_or(well_conditioned, mmt(q1, Linv2), lambda: qr(B)[0])
+        T = mm(Linv, tmm(U, Qh))
+        Q0 = Qh - mm(U, tmm(Linv, T))
         gram, finite = _guard(tmm(Q0, Q0))
-        L = jnp.linalg.cholesky(jnp.where(finite, gram, jnp.eye(c, dtype=gram.dtype)))
+        L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
         ok = finite & jnp.all(jnp.isfinite(L)) & (jnp.min(jnp.diagonal(L)) > 0.25)
+        small = jnp.max(jnp.abs(T)) <= 1e-3
 
         def clean(_):
-            Li = jax.scipy.linalg.solve_triangular(L, jnp.eye(c, dtype=L.dtype), lower=True)
-            return mmt(Q0, Li)
+            Li = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+            return jnp.where(small, Q0, mmt(Q0, Li))
 
         def robust(_):
             Uc = mmt(U, Linv)
             return orth(jnp.concatenate([Uc, B], axis=1))[:, c:]
 
         Q = jax.lax.cond(ok, clean, robust, None)
-        return Q, tmm(Q, D)
+        return Q, jnp.zeros_like(eye), eye, tmm(Q, D)
 
-    Q, C = select_or(tiny, fast(None), lambda: slow(None))
-    return Q, A, C
+    fast = (B, -tmm(Linv, T), Rinv, mask_cols(Rc, keep))
+    return (A, *select_or(well_conditioned & tiny, fast, slow))
+
+
+def _cholesky_qr2_parts(a: jax.Array):
+    """:func:`cholesky_qr2` up to its last product: ``(Q1, L1^{-1}, L2^{-1}, R, ok)`` with
+    ``Q1 = a L1^{-T}`` and ``Q = Q1 L2^{-T}``."""
+    c = a.shape[1]
+    eye = jnp.eye(c, dtype=a.dtype)
+
+    def factor(x):
+        gram, finite = _guard(tmm(x, x))
+        L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
+        Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+        return L, Linv, gram, finite & jnp.all(jnp.isfinite(Linv))
+
+    L1, Linv1, _, ok1 = factor(a)
+    q1 = mmt(a, Linv1)
+    L2, Linv2, gram2, ok2 = factor(q1)
+    ok = ok1 & ok2 & (jnp.max(jnp.abs(gram2 - eye)) <= 0.1)
+    return q1, Linv1, Linv2, mm(L2.T, L1.T), ok
 
 
 def column_mask(capacity: int, rank: jax.Array) -> jax.Array:
