@@ -131,18 +131,6 @@ def _kl_steps(cfg: Config, x: LowRank, st: FactorState, g: LowRank):
     return mask_cols(K1, m), mask_cols(L1, m), st_k, st_l
 
 
-def _truncate(cfg: Config, Uh, Sh, Vh, capacity: int, rank):
-    """SVD of the augmented ``S``, the new rank, and the new factor of capacity ``capacity``.
-
-    ``Uh`` and ``Vh`` have orthonormal columns (all of them), so ``U1 = Uh P[:, :c]`` does too.
-    With ``cfg.tau`` None the rank stays ``rank`` (fixed-rank variant).
-    """
-    P, S1, Qt, r1 = _svd_truncate(cfg, Sh, capacity, rank)
-    U1 = mm(Uh, P[:, :capacity])
-    V1 = mm(Vh, Qt[:capacity, :].T)
-    return LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
-
-
 def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
     """``Sh = P diag(sigma) Qt``, the new rank ``r1`` and ``S1 = diag(sigma[:r1])`` (c x c)."""
     P, sigma, Qt = svd(Sh)
@@ -163,18 +151,13 @@ def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
     return P, S1, Qt, r1
 
 
-def _basis_maps(new: LowRank, old: LowRank):
-    """``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns."""
-    m1, m0 = new.mask, old.mask
-    return mask_block(tmm(new.U, old.U), m1, m0), mask_block(tmm(new.V, old.V), m1, m0)
-
-
-def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps=None) -> tuple[LowRank, FactorState]:
+def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps) -> tuple[LowRank, FactorState]:
     """Transport the K- and L-states (which live in the old bases) into the new ones.
 
-    ``maps`` = ``(M, N)`` as :func:`_basis_maps` would compute them, when known already.
+    ``maps`` = ``(M, N)``, ``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns
+    (rows: the new rank, columns: the old one).
     """
-    M, N = _basis_maps(new, x) if maps is None else maps
+    M, N = maps
     st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
     st_l = transport(st_l, (x.shape[1], x.capacity), right=M)
     return new, FactorState(st_k, st_l, st_s)
@@ -197,7 +180,7 @@ def _bug_basis_update(cfg: Config, carry, g):
     N = mask_block(tmm(V1, x.V), m, m)
     point = LowRank._unchecked(U1, mm(mm(M, _masked_s(x)), N.T), V1, x.rank)
     st_s = transport(st.S, (x.capacity, x.capacity), left=M, right=N)
-    return (x, st_k, st_l, st_s, point, m), point
+    return (x, st_k, st_l, st_s, point, m, (M, N)), point
 
 
 def _bug_augment(cfg: Config, carry, g):
@@ -210,29 +193,35 @@ def _bug_augment(cfg: Config, carry, g):
     m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
     Uh, in_u = orth_span(active_first_concat(K1, U0, x.rank))
     Vh, in_v = orth_span(active_first_concat(L1, V0, x.rank))
-    M = mask_block(tmm(Uh, U0), m2, m)
-    N = mask_block(tmm(Vh, V0), m2, m)
+    UhU0, VhV0 = tmm(Uh, U0), tmm(Vh, V0)
+    M = mask_block(UhU0, m2, m)
+    N = mask_block(VhV0, m2, m)
     point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
     # Only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update.
     st_s = transport(st.S, (c, c), left=M, right=N)
-    return (x, st_k, st_l, st_s, point, (in_u & m2, in_v & m2)), point
+    return (x, st_k, st_l, st_s, point, (in_u & m2, in_v & m2), (UhU0, VhV0)), point
 
 
 def _bug_galerkin(cfg: Config, carry, g):
     """S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases, then truncation (adaptive)."""
-    x, st_k, st_l, st_s, point, m = carry
+    x, st_k, st_l, st_s, point, m, maps = carry
     rows, cols = (m, m) if cfg.tau is None else m
     S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, rows, cols), st_s)
     S1 = mask_block(S1, rows, cols)
-    if cfg.tau is None:
+    if cfg.tau is None:  # the maps M = U1^T U0, N = V1^T V0 are those of the basis update
         new = LowRank._unchecked(point.U, S1, point.V, x.rank)
-    else:
-        new = _truncate(cfg, point.U, S1, point.V, x.capacity, point.rank)
-        rows = new.mask[:, None]
-        left = jnp.where(rows, tmm(new.U, point.U), 0.0)
-        right = jnp.where(rows, tmm(new.V, point.V), 0.0)
-        st_s = transport(st_s, point.S.shape, left=left, right=right)
-    return _finish(x, new, st_k, st_l, st_s), None
+        return _finish(x, new, st_k, st_l, st_s, maps=maps), None
+    # U1 = U^ P[:, :c], V1 = V^ Q[:, :c] with U^, V^ orthonormal: every map into the new basis
+    # is a small product (U1^T U^ = P[:, :c]^T, U1^T U0 = P[:, :c]^T (U^T U0)), none of size n
+    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank)
+    Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
+    new = LowRank._unchecked(mm(point.U, Pc), S1, mm(point.V, Qc), r1.astype(jnp.float32))
+    rows = new.mask[:, None]
+    left, right = jnp.where(rows, Pc.T, 0.0), jnp.where(rows, Qc.T, 0.0)
+    st_s = transport(st_s, point.S.shape, left=left, right=right)
+    M = mask_block(mm(Pc.T, maps[0]), new.mask, x.mask)
+    N = mask_block(mm(Qc.T, maps[1]), new.mask, x.mask)
+    return _finish(x, new, st_k, st_l, st_s, maps=(M, N)), None
 
 
 BUG = Integrator(
