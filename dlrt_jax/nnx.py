@@ -383,6 +383,24 @@ class _FactorAccessors:
         return self.factor.capacity
 
 
+def _check_features(in_features: Any, out_features: Any) -> None:
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if not (_is_int(v) and v >= 1):
+            raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
+
+
+def _check_rngs(rngs: Any) -> None:
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+
+
+def _bias_param(use_bias, bias_init, rngs, out_features, param_dtype):
+    """The layer's bias ``nnx.Param`` (``(out_features,)``), or ``nnx.data(None)`` without one."""
+    if use_bias:
+        return nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    return nnx.data(None)
+
+
 class LowRankLinear(_FactorAccessors, nnx.Module):
     r"""A low-rank drop-in for ``nnx.Linear``: ``y = x W^T + b`` with ``W = U S V^T`` never formed.
 
@@ -451,11 +469,8 @@ class LowRankLinear(_FactorAccessors, nnx.Module):
         bias_init: Callable = _ZEROS,
         rngs: nnx.Rngs,
     ):
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not (_is_int(v) and v >= 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        _check_features(in_features, out_features)
+        _check_rngs(rngs)
         _check_kernel_init(kernel_init)
         rank, capacity = _resolve_rank_capacity(
             rank, capacity, (out_features, in_features), "LowRankLinear"
@@ -470,11 +485,9 @@ class LowRankLinear(_FactorAccessors, nnx.Module):
                 param_dtype,
             )
         )
-        self.bias: nnx.Param | None
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
+        self.bias: nnx.Param | None = _bias_param(
+            use_bias, bias_init, rngs, out_features, param_dtype
+        )
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.use_bias = bool(use_bias)
@@ -592,16 +605,13 @@ class LowRankConv(_FactorAccessors, nnx.Module):
         bias_init: Callable = _ZEROS,
         rngs: nnx.Rngs,
     ):
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if not (_is_int(v) and v >= 1):
-                raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
+        _check_features(in_features, out_features)
         if feature_group_count != 1:
             raise ValueError(
                 "LowRankConv supports only `feature_group_count=1` (a grouped convolution has no "
                 f"single kernel matrix to factorise), got {feature_group_count!r}."
             )
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        _check_rngs(rngs)
         kernel_size = (kernel_size,) if _is_int(kernel_size) else tuple(kernel_size)
         k = len(kernel_size)
         if k < 1 or not all(_is_int(a) and a >= 1 for a in kernel_size):
@@ -623,11 +633,9 @@ class LowRankConv(_FactorAccessors, nnx.Module):
                 param_dtype,
             )
         )
-        self.bias: nnx.Param | None
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
+        self.bias: nnx.Param | None = _bias_param(
+            use_bias, bias_init, rngs, out_features, param_dtype
+        )
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.kernel_size = tuple(int(a) for a in kernel_size)
