@@ -5,8 +5,9 @@ gradient transformations (:func:`bug`, :func:`parallel_bug`, :func:`projector_sp
 :func:`s_only`), their pure step functions, and capacity management outside ``jit``.
 """
 
-from dlrt_jax._capacity import fit_capacity, resize_capacity
+from dlrt_jax._capacity import CapacityPolicy, fit_capacity, resize_capacity
 from dlrt_jax._factors import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
+from dlrt_jax._inner import isotropic_adam, reference_adam, scale_by_isotropic_adam
 from dlrt_jax._transforms import (
     DLRTState,
     bug,
@@ -36,6 +37,7 @@ def __getattr__(name):  # lazy submodules: `dlrt_jax.nnx` without importing flax
 
 
 __all__ = [
+    "CapacityPolicy",
     "DLRTState",
     "LowRank",
     "bug",
@@ -43,6 +45,7 @@ __all__ = [
     "default_capacity",
     "fit_capacity",
     "is_lowrank",
+    "isotropic_adam",
     "kls",
     "ksl",
     "ksl_step",
@@ -52,8 +55,10 @@ __all__ = [
     "parallel_bug_step",
     "parallel_kls",
     "projector_splitting",
+    "reference_adam",
     "resize_capacity",
     "s_only",
+    "scale_by_isotropic_adam",
     "tail_norms",
     "truncation_rank",
 ]

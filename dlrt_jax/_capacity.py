@@ -8,6 +8,7 @@ capacities, which the bucketing keeps small.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +22,7 @@ from dlrt_jax._integrators import FactorState
 from dlrt_jax._linalg import mm, tmm
 from dlrt_jax._transforms import DLRTState
 
-__all__ = ["fit_capacity", "resize_capacity"]
+__all__ = ["CapacityPolicy", "fit_capacity", "resize_capacity"]
 
 
 def _resize_factor(x: LowRank, c1: int, path: str) -> LowRank:
@@ -163,3 +164,107 @@ def fit_capacity(
         return max(rank, min(want, limit))
 
     return resize_capacity(params, opt_state, target)
+
+
+def _bucket(value: int, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityPolicy:
+    r"""When and how to resize capacities during training, so that a step's cost follows the rank.
+
+    A jitted DLRT step costs in proportion to each factor's static capacity ``c``, not its rank
+    ``r``; the rank-adaptive integrators can raise a rank to at most ``c``. The policy keeps each
+    capacity in a band above its rank:
+
+    * target ``t(r) = bucket(max(ceil(headroom * r), r + min_free))``, rounded up to a multiple of
+      ``multiple`` and clipped to the factor's limit (``max_capacity`` or
+      :func:`default_capacity`);
+    * every ``every`` steps the ranks are read (one host sync) and the factors are resized to
+      ``t(r)`` when any capacity has left its band: ``c < t(r)`` (the rank is near the capacity:
+      grow at once) or ``c > t(r) + multiple`` (shrink only when at least two buckets too large,
+      so a rank that wobbles at a bucket edge does not resize back and forth).
+
+    Every resize keeps ``W`` and the optimiser moments exactly (:func:`resize_capacity`). ``jit``
+    compiles once per distinct set of capacities and keeps every compiled step in its cache, so a
+    run compiles at most once per bucket it visits.
+
+    Args:
+        every: check the ranks every ``every`` steps (>= 1).
+        headroom: capacity as a multiple of the rank (>= 1).
+        min_free: at least this many inactive columns above the rank (>= 0).
+        multiple: bucket width (>= 1).
+        max_capacity: optional upper limit of every capacity.
+
+    Examples:
+        >>> import jax
+        >>> from dlrt_jax import CapacityPolicy, LowRank
+        >>> policy = CapacityPolicy(every=1, headroom=1.25, min_free=4, multiple=8)
+        >>> params = {"w": LowRank.random(jax.random.key(0), (64, 64), rank=5, capacity=32)}
+        >>> policy.target(params["w"])  # max(ceil(1.25 * 5), 5 + 4) = 9 -> 16
+        16
+        >>> params, _, changed = policy(1, params)
+        >>> params["w"].capacity, changed
+        (16, True)
+    """
+
+    every: int = 10
+    headroom: float = 1.25
+    min_free: int = 8
+    multiple: int = 16
+    max_capacity: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(
+                f"CapacityPolicy: `every` must be an integer >= 1, got {self.every!r}."
+            )
+        if not self.headroom >= 1:
+            raise ValueError(f"CapacityPolicy: `headroom` must be >= 1, got {self.headroom!r}.")
+        for name in ("min_free", "multiple"):
+            v = getattr(self, name)
+            low = 0 if name == "min_free" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(
+                    f"CapacityPolicy: `{name}` must be an integer >= {low}, got {v!r}."
+                )
+        if self.max_capacity is not None and (
+            not isinstance(self.max_capacity, int) or self.max_capacity < 1
+        ):
+            raise ValueError(
+                f"CapacityPolicy: `max_capacity` must be None or an integer >= 1, got "
+                f"{self.max_capacity!r}."
+            )
+
+    def _limit(self, x: LowRank) -> int:
+        limit = default_capacity(x.shape) if self.max_capacity is None else self.max_capacity
+        return min(limit, min(x.shape))
+
+    def target(self, x: LowRank, rank: int | None = None) -> int:
+        """The capacity this policy wants for ``x`` (at ``rank``, default its current rank)."""
+        r = int(x.rank) if rank is None else int(rank)
+        want = _bucket(max(math.ceil(self.headroom * r), r + self.min_free), self.multiple)
+        return max(r, min(want, self._limit(x)))
+
+    def needs_resize(self, x: LowRank, rank: int | None = None) -> bool:
+        """Whether the capacity of ``x`` has left its band (see the class docstring)."""
+        t = self.target(x, rank)
+        return x.capacity < t or x.capacity > t + self.multiple
+
+    def __call__(self, step: int, params: Any, opt_state: Any = None) -> tuple[Any, Any, bool]:
+        """After training step ``step`` (1-based): ``(params, opt_state, resized)``.
+
+        Reads the ranks only when ``step`` is a multiple of ``every``; resizes every factor to its
+        target when any factor needs it (all at once: one recompile instead of several).
+        """
+        if step % self.every:
+            return params, opt_state, False
+        factors = [
+            x for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank) if is_lowrank(x)
+        ]
+        ranks = [int(r) for r in jax.device_get([x.rank for x in factors])]
+        if not any(self.needs_resize(x, r) for x, r in zip(factors, ranks)):
+            return params, opt_state, False
+        params, opt_state = resize_capacity(params, opt_state, lambda x: self.target(x))
+        return params, opt_state, True

@@ -194,6 +194,37 @@ class LowRank:
         fields.update(changes)
         return LowRank(**fields)
 
+    def truncate(self, tau: Any, *, absolute: bool = False, min_rank: int = 1) -> LowRank:
+        r"""The factor truncated by the DLRT rule, in the same capacity (jittable).
+
+        ``S = P diag(sigma) Q^T`` (active block); the new rank is the smallest ``rho`` with
+        ``sqrt(sum_{j > rho} sigma_j^2) <= theta`` (:func:`truncation_rank`), clamped to
+        ``[min_rank, capacity]``; ``U P``, ``diag(sigma)``, ``V Q`` are the new factors. Use it
+        to compress a model for evaluation or export (for example after training with
+        ``truncate_every > 1``, whose ranks between truncations sit at the capacity). It does not
+        touch an optimiser state.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from dlrt_jax import LowRank
+            >>> w = LowRank.random(jax.random.key(0), (8, 6), rank=3,
+            ...                    singular_values=jnp.array([1.0, 0.5, 1e-4]))
+            >>> int(w.truncate(1e-3).active_rank), int(w.truncate(0.6).active_rank)
+            (2, 1)
+        """
+        U, S, V = self.masked()
+        P, sigma, Qt = _linalg.svd(S)
+        c = self.capacity
+        r1 = truncation_rank(
+            sigma, tau, absolute=absolute, min_rank=min(int(min_rank), c), max_rank=c
+        )
+        r1 = jnp.minimum(r1, self.active_rank)
+        keep = _linalg.column_mask(c, r1)
+        S1 = jnp.diag(jnp.where(keep, sigma, 0.0)).astype(self.dtype)
+        return LowRank._unchecked(
+            _linalg.mm(self.U, P), S1, _linalg.mm(self.V, Qt.T), r1.astype(jnp.float32)
+        )
+
     # -- use ------------------------------------------------------------------------------------
     def to_dense(self) -> jax.Array:
         """``W = U S V^T`` (``n x m``) over the active rank. Differentiable as described above."""

@@ -58,6 +58,7 @@ class Config(NamedTuple):
     absolute: bool
     min_rank: int
     max_rank: int | None
+    truncate_every: int = 1  # truncate with `tau` every k-th step; keep up to capacity between
 
 
 class Integrator(NamedTuple):

@@ -194,6 +194,11 @@ def _run(
                 "`dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...)`."
             )
 
+    if cfg.tau is not None and cfg.truncate_every > 1:
+        # between truncation steps nothing is cut (tau = 0: the rank grows up to the capacity),
+        # so that new directions can accumulate over `truncate_every` steps before being judged
+        due = (state.count + 1) % cfg.truncate_every == 0
+        cfg = cfg._replace(tau=jnp.where(due, jnp.asarray(cfg.tau, jnp.float32), 0.0))
     carries = [(leaves[i], st_leaves[i]) for i in idx]
     g = [g_leaves[i] for i in idx]
     # only what the step uses is checked: the non-factor gradients and the slots each phase reads
@@ -258,12 +263,26 @@ def _build(
     min_rank: int,
     max_rank: int | None,
     name: str,
+    truncate_every: int = 1,
 ):
     """Validate the hyperparameters; return the config, the other optimiser and ``init``."""
     _check_truncation(tau, absolute, min_rank, max_rank)
+    if (
+        isinstance(truncate_every, bool)
+        or not isinstance(truncate_every, int)
+        or truncate_every < 1
+    ):
+        raise ValueError(f"`truncate_every` must be an integer >= 1, got {truncate_every!r}.")
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
-    cfg = _int.Config(tx=tx, tau=tau, absolute=absolute, min_rank=min_rank, max_rank=max_rank)
+    cfg = _int.Config(
+        tx=tx,
+        tau=tau,
+        absolute=absolute,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        truncate_every=truncate_every,
+    )
 
     def init_fn(params):
         leaves_with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
@@ -302,18 +321,25 @@ def _dlrt_transform(
     min_rank: int,
     max_rank: int | None,
     name: str,
+    truncate_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     cfg, other, init_fn = _build(
-        integrator, optimizer, other_optimizer, tau, absolute, min_rank, max_rank, name
+        integrator,
+        optimizer,
+        other_optimizer,
+        tau,
+        absolute,
+        min_rank,
+        max_rank,
+        name,
+        truncate_every,
     )
     needs_grad_fn = integrator.num_evals > 1
 
     def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
-        if extra_args:
-            raise TypeError(
-                f"{name}.update got unexpected extra arguments {sorted(extra_args)}; the only "
-                "extra argument is `grad_fn`."
-            )
+        # optax's ExtraArgs convention: extra arguments meant for other members of a chain (e.g.
+        # `value=` for reduce_on_plateau or a line search) are accepted and ignored
+        del extra_args
         if params is None:
             raise ValueError(f"{name}.update needs `params` (the current factors).")
         if needs_grad_fn and grad_fn is None:
@@ -370,6 +396,7 @@ def bug(
     min_rank: int = 2,
     max_rank: int | None = None,
     other_optimizer: Any = None,
+    truncate_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Basis-update & Galerkin (the unconventional KLS integrator), fixed-rank or rank-adaptive.
 
@@ -392,7 +419,15 @@ def bug(
             plain SGD.
     """
     return _dlrt_transform(
-        _int.BUG, optimizer, other_optimizer, tau, absolute, min_rank, max_rank, "bug"
+        _int.BUG,
+        optimizer,
+        other_optimizer,
+        tau,
+        absolute,
+        min_rank,
+        max_rank,
+        "bug",
+        truncate_every,
     )
 
 
@@ -439,6 +474,7 @@ def parallel_bug(
     min_rank: int = 2,
     max_rank: int | None = None,
     other_optimizer: Any = None,
+    truncate_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The parallel rank-adaptive BUG integrator: one gradient evaluation per step.
 
@@ -463,6 +499,7 @@ def parallel_bug(
         min_rank,
         max_rank,
         "parallel_bug",
+        truncate_every,
     )
 
 

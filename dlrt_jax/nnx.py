@@ -8,8 +8,18 @@
   (``W`` is never formed).
 * :func:`to_low_rank`: replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of an existing model.
 * :class:`DLRTOptimizer` (``nnx.Optimizer`` for the DLRT transforms), :func:`make_grad_fn`,
-  :func:`train_step`, :func:`fit_capacity`: the glue between the optimiser and the integrators
-  that evaluate the gradient more than once per step or change the capacities.
+  :func:`train_step`, :func:`fit_capacity`, :func:`apply_capacity_policy`: the glue between the
+  optimiser and the integrators that evaluate the gradient more than once per step or change the
+  capacities.
+
+Cost of a step: a jitted step costs in proportion to each factor's static *capacity*, not its rank.
+:func:`to_low_rank` and the layers default to the capacity ``floor(min(n, m) / 2)`` (250 for a
+500 x 500 layer) so that the rank can start high; once the rank has dropped (say to 55), call
+:func:`apply_capacity_policy` with a :class:`dlrt_jax.CapacityPolicy` after every step (it reads the
+ranks only every ``policy.every`` steps) or :func:`fit_capacity` every epoch, as the functional
+training loop does: the step then costs what the functional path's step costs at the same
+capacities (``benchmarks/nnx_vs_functional.py``), and ``nnx.jit`` compiles once per set of
+capacities visited.
 
 How ``nnx.Optimizer`` and the integrators fit together (flax 0.12): ``Optimizer.update(model,
 grads, **kw)`` calls ``tx.update(grads, opt_state, params, **kw)`` with ``params =
@@ -46,6 +56,7 @@ __all__ = [
     "LowRankConv",
     "LowRankLinear",
     "LowRankParam",
+    "apply_capacity_policy",
     "fit_capacity",
     "make_grad_fn",
     "to_low_rank",
@@ -1089,6 +1100,15 @@ def train_step(
     ``loss_fn`` static or bind it with ``functools.partial``). Rank changes within the capacity
     keep all shapes, so the jitted step compiles once per set of capacities.
 
+    Under ``nnx.jit`` the traced computation is the functional step's (``dlrt_jax.train_mnist``
+    ``make_step``: the same XLA program, plus the step counter); what ``nnx.jit`` adds per call is
+    the host-side walk over the model's and the optimiser's graphs (about 3 ms for the
+    784-500x4-10 MLP with ``bug`` and Adam on a busy CPU, most of it the optimiser state).
+    ``nnx.jit(..., graph=False)`` (tree mode, no shared ``Variable`` references) or
+    ``nnx.cached_partial`` cut it to about 0.6 / 1.4 ms. The step's cost follows the capacities:
+    shrink them with :func:`apply_capacity_policy` or :func:`fit_capacity` once the rank has
+    dropped.
+
     Examples:
         >>> import functools, jax, jax.numpy as jnp, optax
         >>> from flax import nnx
@@ -1135,8 +1155,84 @@ def fit_capacity(model: nnx.Module, optimizer: nnx.Optimizer, **kwargs: Any) -> 
         (8, 3, (64, 8))
     """
     _check_optimizer(optimizer, "fit_capacity")
-    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
-    opt_state = nnx.as_pure(optimizer.opt_state)
+    params, opt_state = _pure_states(model, optimizer)
     new_params, new_opt_state = _fit_capacity(params, opt_state, **kwargs)
-    nnx.update(model, new_params)
-    nnx.update(optimizer.opt_state, nnx.state(new_opt_state))
+    _write_back(model, optimizer, new_params, new_opt_state)
+
+
+def _pure_states(model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[Any, Any]:
+    """``(params, opt_state)`` as pure trees: ``LowRank`` / array leaves, no ``Variable``."""
+    return nnx.as_pure(nnx.state(model, optimizer.wrt)), nnx.as_pure(optimizer.opt_state)
+
+
+def _write_back(model: nnx.Module, optimizer: nnx.Optimizer, params: Any, opt_state: Any) -> None:
+    """Write pure ``params`` / ``opt_state`` (new shapes allowed) into the model and optimiser."""
+    nnx.update(model, params)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+
+
+def apply_capacity_policy(
+    policy: Callable[[int, Any, Any], tuple[Any, Any, bool]],
+    step: int,
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+) -> bool:
+    """Apply a :class:`dlrt_jax.CapacityPolicy` to an NNX model and its optimiser, in place.
+
+    Call it outside ``jit`` after every training step with the number of steps done so far
+    (1-based, a Python int). It calls ``policy(step, params, opt_state)`` on the pure states
+    ``nnx.as_pure(nnx.state(model, optimizer.wrt))`` and ``nnx.as_pure(optimizer.opt_state)`` and,
+    when the policy resized, writes the new factors and optimiser moments back (as
+    :func:`fit_capacity` does): ``W`` and the optimiser moments are kept exactly, only the
+    capacities change, and a jitted step compiles once per distinct set of capacities (``jit``
+    keeps every compiled step, so returning to a bucket visited before does not recompile). For a
+    policy with an ``every`` attribute (a ``CapacityPolicy``) the steps that are not multiples of
+    ``every`` return ``False`` at once, without reading any state or syncing with the device.
+
+    Args:
+        policy: a :class:`dlrt_jax.CapacityPolicy`, or any callable with its signature
+            ``(step, params, opt_state) -> (params, opt_state, resized)``.
+        step: the number of training steps done (1-based).
+        model: the NNX model.
+        optimizer: its :class:`DLRTOptimizer`.
+
+    Returns:
+        Whether the capacities were changed.
+
+    Examples:
+        >>> import optax
+        >>> from flax import nnx
+        >>> import dlrt_jax
+        >>> from dlrt_jax.nnx import DLRTOptimizer, LowRankLinear, apply_capacity_policy
+        >>> model = LowRankLinear(64, 64, rank=3, capacity=32, rngs=nnx.Rngs(0))
+        >>> optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-3), tau=0.1))
+        >>> policy = dlrt_jax.CapacityPolicy(every=10, headroom=1.25, min_free=4, multiple=8)
+        >>> apply_capacity_policy(policy, 5, model, optimizer)  # ranks not read at step 5
+        False
+        >>> apply_capacity_policy(policy, 10, model, optimizer)  # rank 3: capacity 32 -> 8
+        True
+        >>> model.capacity, int(model.rank), model.kernel.get_value().U.shape
+        (8, 3, (64, 8))
+        >>> apply_capacity_policy(policy, 20, model, optimizer)  # in its band: unchanged
+        False
+    """
+    if not callable(policy):
+        raise TypeError(
+            "`policy` must be a dlrt_jax.CapacityPolicy or a callable (step, params, opt_state) "
+            f"-> (params, opt_state, resized), got {type(policy).__name__}."
+        )
+    if not _is_int(step):
+        try:
+            step = int(step)  # e.g. a concrete jax scalar such as optimizer.step[...]
+        except TypeError as e:
+            raise TypeError(f"`step` must be an integer, got {type(step).__name__}.") from e
+    every = getattr(policy, "every", None)
+    if _is_int(every) and every >= 1 and step % every:
+        return False  # nothing to read on this step (CapacityPolicy returns unchanged here)
+    _check_optimizer(optimizer, "apply_capacity_policy")
+    params, opt_state = _pure_states(model, optimizer)
+    new_params, new_opt_state, resized = policy(step, params, opt_state)
+    if not resized:
+        return False
+    _write_back(model, optimizer, new_params, new_opt_state)
+    return True

@@ -251,6 +251,7 @@ def train(
     desc: str = "train",
     log: Callable[[str], None] | None = None,
     opt_state: Any = None,
+    capacity_policy: dlrt_jax.CapacityPolicy | None = None,
 ) -> TrainResult:
     """Train ``params`` with ``tx`` for ``epochs`` epochs and evaluate on the test set each epoch.
 
@@ -264,7 +265,10 @@ def train(
     ``history[0]`` describes the initial model (epoch 0), ``history[k]`` the model after epoch
     ``k`` with the mean training loss, the epoch's training wall time (compilation included),
     its number of steps and the median step time (compilations excluded in practice).
-    ``log`` receives one line per epoch.
+    ``log`` receives one line per epoch. With a ``capacity_policy``
+    (:class:`dlrt_jax.CapacityPolicy`) the capacities follow the ranks during the epoch: the policy
+    reads the ranks every ``policy.every`` steps and resizes when a capacity leaves its band
+    (``history`` then records the number of resizes and of compiled step variants).
     """
     from tqdm.auto import tqdm
 
@@ -290,6 +294,7 @@ def train(
         )
     history = [_record(0, params, apply_fn, data)]
     has_factors = bool(_capacities(params))
+    total_steps = num_resizes = 0
     for epoch in range(1, epochs + 1):
         losses, step_times = [], []
         bar = tqdm(
@@ -306,6 +311,10 @@ def train(
             jax.block_until_ready(params)
             step_times.append(time.perf_counter() - t0)
             losses.append(loss)
+            if has_factors and capacity_policy is not None:
+                total_steps += 1
+                params, opt_state, resized = capacity_policy(total_steps, params, opt_state)
+                num_resizes += int(resized)
             if has_factors and epoch == 1 and i + 1 == fit_capacity_after_steps:
                 params, opt_state = dlrt_jax.fit_capacity(
                     params, opt_state, max_capacity=max_capacity
@@ -324,6 +333,8 @@ def train(
             "step_time_median_s": statistics.median(step_times),
             "step_time_mean_s": epoch_time / len(step_times),
             "num_skipped": _num_skipped(opt_state),
+            "num_resizes": num_resizes,
+            "compiled_steps": step._cache_size(),
         }
         history.append(_record(epoch, params, apply_fn, data, extra))
         if (

@@ -18,6 +18,7 @@ from dlrt_jax.nnx import (
     LowRankConv,
     LowRankLinear,
     LowRankParam,
+    apply_capacity_policy,
     fit_capacity,
     make_grad_fn,
     to_low_rank,
@@ -582,6 +583,115 @@ def test_rank_changes_and_fit_capacity_then_training_continues():
     assert losses[-1] < losses[5], losses  # training continues
     assert int(model.rank) <= model.capacity == want
     assert _orth_err(model.factor.U) < 1e-4
+
+
+class _Square(nnx.Module):
+    """Two 32 x 32 factors (the rank-adaptive capacity limit is 16) and a dense head."""
+
+    def __init__(self, rngs, rank, capacity):
+        self.l1 = LowRankLinear(32, 32, rank=rank, capacity=capacity, rngs=rngs)
+        self.l2 = LowRankLinear(32, 32, rank=rank, capacity=capacity, rngs=rngs)
+        self.head = nnx.Linear(32, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(nnx.relu(self.l2(nnx.relu(self.l1(x)))))
+
+
+def _data32():
+    kx, kt = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (128, 32))
+    return x, jnp.tanh(x @ jax.random.normal(kt, (32, 4)))
+
+
+def test_apply_capacity_policy_resizes_out_of_band_and_keeps_the_function():
+    model = _Square(nnx.Rngs(1), rank=2, capacity=16)
+    optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.05))
+    x, y = _data32()
+    train_step(model, optimizer, _mse, (x, y))  # a non-trivial optimiser state
+    ranks = [int(model.l1.rank), int(model.l2.rank)]
+    policy = dlrt_jax.CapacityPolicy(every=5, headroom=1.0, min_free=2, multiple=4)
+    out_before = model(x)
+    state_before = jax.tree.map(np.asarray, nnx.as_pure(optimizer.opt_state))
+
+    assert not apply_capacity_policy(policy, 3, model, optimizer)  # not a multiple of `every`
+    assert model.l1.capacity == 16
+    assert apply_capacity_policy(policy, 5, model, optimizer)
+    for layer, rank in zip((model.l1, model.l2), ranks, strict=True):
+        want = policy.target(layer.factor)
+        assert layer.capacity == want < 16 and int(layer.rank) == rank
+        assert layer.kernel.get_value().U.shape == (32, want)
+        assert _orth_err(layer.factor.U) < 1e-5 and _orth_err(layer.factor.V) < 1e-5
+    np.testing.assert_allclose(model(x), out_before, atol=1e-5)  # the same function
+    state = nnx.as_pure(optimizer.opt_state)
+    for name in ("l1", "l2"):
+        c = getattr(model, name).capacity
+        got, old = state.factors[name]["kernel"], state_before.factors[name]["kernel"]
+        assert got.S[0].mu.shape == (c, c) and got.K[0].nu.shape == (32, c)
+        np.testing.assert_array_equal(got.S[0].mu, old.S[0].mu[:c, :c])  # moments kept
+    assert not apply_capacity_policy(policy, 10, model, optimizer)  # now in its band
+    # a plain callable with the policy's signature is accepted too
+    calls = []
+
+    def spy(step, params, opt_state):
+        calls.append(step)
+        return params, opt_state, False
+
+    assert not apply_capacity_policy(spy, 7, model, optimizer) and calls == [7]
+    with pytest.raises(TypeError, match="`policy` must be"):
+        apply_capacity_policy(None, 5, model, optimizer)
+    plain = nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2)), wrt=nnx.Param)
+    with pytest.raises(TypeError, match="DLRTOptimizer"):
+        apply_capacity_policy(policy, 5, model, plain)
+
+
+def test_apply_capacity_policy_under_nnx_jit_compiles_once_per_capacity():
+    x, y = _data32()
+    model = _Square(nnx.Rngs(1), rank=16, capacity=16)  # starts at the maximal rank
+    optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.3))
+    policy = dlrt_jax.CapacityPolicy(every=2, headroom=1.0, min_free=2, multiple=4)
+    traces = []
+
+    @nnx.jit
+    def step(model, optimizer, batch):
+        traces.append((model.l1.capacity, model.l2.capacity))  # runs once per trace only
+        return train_step(model, optimizer, _mse, batch)
+
+    visited, ranks, resizes = [], [], 0
+    for i in range(1, 13):
+        caps = (model.l1.capacity, model.l2.capacity)
+        if caps not in visited:
+            visited.append(caps)
+        step(model, optimizer, (x, y))
+        ranks.append(int(model.l1.rank))
+        resizes += apply_capacity_policy(policy, i, model, optimizer)
+        assert int(model.l1.rank) <= model.l1.capacity and int(model.l2.rank) <= model.l2.capacity
+    assert ranks[-1] < 16 and resizes >= 1, (ranks, resizes)  # the rank dropped and c followed
+    assert model.l1.capacity < 16 and model.l2.capacity < 16
+    assert len(visited) >= 2 and traces == visited  # one trace per set of capacities, in order
+    assert int(optimizer.step[...]) == 12
+
+
+def test_train_step_tree_mode_jit_matches_graph_mode():
+    x, y = _data()
+    graph_model, tree_model = _MLP(nnx.Rngs(1)), _MLP(nnx.Rngs(1))
+    graph_opt = DLRTOptimizer(graph_model, dlrt_jax.bug(optax.adam(1e-2), tau=0.05))
+    tree_opt = DLRTOptimizer(tree_model, dlrt_jax.bug(optax.adam(1e-2), tau=0.05))
+    traces = []
+
+    def step(model, optimizer, batch):
+        traces.append(1)
+        return train_step(model, optimizer, _mse, batch)
+
+    graph_step, tree_step = nnx.jit(step), nnx.jit(step, graph=False)
+    for _ in range(4):
+        a = graph_step(graph_model, graph_opt, (x, y))
+        b = tree_step(tree_model, tree_opt, (x, y))
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert len(traces) == 2 and int(tree_opt.step[...]) == 4
+    got = jax.tree.leaves(nnx.state((tree_model, tree_opt)))
+    want = jax.tree.leaves(nnx.state((graph_model, graph_opt)))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-6)
 
 
 def test_make_grad_fn_matches_nnx_grad_and_plain_optimizer_is_rejected():

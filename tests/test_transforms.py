@@ -1,5 +1,6 @@
 """The optax transforms: jit stability, inner optimisers, composition, capacity, bad input, NaNs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -288,9 +289,10 @@ def test_update_arguments_are_validated():
             tx.update(grads, state, params)
     tx = dlrt_jax.parallel_bug(0.1)
     state = tx.init(params)
-    tx.update(grads, state, params)  # no extra argument needed
-    with pytest.raises(TypeError, match="unexpected extra arguments"):
-        tx.update(grads, state, params, value=1.0)
+    plain = tx.update(grads, state, params)  # no extra argument needed
+    # optax's ExtraArgs convention: arguments for other members of a chain are ignored
+    extra = tx.update(grads, state, params, value=1.0, unused="x")
+    chex.assert_trees_all_equal(plain, extra)
     with pytest.raises(ValueError, match="needs `params`"):
         tx.update(grads, state)
     with pytest.raises(ValueError, match="does not match the params tree"):
@@ -303,3 +305,21 @@ def test_update_arguments_are_validated():
     txb = dlrt_jax.bug(0.1)
     with pytest.raises(ValueError, match="grad_fn: the gradient tree"):
         txb.update(grads, txb.init(params), params, grad_fn=lambda p: {"w": grads["w"]})
+
+
+def test_extra_arguments_of_optax_chains_pass_through():
+    """``value=`` (reduce_on_plateau, line searches) reaches a chain that contains DLRT."""
+    A = _lowrank_target(jax.random.key(9), 2)
+    params = _params()
+    loss = lambda p: _loss(p, A)
+    for dlrt in (dlrt_jax.parallel_bug(0.1, tau=0.1), dlrt_jax.bug(0.1, tau=0.1)):
+        tx = optax.chain(
+            optax.clip_by_global_norm(1.0), optax.contrib.reduce_on_plateau(patience=2), dlrt
+        )
+        state = tx.init(params)
+        p = params
+        for _ in range(3):
+            value, grads = jax.value_and_grad(loss)(p)
+            updates, state = tx.update(grads, state, p, value=value, grad_fn=jax.grad(loss))
+            p = optax.apply_updates(p, updates)
+        assert float(loss(p)) < float(loss(params))

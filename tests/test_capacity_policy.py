@@ -1,0 +1,93 @@
+"""CapacityPolicy: the band rule, and a run whose ranks move compiles once per bucket it visits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dlrt_jax
+from dlrt_jax import CapacityPolicy, LowRank
+
+
+def _factor(rank, capacity, shape=(64, 48)):
+    return LowRank.random(
+        jax.random.key(rank * 100 + capacity), shape, rank=rank, capacity=capacity
+    )
+
+
+def test_target_is_the_bucket_above_headroom_and_free_columns():
+    p = CapacityPolicy(headroom=1.25, min_free=8, multiple=16)
+    assert p.target(_factor(5, 24)) == 16  # max(ceil(6.25), 13) = 13 -> 16
+    assert p.target(_factor(20, 24)) == 24  # max(25, 28) = 28 -> 32, clipped to min(64, 48) // 2
+    assert p.target(_factor(20, 24), rank=2) == 16
+    big = CapacityPolicy(headroom=2.0, min_free=0, multiple=8, max_capacity=12)
+    assert big.target(_factor(5, 24)) == 12  # 10 -> 16, clipped to max_capacity
+
+
+def test_band_grows_at_once_and_shrinks_only_two_buckets_over():
+    p = CapacityPolicy(headroom=1.0, min_free=4, multiple=8)
+    x = _factor(3, 16)
+    # target(r) = bucket(r + 4): r = 4 -> 8, r = 5 -> 16, r = 12 -> 16, r = 13 -> 24
+    assert p.needs_resize(x, rank=13)  # 16 < 24: grow
+    assert not p.needs_resize(x, rank=12)
+    assert not p.needs_resize(x, rank=5)
+    assert not p.needs_resize(x, rank=4)  # 16 == 8 + 8: one bucket over is tolerated
+    assert p.needs_resize(_factor(3, 20), rank=4)  # 20 > 8 + 8: two buckets over, shrink
+    with pytest.raises(ValueError, match="headroom"):
+        CapacityPolicy(headroom=0.5)
+    with pytest.raises(ValueError, match="every"):
+        CapacityPolicy(every=0)
+    with pytest.raises(ValueError, match="multiple"):
+        CapacityPolicy(multiple=0)
+
+
+def test_call_checks_only_every_k_steps_and_keeps_w_and_state():
+    params = {"w": _factor(3, 24), "b": jnp.zeros(64)}
+    tx = dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.1)
+    state = tx.init(params)
+    policy = CapacityPolicy(every=5, headroom=1.0, min_free=2, multiple=4)
+    same = policy(4, params, state)
+    assert same[0] is params and same[1] is state and not same[2]
+    new, new_state, resized = policy(5, params, state)
+    assert resized and new["w"].capacity == 8  # bucket(3 + 2) = 8
+    np.testing.assert_allclose(new["w"].to_dense(), params["w"].to_dense(), atol=1e-6)
+    assert new_state.factors["w"].S[0].mu.shape == (8, 8)
+    assert policy(10, new, new_state)[2] is False  # in band now
+
+
+def test_a_run_whose_ranks_move_compiles_once_per_bucket():
+    """Regression onto a rank-2 target from rank 24: the rank falls, the capacity follows it in
+    a few buckets, and the jitted step compiles exactly once per distinct capacity."""
+    n, m = 64, 48
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    A = (jax.random.normal(k1, (n, 2)) @ jax.random.normal(k2, (2, m))) / 4
+    X = jax.random.normal(k3, (128, m))
+    Y = X @ A.T
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.sum((p["w"](X) - Y) ** 2, axis=-1))
+
+    params = {"w": LowRank.random(jax.random.key(0), (n, m), rank=24, capacity=24)}
+    tx = dlrt_jax.parallel_bug(optax.sgd(0.3), tau=0.05)
+    state = tx.init(params)
+    traces = []
+
+    @jax.jit
+    def step(p, s):
+        traces.append(p["w"].capacity)
+        u, s = tx.update(jax.grad(loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
+    policy = CapacityPolicy(every=5, headroom=1.25, min_free=2, multiple=4)
+    caps, ranks = [], []
+    for i in range(1, 121):
+        params, state = step(params, state)
+        params, state, _ = policy(i, params, state)
+        caps.append(params["w"].capacity)
+        ranks.append(int(params["w"].rank))
+    assert ranks[0] > 2 and ranks[-1] == 2, ranks[::10]
+    assert caps[-1] == 4  # bucket(max(ceil(2.5), 4)) = 4
+    assert len(traces) == len(set(caps)) + (24 not in caps)  # one compile per capacity visited
+    assert len(traces) <= 5
+    assert float(loss(params)) < 1e-3
