@@ -121,8 +121,36 @@ def build(v: dict, args):
     return params, tx, v["integrator"] == "bug"
 
 
+def teacher_data(k: int, seed: int = 0, n_train: int = 60000, n_test: int = 10000):
+    """Synthetic MNIST-shaped data whose labels depend on the input through rank-``k`` layers.
+
+    Inputs are uniform pixels in [0, 1] (784); the labels are the argmax of a teacher MLP
+    784-500x4-10 whose four hidden weights have rank ``k`` (orthonormal factors, singular values
+    sorted |N(0, 1)| times sqrt(500 / k) so that activations keep their scale). A student that
+    recovers the teacher needs rank ``k`` in every hidden layer.
+    """
+    key = jax.random.key(1000 + seed)
+    kx, kt = jax.random.split(key)
+    teacher = models.init_mlp(kt, 500, rank=k, dense=True, scale=float(np.sqrt(500 / k)))
+    x = jax.random.uniform(kx, (n_train + n_test, 784), jnp.float32)
+    x = x - 0.5  # centred, so the labels do not hinge on the biases
+    logits = jnp.concatenate(
+        [models.mlp_apply(teacher, x[i : i + 5000]) for i in range(0, len(x), 5000)]
+    )
+    # standardise each class's logit over the data, so that the classes are about balanced
+    logits = (logits - logits.mean(0)) / (logits.std(0) + 1e-12)
+    y = np.asarray(jnp.argmax(logits, -1), np.int32)
+    x = np.asarray(x + 0.5)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
 def run(args) -> list[dict]:
-    data = load_mnist(args.data_dir, subset=args.subset)
+    if args.teacher:
+        data = teacher_data(args.teacher, args.seed)
+        if args.subset:
+            data = (data[0][: args.subset], data[1][: args.subset], data[2], data[3])
+    else:
+        data = load_mnist(args.data_dir, subset=args.subset)
     xtr, ytr = data[0], data[1]
     variants = [parse_variant(s, args) for s in args.variants]
     loss_fn = models.cross_entropy_loss(models.mlp_apply)
@@ -213,8 +241,11 @@ def main(argv=None):
     p.add_argument("--tau", type=float, default=0.09)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-every", type=int, default=10, help="CapacityPolicy.every")
-    p.add_argument("--headroom", type=float, default=1.25, help="CapacityPolicy.headroom")
+    p.add_argument("--headroom", type=float, default=1.0, help="CapacityPolicy.headroom")
     p.add_argument("--subset", type=int, default=None)
+    p.add_argument(
+        "--teacher", type=int, default=0, help="K > 0: synthetic data of a rank-K teacher MLP"
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 4096 examples, width 64")
     p.add_argument("--tag", default="end_to_end")

@@ -2,12 +2,28 @@
 
 Protocol of the paper (dlrt.md section 4): width 500, rank-adaptive BUG, Adam 1e-3 inside the
 integrator, batch 256, 10 epochs, tau in 0.03 .. 0.17, plus the dense baseline (Adam 1e-3). Width
-784 at tau 0.09 and 0.17 with ``--wide``. Writes ``mlp_sweep.{csv,json,png}`` to ``--out`` (one
-row per run, full per-epoch histories in the JSON, rank trajectories per layer in the PNG) and
-prints our numbers beside the paper's.
+784 at tau 0.09 and 0.17 with ``--wide``.
+
+Two presets (``--preset``):
+
+* ``default`` (the main job's defaults, ``dlrt_jax.train_mnist``): ``parallel_bug`` (one gradient
+  evaluation per step), ``optax.adam`` with transported moments on K, L, S at
+  ``FACTOR_LR_SCALE`` (3) x ``--lr``, initial singular values times ``INIT_SCALE`` (0.1);
+* ``paper``: rank-adaptive ``bug`` with ``dlrt_jax.reference_adam(--lr)`` (the TF code's
+  effective step: fresh Adam slots every step) and the paper's init scale 1.
+
+Both train the biases and the dense classifier with ``optax.adam(--lr)`` and, by default
+(``--capacity policy``), resize the capacities inside the training loop with
+``dlrt_jax.CapacityPolicy()``; ``--capacity refit`` restores the old schedule (``fit_capacity``
+after 25 steps and after every epoch). ``--integrator``, ``--inner``, ``--factor-lr`` and
+``--init-scale`` override single settings of the preset.
+
+Writes ``mlp_sweep.{csv,json,png}`` to ``--out`` (one row per run, full per-epoch histories in
+the JSON, rank trajectories per layer in the PNG) and prints our numbers beside the paper's.
 
 Examples:
     OPENBLAS_NUM_THREADS=1 python benchmarks/mlp_sweep.py --taus 0.09 --epochs 10
+    OPENBLAS_NUM_THREADS=1 python benchmarks/mlp_sweep.py --preset paper --taus 0.09
     OPENBLAS_NUM_THREADS=1 python benchmarks/mlp_sweep.py --quick      # a smoke run (< 1 min)
 """
 
@@ -26,10 +42,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+import dlrt_jax  # noqa: E402
 from dlrt_jax import models  # noqa: E402
 from dlrt_jax.train_mnist import (  # noqa: E402
+    FACTOR_LR_SCALE,
+    INIT_SCALE,
+    INNER,
     build_transform,
     environment,
+    inner_optimizer,
     load_mnist,
     train,
     write_csv,
@@ -74,7 +95,34 @@ def _parser() -> argparse.ArgumentParser:
         help="dense baseline's hidden weights: U S V^T of the DLRT start (default) or "
         "Glorot-uniform (the Keras default, as a TensorFlow dense baseline would use)",
     )
-    p.add_argument("--integrator", default="bug", choices=["bug", "parallel_bug"])
+    p.add_argument(
+        "--preset",
+        choices=["default", "paper"],
+        default="default",
+        help="default: parallel_bug, adam (transported moments) at 3 x --lr, init scale 0.1; "
+        "paper: bug, reference_adam at --lr, init scale 1",
+    )
+    p.add_argument(
+        "--integrator", default=None, choices=["bug", "parallel_bug"], help="overrides --preset"
+    )
+    p.add_argument("--inner", default=None, choices=sorted(INNER), help="overrides --preset")
+    p.add_argument(
+        "--factor-lr", type=float, default=None, help="lr of K, L, S (overrides --preset)"
+    )
+    p.add_argument(
+        "--init-scale",
+        type=float,
+        default=None,
+        help="scale of the initial singular values (overrides --preset; the dense baseline "
+        "with --dense-init factors uses it too)",
+    )
+    p.add_argument(
+        "--capacity",
+        choices=["policy", "refit"],
+        default="policy",
+        help="policy: dlrt_jax.CapacityPolicy() inside the loop; refit: fit_capacity after 25 "
+        "steps and after every epoch (the earlier runs)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -86,18 +134,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resolve_preset(args) -> None:
+    """Fill the settings that ``--preset`` decides and the command line left unset."""
+    paper = args.preset == "paper"
+    if args.integrator is None:
+        args.integrator = "bug" if paper else "parallel_bug"
+    if args.inner is None:
+        args.inner = "reference" if paper else "adam"
+    if args.factor_lr is None:
+        args.factor_lr = args.lr * (1.0 if paper else FACTOR_LR_SCALE)
+    if args.init_scale is None:
+        args.init_scale = 1.0 if paper else INIT_SCALE
+
+
 def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
     key = jax.random.key(args.seed)
     if tau is None:
-        params = models.init_mlp(key, width, dense=True)
+        params = models.init_mlp(key, width, dense=True, scale=args.init_scale)
         if args.dense_init == "glorot":
             glorot = jax.nn.initializers.glorot_uniform()
             for i, k in enumerate(jax.random.split(jax.random.fold_in(key, 1), len(params) - 1)):
                 params[i]["w"] = glorot(k, params[i]["w"].shape, jnp.float32)
         tx, needs_grad_fn = optax.adam(args.lr), False
     else:
-        params = models.init_mlp(key, width)
-        tx, needs_grad_fn = build_transform(args.integrator, optax.adam(args.lr), tau=tau)
+        params = models.init_mlp(key, width, scale=args.init_scale)
+        tx, needs_grad_fn = build_transform(
+            args.integrator,
+            inner_optimizer(args.inner, args.factor_lr),
+            tau=tau,
+            other_optimizer=optax.adam(args.lr),
+        )
+    policy = args.capacity == "policy" and tau is not None
+    refit = args.capacity == "refit" and tau is not None
     dense_label = "dense" if args.dense_init == "factors" else "dense (glorot)"
     label = f"w{width} " + (dense_label if tau is None else f"tau={tau:g}")
     t0 = time.perf_counter()
@@ -110,8 +178,9 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         needs_grad_fn=needs_grad_fn,
-        fit_capacity_every=1 if tau is not None else 0,
-        fit_capacity_after_steps=25 if tau is not None else 0,
+        fit_capacity_every=1 if refit else 0,
+        fit_capacity_after_steps=25 if refit else 0,
+        capacity_policy=dlrt_jax.CapacityPolicy() if policy else None,
         progress=False,
         desc=label,
         log=print,
@@ -124,6 +193,8 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
     return {
         "width": width,
         "tau": "dense" if tau is None else tau,
+        "preset": None if tau is None else args.preset,
+        "integrator": None if tau is None else args.integrator,
         "dense_init": args.dense_init if tau is None else None,
         "epochs": epochs,
         "seed": args.seed,
@@ -134,6 +205,9 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
         "eval_cr": round(100 * final["eval_compression"], 2),
         "train_params": final["train_params"],
         "train_cr": round(100 * final["train_compression"], 2),
+        "rank_trajectory": [e["ranks"] for e in h],
+        "num_resizes": final.get("num_resizes"),
+        "compiled_steps": final.get("compiled_steps"),
         "wall_s": round(wall, 1),
         "ms_per_step": round(1000 * sum(e.get("epoch_time_s", 0) for e in h) / max(steps, 1), 1),
         "paper_acc": paper[0] if paper else None,
@@ -208,6 +282,7 @@ def _table(runs: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
+    _resolve_preset(args)
     if args.quick:
         args.width, args.taus, args.epochs, args.epochs_other = 64, [0.09, 0.17], 1, 1
         args.subset = args.subset or 4096
@@ -229,14 +304,25 @@ def main(argv=None) -> None:
         payload = {
             "experiment": "5-layer MLP tau sweep (dlrt.md section 4)",
             "protocol": {
+                "preset": args.preset,
                 "integrator": args.integrator,
-                "optimizer": f"adam({args.lr}) inside the integrator; dense: adam({args.lr})",
+                "optimizer": (
+                    f"K, L, S: {args.inner} ({INNER[args.inner]}) at lr {args.factor_lr:g}; "
+                    f"biases and classifier: adam({args.lr:g}); dense: adam({args.lr:g})"
+                ),
+                "init_scale": args.init_scale,
+                "dense_init": args.dense_init,
                 "batch_size": args.batch_size,
                 "epochs_tau_0.09_and_dense": args.epochs,
                 "epochs_other_taus": epochs_other,
                 "seed": args.seed,
                 "subset": args.subset,
-                "capacity_refit": "after 25 steps, then after every epoch (fit_capacity)",
+                "capacity": (
+                    "dlrt_jax.CapacityPolicy() inside the loop (every=10, headroom=1, "
+                    "min_free=8, multiple=8)"
+                    if args.capacity == "policy"
+                    else "fit_capacity after 25 steps, then after every epoch"
+                ),
                 "accuracy": "test accuracy after the last epoch (no model selection)",
             },
             "runs": runs,

@@ -192,7 +192,11 @@ class CapacityPolicy:
 
     Args:
         every: check the ranks every ``every`` steps (>= 1).
-        headroom: capacity as a multiple of the rank (>= 1).
+        headroom: capacity as a multiple of the rank (>= 1). The default 1 relies on
+            ``min_free`` alone: a step's cost grows quickly with the capacity (the paper's MLP
+            at rank 55: capacity 64 / 80 / 96 cost 1.06 / 1.49 / 1.89 dense Adam steps on the
+            2-core CPU of ``benchmarks/README.md``), and the rank can outgrow the capacity for at
+            most ``every`` steps before the next check grows it.
         min_free: at least this many inactive columns above the rank (>= 0).
         multiple: bucket width (>= 1).
         max_capacity: optional upper limit of every capacity.
@@ -210,9 +214,9 @@ class CapacityPolicy:
     """
 
     every: int = 10
-    headroom: float = 1.25
+    headroom: float = 1.0
     min_free: int = 8
-    multiple: int = 16
+    multiple: int = 8
     max_capacity: int | None = None
 
     def __post_init__(self):

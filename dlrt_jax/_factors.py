@@ -45,8 +45,61 @@ def _check_rank_value(rank: Any, capacity: int, name: str = "rank") -> None:
         raise ValueError(f"`{name}` must be a scalar, got shape {r.shape}.")
     if not float(r).is_integer():
         raise ValueError(f"`{name}` must be a whole number, got {float(r)}.")
-    if not 1 <= int(r) <= capacity:
-        raise ValueError(f"`{name}` must be in [1, capacity={capacity}], got {int(r)}.")
+    if int(r) < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {int(r)}.")
+    if int(r) > capacity:
+        raise ValueError(
+            f"`{name}`={int(r)} exceeds the capacity {capacity} (the number of columns of U and "
+            f"V; `{name}` must be in [1, capacity]); pass a larger `capacity=` or a smaller "
+            f"`{name}=`."
+        )
+
+
+def _check_arrays(U: jax.Array, S: jax.Array, V: jax.Array) -> int:
+    """Validate the shapes and dtypes of ``U``, ``S``, ``V``; return the capacity ``c``."""
+    for name, a in (("U", U), ("S", S), ("V", V)):
+        if a.ndim != 2:
+            raise ValueError(f"`{name}` must be a 2-D array, got shape {a.shape}.")
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise TypeError(
+                f"`{name}` must have a floating dtype (float32, float64, bfloat16, ...), got "
+                f"{a.dtype}. Cast it first, e.g. `{name}.astype(jnp.float32)`."
+            )
+    n, c = U.shape
+    m = V.shape[0]
+    if V.shape[1] != c or S.shape != (c, c):
+        raise ValueError(
+            f"Inconsistent factor shapes U {U.shape}, S {S.shape}, V {V.shape}: expected "
+            "U (n, c), S (c, c), V (m, c) with the same capacity c."
+        )
+    if not U.dtype == S.dtype == V.dtype:
+        raise TypeError(f"U, S, V must share one dtype, got {U.dtype}, {S.dtype}, {V.dtype}.")
+    if c > min(n, m):
+        raise ValueError(
+            f"capacity c={c} must be <= min(n, m) = {min(n, m)} for an {n} x {m} factor."
+        )
+    return c
+
+
+def _check_finite(U: jax.Array, S: jax.Array, V: jax.Array) -> None:
+    """Reject NaN / Inf in concrete factors (traced ones, under ``jit``, are not checked)."""
+    for name, a in (("U", U), ("S", S), ("V", V)):
+        if not _is_concrete(a):
+            continue
+        with jax.ensure_compile_time_eval():  # concrete inside a traced function, too
+            bad = int(jnp.sum(~jnp.isfinite(a)))
+        if bad:
+            raise ValueError(
+                f"`{name}` contains {bad} NaN or Inf entries; a LowRank factor must be finite "
+                "(every training step from it would be skipped as non-finite). Check the "
+                f"arrays you pass (e.g. `jnp.isfinite({name}).all()`) or rebuild the factor with "
+                "LowRank.from_dense / LowRank.random."
+            )
+
+
+def _is_cotangent_rank(rank: Any) -> bool:
+    """``True`` for the concrete rank slot 0 of a gradient (cotangent) ``LowRank``."""
+    return _is_concrete(rank) and np.ndim(rank) == 0 and float(rank) == 0.0
 
 
 @jax.tree_util.register_pytree_node_class
@@ -65,6 +118,11 @@ class LowRank:
 
     ``rank`` is stored as a float32 scalar holding a whole number, so that ``jax.grad`` accepts a
     pytree of ``LowRank`` leaves; ``active_rank`` gives it as int32.
+
+    **Validation.** The constructor (and :meth:`replace`) raises ``ValueError`` for ``U``, ``S``
+    or ``V`` containing NaN or Inf (a non-finite factor makes every later training step non-finite,
+    and the transforms skip those), and for a ``rank`` outside ``[1, capacity]``. Both checks need
+    concrete values: under ``jit`` tracing they are skipped.
 
     **Gradients.** Read the factor only through :func:`lowrank_apply`, :func:`lowrank_map` or
     :meth:`to_dense`. Their custom VJPs make ``jax.grad`` return, in the slots of a ``LowRank``,
@@ -96,27 +154,8 @@ class LowRank:
 
     def __init__(self, U: jax.Array, S: jax.Array, V: jax.Array, rank: Any = None):
         U, S, V = jnp.asarray(U), jnp.asarray(S), jnp.asarray(V)
-        for name, a in (("U", U), ("S", S), ("V", V)):
-            if a.ndim != 2:
-                raise ValueError(f"`{name}` must be a 2-D array, got shape {a.shape}.")
-            if not jnp.issubdtype(a.dtype, jnp.floating):
-                raise TypeError(
-                    f"`{name}` must have a floating dtype (float32, float64, bfloat16, ...), got "
-                    f"{a.dtype}. Cast it first, e.g. `{name}.astype(jnp.float32)`."
-                )
-        n, c = U.shape
-        m = V.shape[0]
-        if V.shape[1] != c or S.shape != (c, c):
-            raise ValueError(
-                f"Inconsistent factor shapes U {U.shape}, S {S.shape}, V {V.shape}: expected "
-                "U (n, c), S (c, c), V (m, c) with the same capacity c."
-            )
-        if not U.dtype == S.dtype == V.dtype:
-            raise TypeError(f"U, S, V must share one dtype, got {U.dtype}, {S.dtype}, {V.dtype}.")
-        if c > min(n, m):
-            raise ValueError(
-                f"capacity c={c} must be <= min(n, m) = {min(n, m)} for an {n} x {m} factor."
-            )
+        c = _check_arrays(U, S, V)
+        _check_finite(U, S, V)
         if rank is None:
             rank = c
         _check_rank_value(rank, c)
@@ -186,12 +225,33 @@ class LowRank:
         )
 
     def replace(self, **changes) -> LowRank:
-        """A copy with some of ``U``, ``S``, ``V``, ``rank`` replaced (validated)."""
+        """A copy with some of ``U``, ``S``, ``V``, ``rank`` replaced (validated).
+
+        The result is validated as the constructor validates (shapes, dtypes, finite entries,
+        ``rank`` in ``[1, capacity]``), except for a *gradient* ``LowRank`` (the cotangent
+        ``jax.grad`` returns, whose ``rank`` slot is 0): replacing its ``U``, ``S`` or ``V``
+        keeps the rank slot 0 and checks only shapes and dtypes, so gradients can be edited
+        (clipped, rescaled) with ``replace``, NaN included (the transforms skip such steps).
+
+        Examples:
+            >>> import jax, jax.numpy as jnp
+            >>> from dlrt_jax import LowRank, lowrank_apply
+            >>> w = LowRank.random(jax.random.key(0), (6, 4), rank=2)
+            >>> int(w.replace(rank=1).active_rank)
+            1
+            >>> g = jax.grad(lambda w: jnp.sum(lowrank_apply(w, jnp.ones((3, 4)))))(w)
+            >>> float(g.rank), float(g.replace(S=0.5 * g.S).rank)  # a cotangent stays one
+            (0.0, 0.0)
+        """
         fields = {"U": self.U, "S": self.S, "V": self.V, "rank": self.rank}
         unknown = set(changes) - set(fields)
         if unknown:
             raise TypeError(f"LowRank.replace got unknown fields {sorted(unknown)}.")
         fields.update(changes)
+        if "rank" not in changes and _is_cotangent_rank(self.rank):
+            U, S, V = (jnp.asarray(fields[k]) for k in ("U", "S", "V"))
+            _check_arrays(U, S, V)
+            return LowRank._unchecked(U, S, V, self.rank)
         return LowRank(**fields)
 
     def truncate(self, tau: Any, *, absolute: bool = False, min_rank: int = 1) -> LowRank:

@@ -81,6 +81,14 @@ def _check_truncation(tau, absolute, min_rank, max_rank) -> None:
             raise ValueError(f"`tau` must be >= 0 (or None for a fixed rank), got {t}.")
     if not isinstance(absolute, bool | np.bool_) and not _is_traced(absolute):
         raise TypeError(f"`absolute` must be a bool, got {type(absolute).__name__}.")
+    relative = not _is_traced(absolute) and not bool(absolute)
+    if tau is not None and not _is_traced(tau) and relative and float(jnp.asarray(tau)) >= 1:
+        raise ValueError(
+            f"`tau`={float(jnp.asarray(tau)):g} with the relative rule (absolute=False) cuts every "
+            "rank to `min_rank`: the threshold tau * ||sigma||_2 is at least the norm of all "
+            "singular values. A relative `tau` must be in [0, 1) (e.g. 0.09, as in the paper); "
+            "pass absolute=True for a threshold on the tail norm itself."
+        )
     if _is_traced(min_rank) or _is_traced(max_rank):
         return  # injected by optax.inject_hyperparams: checked when first built, concretely
     if not _is_whole(min_rank) or int(min_rank) < 1:
@@ -194,10 +202,12 @@ def _run(
                 "`dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...)`."
             )
 
-    if cfg.tau is not None and cfg.truncate_every > 1:
+    k = cfg.truncate_every
+    if cfg.tau is not None and (not isinstance(k, numbers.Integral) or k > 1):
         # between truncation steps nothing is cut (tau = 0: the rank grows up to the capacity),
         # so that new directions can accumulate over `truncate_every` steps before being judged
-        due = (state.count + 1) % cfg.truncate_every == 0
+        # (k may be an array: optax.inject_hyperparams injects every numeric argument)
+        due = (state.count + 1) % jnp.asarray(k, jnp.int32) == 0
         cfg = cfg._replace(tau=jnp.where(due, jnp.asarray(cfg.tau, jnp.float32), 0.0))
     carries = [(leaves[i], st_leaves[i]) for i in idx]
     g = [g_leaves[i] for i in idx]
@@ -267,10 +277,8 @@ def _build(
 ):
     """Validate the hyperparameters; return the config, the other optimiser and ``init``."""
     _check_truncation(tau, absolute, min_rank, max_rank)
-    if (
-        isinstance(truncate_every, bool)
-        or not isinstance(truncate_every, int)
-        or truncate_every < 1
+    if not _is_traced(truncate_every) and (
+        isinstance(truncate_every, bool) or not _is_whole(truncate_every) or int(truncate_every) < 1
     ):
         raise ValueError(f"`truncate_every` must be an integer >= 1, got {truncate_every!r}.")
     tx = _as_transform(optimizer, "optimizer")

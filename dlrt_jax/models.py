@@ -219,10 +219,11 @@ def _init_weight(
     uv: bool,
     decay: float | None,
     where: str,
+    scale: float = 1.0,
 ):
     r, cap = _factor_rank(shape, rank, max_rank, where)
     kf, ks = jax.random.split(key)
-    s = _singular_values(ks, r, decay)
+    s = scale * _singular_values(ks, r, decay)
     lr = LowRank.random(kf, shape, rank=r, capacity=cap, singular_values=s)
     if dense:
         return lr.to_dense()
@@ -249,6 +250,7 @@ def init_mlp(
     depth: int = 4,
     in_features: int = 784,
     num_classes: int = 10,
+    scale: float = 1.0,
 ) -> Params:
     """The paper's MLP ``784 -> width x depth -> 10`` (ReLU), hidden weights factored.
 
@@ -267,6 +269,7 @@ def init_mlp(
         decay: divide the ``k``-th initial singular value by ``decay**k`` (``k = 0..r-1``, the
             largest undamped, as the paper's code).
         depth, in_features, num_classes: architecture (defaults: the paper's).
+        scale: multiplies the initial singular values (all three weight kinds alike).
 
     Returns:
         A list of ``depth + 1`` layers ``{"w": weight, "b": bias}``.
@@ -285,6 +288,8 @@ def init_mlp(
     _check_choice(dense, uv)
     if decay is not None and not decay > 0:
         raise ValueError(f"`decay` must be None or > 0, got {decay!r}.")
+    if not scale > 0:
+        raise ValueError(f"`scale` must be > 0, got {scale!r}.")
     keys = jax.random.split(key, depth + 1)
     layers = []
     fan_in = in_features
@@ -299,6 +304,7 @@ def init_mlp(
             uv=uv,
             decay=decay,
             where=f"hidden layer {i}",
+            scale=scale,
         )
         layers.append({"w": w, "b": jnp.zeros((width,), jnp.float32)})
         fan_in = width
@@ -329,6 +335,7 @@ def init_lenet5(
     dense: bool = False,
     uv: bool = False,
     decay: float | None = None,
+    scale: float = 1.0,
 ) -> Params:
     """LeNet5 of the paper: conv1, conv2 and fc1 factored, fc2 dense.
 
@@ -342,7 +349,7 @@ def init_lenet5(
             fixed rank for all three factored layers, or three fixed ranks. A fixed rank above
             ``floor(min(n, m) / 2)`` (e.g. 20 in conv1) works with the fixed-rank integrators
             only (``projector_splitting``).
-        max_rank, dense, uv, decay: as in :func:`init_mlp`.
+        max_rank, dense, uv, decay, scale: as in :func:`init_mlp`.
 
     Example:
         >>> import jax
@@ -355,6 +362,8 @@ def init_lenet5(
     ranks = _per_layer_ranks(rank, 3)
     if decay is not None and not decay > 0:
         raise ValueError(f"`decay` must be None or > 0, got {decay!r}.")
+    if not scale > 0:
+        raise ValueError(f"`scale` must be > 0, got {scale!r}.")
     keys = jax.random.split(key, 4)
     layers = []
     for i, name in enumerate(("conv1", "conv2", "fc1")):
@@ -367,6 +376,7 @@ def init_lenet5(
             uv=uv,
             decay=decay,
             where=name,
+            scale=scale,
         )
         layers.append({"w": w, "b": jnp.zeros((LENET5_SHAPES[i][0],), jnp.float32)})
     layers.append(_init_dense_layer(keys[3], LENET5_SHAPES[3]))

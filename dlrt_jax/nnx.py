@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import numbers
+import re
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +55,9 @@ from dlrt_jax._capacity import fit_capacity as _fit_capacity
 from dlrt_jax._factors import LowRank, default_capacity, lowrank_apply, lowrank_map
 
 __all__ = [
+    "ConversionSummary",
     "DLRTOptimizer",
+    "LayerConversion",
     "LowRankConv",
     "LowRankLinear",
     "LowRankParam",
@@ -77,6 +82,10 @@ class LowRankParam(nnx.Param):
     factors to the integrator whole. Being a subtype of ``nnx.Param``, a factor is trained by
     ``wrt=nnx.Param``; ``wrt=LowRankParam`` selects the factors only (as ``nnx.LoRAParam`` does for
     LoRA weights). Attribute access is forwarded to the factor (``param.U``, ``param.capacity``).
+    ``param[...]`` (flax's recommended access, now that ``.value`` is deprecated) returns the
+    factor, as ``param.get_value()`` does, and ``param[...] = factor`` replaces it with another
+    ``LowRank``; other indices are refused (index the factor's arrays instead, e.g.
+    ``param[...].U[:, :2]``).
 
     Only the default variable mode is supported (no ``ref=True`` / ``hijax=True``
     ``nnx.var_defaults``).
@@ -92,6 +101,11 @@ class LowRankParam(nnx.Param):
         >>> factors = nnx.as_pure(nnx.state(layer, LowRankParam))  # the bias is left out
         >>> list(factors.keys()), factors["kernel"]
         (['kernel'], LowRank(shape=(6, 8), capacity=3, rank=2, dtype=float32))
+        >>> layer.kernel[...]
+        LowRank(shape=(6, 8), capacity=3, rank=2, dtype=float32)
+        >>> layer.kernel[...] = layer.kernel[...].replace(rank=1)
+        >>> int(layer.rank)
+        1
     """
 
     def __init__(self, value: Any, **metadata: Any):
@@ -101,6 +115,29 @@ class LowRankParam(nnx.Param):
                 "nnx.Param for plain arrays."
             )
         super().__init__(value, **metadata)
+
+    def __getitem__(self, key: Any) -> LowRank:
+        """``param[...]``: the whole factor (the only index a ``LowRank`` value takes)."""
+        _check_whole_index(key)
+        return self.get_value()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``param[...] = factor``: replace the whole factor by another ``LowRank``."""
+        _check_whole_index(key)
+        if not isinstance(value, LowRank):
+            raise TypeError(
+                f"LowRankParam holds a dlrt_jax.LowRank factor; `param[...] = value` needs a "
+                f"LowRank, got {type(value).__name__}."
+            )
+        self.set_value(value)
+
+
+def _check_whole_index(key: Any) -> None:
+    if key is not Ellipsis:
+        raise TypeError(
+            f"A LowRankParam holds a whole LowRank factor and takes only the index `...`, got "
+            f"{key!r}; index the factor's arrays instead, e.g. `param[...].U[:, :2]`."
+        )
 
 
 # ---- shared helpers (also used by dlrt_jax.linen) ------------------------------------------------
@@ -131,7 +168,10 @@ def _resolve_rank_capacity(
     if rank is None:
         rank = capacity
     if rank > capacity:
-        raise ValueError(f"{where}: `rank`={rank} exceeds `capacity`={capacity}.")
+        raise ValueError(
+            f"{where}: `rank`={rank} exceeds `capacity`={capacity}; pass a larger `capacity=` or "
+            "a smaller `rank=`."
+        )
     return int(rank), int(capacity)
 
 
@@ -523,10 +563,14 @@ class LowRankLinear(_FactorAccessors, nnx.Module):
         """A :class:`LowRankLinear` initialised by truncated SVD of ``linear``'s dense kernel.
 
         ``W = linear.kernel^T`` is truncated at ``rank``, or at the smallest rank whose relative
-        tail norm ``sqrt(sum_{j > r} sigma_j^2) / ||sigma||_2`` is ``<= tol`` (clamped to
-        ``[1, capacity]``); with neither, at the capacity. ``capacity`` defaults as in the
-        constructor. The bias, ``dtype``, ``param_dtype`` and ``precision`` are copied. At
-        ``rank = capacity = min(n, m)`` the layer computes what ``linear`` computes.
+        tail norm ``sqrt(sum_{j > r} sigma_j^2) / ||sigma||_2`` (the relative weight error
+        ``||W - W_r||_F / ||W||_F``) is ``<= tol``; with neither, at the capacity. ``capacity``
+        defaults as in the constructor, ``max(floor(min(n, m) / 2), rank)``: with ``tol`` it
+        grows to the rank the tolerance needs (above ``floor(min(n, m) / 2)`` only the
+        fixed-rank integrators can train the layer), and an explicit ``capacity`` below that rank
+        raises ``ValueError`` (the tolerance is never silently missed). The bias, ``dtype``,
+        ``param_dtype`` and ``precision`` are copied. At ``rank = capacity = min(n, m)`` the layer
+        computes what ``linear`` computes.
 
         Examples:
             >>> import jax.numpy as jnp
@@ -730,17 +774,55 @@ class LowRankConv(_FactorAccessors, nnx.Module):
         )
 
 
-def _factor_from_dense(W, rank, tol, capacity, where) -> LowRank:
+class _Fit(NamedTuple):
+    """Rank, capacity and relative weight error ``||W - W_r||_F / ||W||_F`` of a truncation."""
+
+    rank: int
+    capacity: int
+    rel_error: float
+
+
+def _fit_rank(W: jax.Array, rank: Any, tol: Any, capacity: Any, where: str) -> _Fit:
+    """The rank and capacity of the truncated SVD of ``W``, and its relative error.
+
+    With ``tol``: the smallest rank whose relative tail norm is ``<= tol``; the capacity defaults
+    to ``max(floor(min(n, m) / 2), rank)`` and an explicit ``capacity`` below that rank raises.
+    Otherwise ``rank`` and ``capacity`` as the constructors resolve them.
+    """
     if rank is not None and tol is not None:
         raise ValueError(f"{where}: give at most one of `rank` and `tol`, got both.")
-    if tol is not None and not (isinstance(tol, numbers.Real) and tol >= 0):
+    if tol is not None and not (
+        isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < np.inf
+    ):
         raise ValueError(f"{where}: `tol` must be a number >= 0, got {tol!r}.")
     n, m = W.shape
+    if not bool(jnp.all(jnp.isfinite(W))):
+        raise ValueError(f"{where}: the dense kernel contains NaN or Inf; cannot take its SVD.")
+    Wf = W if W.dtype == jnp.float64 else W.astype(jnp.float32)
+    sigma = np.asarray(jnp.linalg.svd(Wf, compute_uv=False), np.float64)
+    tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0)  # tails[r]: error at r
+    norm = tails[0]
     if tol is None:
         rank, capacity = _resolve_rank_capacity(rank, capacity, (n, m), where)
-        return LowRank.from_dense(W, rank=rank, capacity=capacity)
-    _, capacity = _resolve_rank_capacity(None, capacity, (n, m), where)
-    return LowRank.from_dense(W, tol=float(tol), capacity=capacity)
+    else:
+        ok = np.nonzero(tails[1:] <= float(tol) * norm)[0]
+        rank = int(ok[0]) + 1 if ok.size else min(n, m)
+        _resolve_rank_capacity(None, capacity, (n, m), where)  # validates `capacity`
+        if capacity is None:
+            capacity = max(default_capacity((n, m)), rank)
+        elif rank > capacity:
+            raise ValueError(
+                f"{where}: `tol`={tol:g} needs rank {rank} for this {n} x {m} matrix W (relative "
+                f"error {tails[rank] / norm:.3g}), above `capacity`={capacity}; pass "
+                f"`capacity=` >= {rank} (or leave it out), or a larger `tol=`."
+            )
+    rel_error = float(tails[rank] / norm) if norm > 0 else 0.0
+    return _Fit(int(rank), int(capacity), rel_error)
+
+
+def _factor_from_dense(W, rank, tol, capacity, where) -> LowRank:
+    fit = _fit_rank(W, rank, tol, capacity, where)
+    return LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
 
 
 def _check_linear_supported(linear: nnx.Linear, where: str) -> None:
@@ -780,20 +862,56 @@ def _check_conv_supported(conv: nnx.Conv, where: str) -> None:
 
 # ---- model conversion ----------------------------------------------------------------------------
 
+_LOGGER = logging.getLogger(__name__)
+_WARN_ERROR = 1e-3  # relative weight error above which the default rank is warned about
+
 
 def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
+@dataclasses.dataclass(frozen=True)
+class _PathRegex:
+    """``(path, x) -> bool``: ``pattern`` fully matches a path element or the ``/``-joined path."""
+
+    pattern: str
+
+    def __call__(self, path: tuple, x: Any) -> bool:
+        rx = re.compile(self.pattern)
+        parts = [str(p) for p in path]
+        return any(rx.fullmatch(p) for p in parts) or bool(rx.fullmatch("/".join(parts)))
+
+
+def _strings_as_paths(predicate: Any) -> Any:
+    """``predicate`` with flax's tag filters (what strings become) read as path patterns."""
+    filterlib = nnx.filterlib
+    if isinstance(predicate, filterlib.WithTag):
+        return _PathRegex(predicate.tag)
+    if isinstance(predicate, filterlib.Any | filterlib.All):
+        return type(predicate)(*(_strings_as_paths(p) for p in predicate.predicates))
+    if isinstance(predicate, filterlib.Not):
+        return filterlib.Not(_strings_as_paths(predicate.predicate))
+    return predicate
+
+
 def _to_predicate(filter: Any) -> Callable[[tuple, Any], bool]:
-    """``filter`` as a predicate ``(path, module) -> bool``."""
-    if filter is None:
+    """``filter`` (flax's filter language; see :func:`to_low_rank`) as a predicate."""
+    if filter is None:  # dlrt_jax's historical default: every nnx.Linear / nnx.Conv
         return lambda path, module: True
-    if isinstance(filter, type):
-        return lambda path, module: isinstance(module, filter)
     if isinstance(filter, str):
-        return lambda path, module: filter in tuple(str(p) for p in path)
+        try:
+            re.compile(filter)
+        except re.error as e:
+            raise ValueError(f"`filter` {filter!r} is not a valid regular expression: {e}.") from e
+        return _PathRegex(filter)
+    if isinstance(filter, list | tuple):
+        return _strings_as_paths(nnx.filterlib.Any(*(_to_predicate(f) for f in filter)))
+    if isinstance(filter, type | bool) or filter is Ellipsis:
+        return nnx.filterlib.to_predicate(filter)
     if callable(filter):
+        flax_filters = (nnx.filterlib.WithTag, nnx.filterlib.Any, nnx.filterlib.All)
+        if isinstance(filter, (*flax_filters, nnx.filterlib.Not)):
+            return _strings_as_paths(filter)
         try:
             params = inspect.signature(filter).parameters.values()
         except (TypeError, ValueError) as e:
@@ -816,9 +934,110 @@ def _to_predicate(filter: Any) -> Callable[[tuple, Any], bool]:
             f"{len(positional)} required positional parameters."
         )
     raise TypeError(
-        "`filter` must be None, a type, a path name (str) or a predicate (path, module) -> bool "
-        f"or (module) -> bool, got {type(filter).__name__}."
+        "`filter` must be None, a flax filter (a type such as nnx.Linear, a path pattern (str), "
+        "nnx.PathContains(...), nnx.Any(...) / nnx.All(...) / nnx.Not(...), a list of filters, "
+        f"True, ...) or a predicate (path, module) -> bool, got {type(filter).__name__}."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConversion:
+    """One layer in a :class:`ConversionSummary`: converted by :func:`to_low_rank`, or skipped.
+
+    Attributes:
+        path: the layer's path in the model (``'block/fc1'``; ``'<root>'`` for the model itself).
+        layer: the original layer's type name (``'Linear'``, ``'LayerNorm'``, ...).
+        converted: whether the layer was replaced by a low-rank layer.
+        shape: ``(n, m)`` of the matrix ``W`` (out x in) of a converted layer, else ``None``.
+        rank: the new factor's rank (``None`` when skipped).
+        capacity: the new factor's capacity (``None`` when skipped).
+        rel_error: ``||W - W_r||_F / ||W||_F`` of the truncated SVD (``init='svd'``); ``None``
+            when skipped or for ``init='random'`` (a fresh layer).
+        note: why the layer was skipped, or a remark on a converted one.
+    """
+
+    path: str
+    layer: str
+    converted: bool
+    shape: tuple[int, int] | None = None
+    rank: int | None = None
+    capacity: int | None = None
+    rel_error: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionSummary:
+    """What :func:`to_low_rank` did, layer by layer; ``str(summary)`` is a table.
+
+    Attributes:
+        layers: one :class:`LayerConversion` per converted layer and per skipped layer with
+            parameters, in the model's order.
+    """
+
+    layers: tuple[LayerConversion, ...]
+
+    @property
+    def converted(self) -> tuple[LayerConversion, ...]:
+        """The converted layers."""
+        return tuple(r for r in self.layers if r.converted)
+
+    @property
+    def skipped(self) -> tuple[LayerConversion, ...]:
+        """The layers with parameters left as they were, each with the reason in ``note``."""
+        return tuple(r for r in self.layers if not r.converted)
+
+    @property
+    def max_rel_error(self) -> float:
+        """The largest relative weight error of a converted layer (0.0 when none is known)."""
+        return max((r.rel_error for r in self.converted if r.rel_error is not None), default=0.0)
+
+    def __str__(self) -> str:
+        head = ("path", "layer", "W (n x m)", "rank", "capacity", "rel. error", "note")
+        rows = [head]
+        for r in self.layers:
+            rows.append(
+                (
+                    r.path,
+                    r.layer,
+                    "-" if r.shape is None else f"{r.shape[0]} x {r.shape[1]}",
+                    "-" if r.rank is None else str(r.rank),
+                    "-" if r.capacity is None else str(r.capacity),
+                    "-" if r.rel_error is None else f"{r.rel_error:.3g}",
+                    ("" if r.converted else "skipped: ") + r.note,
+                )
+            )
+        widths = [max(len(row[j]) for row in rows) for j in range(len(head) - 1)]
+        lines = [
+            f"to_low_rank: {len(self.converted)} layer(s) converted, {len(self.skipped)} skipped"
+        ]
+        for row in rows:
+            cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)]
+            lines.append("  ".join([*cells, row[-1]]).rstrip())
+        return "\n".join(lines)
+
+
+def _dense_matrix(node: nnx.Linear | nnx.Conv) -> jax.Array:
+    """``W`` (out x in) of an ``nnx.Linear`` or ``nnx.Conv``: the kernel reshaped, transposed."""
+    kernel = jnp.asarray(node.kernel[...])
+    return kernel.reshape(-1, kernel.shape[-1]).T
+
+
+def _own_params(node: Any) -> list[str]:
+    """Names of the ``nnx.Param`` attributes a module holds itself (not through submodules)."""
+    return [k for k, v in vars(node).items() if isinstance(v, nnx.Param)]
+
+
+def _skip_reason(node: Any) -> str | None:
+    """Why ``to_low_rank`` leaves a module with parameters alone (``None``: no parameters)."""
+    if isinstance(node, LowRankLinear | LowRankConv):
+        return "already a low-rank layer"
+    if not isinstance(node, nnx.Module):
+        return None
+    names = _own_params(node)
+    if not names:
+        return None
+    return f"has parameters ({', '.join(sorted(names))}) but is not an nnx.Linear / nnx.Conv"
 
 
 def to_low_rank(
@@ -830,40 +1049,75 @@ def to_low_rank(
     capacity: int | None = None,
     init: str = "svd",
     rngs: nnx.Rngs | None = None,
+    report: bool = False,
 ) -> Any:
-    """Replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of a model by low-rank layers.
+    r"""Replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of a model by low-rank layers.
 
     Returns a **new** model (built with ``nnx.recursive_map`` on an ``nnx.clone`` of ``model``);
     ``model`` itself is not modified, and the layers that are not replaced are copies (new
     ``Variable`` objects, shared immutable arrays). Shared layers stay shared.
 
-    The filter is applied to every ``nnx.Linear`` and ``nnx.Conv`` in the model (other modules are
-    never candidates): ``None`` selects them all; a type selects its instances; a string selects
-    layers whose path contains that name (``'fc1'`` matches the path ``('fc1',)`` and
-    ``('block', 'fc1')``); a callable is called as ``filter(path, module)`` when it takes two
-    positional arguments (``nnx.PathContains(...)`` works) or ``filter(module)`` when it takes one.
+    **Which layers.** Only ``nnx.Linear`` and ``nnx.Conv`` are converted; ``filter`` chooses
+    among them, in flax's filter language (``nnx.filterlib``) applied to ``(path, module)``:
+
+    * a type (``nnx.Conv``) selects its instances; ``nnx.PathContains('block')``,
+      ``nnx.Any(...)``, ``nnx.All(...)``, ``nnx.Not(...)``, a list or tuple (any of), ``True`` /
+      ``...`` (all) and a predicate ``filter(path, module) -> bool`` mean what they mean in flax;
+    * a string is a regular expression that must fully match one element of the path or the
+      ``/``-joined path: ``'fc1'`` matches ``('fc1',)`` and ``('block', 'fc1')`` (not ``fc10``),
+      ``'fc[12]'`` both ``fc1`` and ``fc2``, ``'layers/[01]'`` the first two entries of
+      ``layers``. (In flax a string is a ``Variable`` tag, which modules do not have; strings
+      inside ``nnx.Any`` / ``nnx.All`` / ``nnx.Not`` and lists are read as path patterns too.)
+    * ``None`` (the default) selects every ``nnx.Linear`` / ``nnx.Conv``; note that in flax
+      ``None`` selects nothing. A one-argument callable ``filter(module)`` is also accepted.
+
+    Every other module with parameters (``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.LinearGeneral``,
+    ``nnx.Einsum``, a custom module, ...) and every ``Linear`` / ``Conv`` the filter leaves out is
+    kept as it is and listed in the summary as *skipped*, with the reason.
+
+    **Which rank.** With ``init='svd'`` each selected layer's matrix ``W`` (out x in; a
+    convolution kernel matricised as in :class:`LowRankConv`) is replaced by its truncated SVD
+    ``W_r``; the relative weight error ``||W - W_r||_F / ||W||_F = sqrt(sum_{j > r}
+    sigma_j^2) / ||sigma||_2`` of every layer is in the summary.
+
+    * ``tol``: ``r`` is the smallest rank with relative error ``<= tol``, and the capacity is
+      ``max(floor(min(n, m) / 2), r)`` (or ``capacity``, which must then be ``>= r``, else
+      ``ValueError``). When ``r > floor(min(n, m) / 2)`` the layer gets capacity ``r`` and the
+      summary says so: the rank-adaptive :func:`dlrt_jax.bug` / :func:`dlrt_jax.parallel_bug`
+      (``tau`` given) augment to ``2c`` columns and need ``c <= floor(min(n, m) / 2)``, so train
+      such a model with a fixed-rank integrator (``tau=None`` or
+      :func:`dlrt_jax.projector_splitting`) or convert it with a larger ``tol``.
+    * ``rank``: that rank in every layer (capacity ``max(floor(min(n, m) / 2), rank)`` or
+      ``capacity``).
+    * neither: every layer keeps its capacity's worth, ``floor(min(n, m) / 2)`` (or
+      ``capacity``), of singular values, whatever that costs in accuracy: a ``UserWarning`` lists
+      the layers whose relative weight error exceeds ``1e-3``. Pass ``tol`` to bound the change.
+
+    The summary (a :class:`ConversionSummary`) is logged at ``INFO`` level on the
+    ``'dlrt_jax.nnx'`` logger on every call, and returned with ``report=True``.
 
     Args:
         model: an NNX module (or graph of modules).
-        filter: which layers to replace (see above).
-        rank: rank of every new factor; with ``init='svd'`` and neither ``rank`` nor ``tol``, each
-            layer keeps ``capacity`` singular values.
-        tol: relative truncation tolerance of the SVD (``init='svd'`` only).
+        filter: which ``nnx.Linear`` / ``nnx.Conv`` layers to replace (see above).
+        rank: rank of every new factor (at most one of ``rank`` and ``tol``).
+        tol: relative weight error bound of the truncated SVD (``init='svd'`` only).
         capacity: capacity of every new factor; default ``max(floor(min(n, m) / 2), rank)`` per
-            layer.
+            layer, the rank being the one ``rank`` or ``tol`` gives.
         init: ``'svd'`` (truncated SVD of the dense kernel; bias, dtypes, precision copied) or
             ``'random'`` (the constructors' paper initialisation and a zero bias: a fresh layer of
-            the same configuration).
+            the same configuration; the summary has no relative error then).
         rngs: ``nnx.Rngs`` for ``init='random'``.
+        report: also return the :class:`ConversionSummary`.
 
     Returns:
-        The new model.
+        The new model; with ``report=True``, ``(model, summary)``.
 
     Raises:
         ValueError: when the filter matches no layer, when a matched ``nnx.Conv`` has
-            ``feature_group_count != 1`` or a ``mask``, or for invalid ranks (the message names the
-            layer's path).
-        TypeError: when a matched layer is a subclass of ``nnx.Linear`` / ``nnx.Conv``.
+            ``feature_group_count != 1`` or a ``mask``, when ``tol`` needs a rank above an
+            explicit ``capacity``, or for invalid ranks (the message names the layer's path).
+        TypeError: when a matched layer is a subclass of ``nnx.Linear`` / ``nnx.Conv``, or for a
+            ``filter`` that is not one.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -872,15 +1126,25 @@ def to_low_rank(
         >>> class MLP(nnx.Module):
         ...     def __init__(self, rngs):
         ...         self.fc1 = nnx.Linear(16, 16, rngs=rngs)
+        ...         self.norm = nnx.LayerNorm(16, rngs=rngs)
         ...         self.out = nnx.Linear(16, 2, rngs=rngs)
         ...     def __call__(self, x):
-        ...         return self.out(nnx.relu(self.fc1(x)))
+        ...         return self.out(self.norm(nnx.relu(self.fc1(x))))
         >>> model = MLP(nnx.Rngs(0))
-        >>> low = to_low_rank(model, filter="fc1", rank=4)
-        >>> type(low.fc1).__name__, type(low.out).__name__, int(low.fc1.rank), low.fc1.capacity
-        ('LowRankLinear', 'Linear', 4, 8)
-        >>> type(model.fc1).__name__  # the input model is unchanged
-        'Linear'
+        >>> low, summary = to_low_rank(model, filter="fc1", tol=0.4, report=True)
+        >>> type(low.fc1).__name__, type(low.out).__name__, type(model.fc1).__name__
+        ('LowRankLinear', 'Linear', 'Linear')
+        >>> print(summary)  # doctest: +NORMALIZE_WHITESPACE
+        to_low_rank: 1 layer(s) converted, 2 skipped
+        path  layer      W (n x m)  rank  capacity  rel. error  note
+        fc1   Linear     16 x 16    7     8         0.374
+        norm  LayerNorm  -          -     -         -           skipped: has parameters (bias,
+          scale) but is not an nnx.Linear / nnx.Conv
+        out   Linear     -          -     -         -           skipped: excluded by `filter`
+        >>> summary.converted[0].rank == int(low.fc1.rank), summary.max_rel_error <= 0.4
+        (True, True)
+        >>> int(to_low_rank(model, filter=nnx.PathContains("fc1"), rank=4).fc1.rank)
+        4
     """
     if init not in ("svd", "random"):
         raise ValueError(f"`init` must be 'svd' or 'random', got {init!r}.")
@@ -891,42 +1155,66 @@ def to_low_rank(
             raise ValueError("init='random' needs `rngs` (an nnx.Rngs).")
     if rank is not None and tol is not None:
         raise ValueError("Give at most one of `rank` and `tol`, got both.")
+    if not isinstance(report, bool):
+        raise TypeError(f"`report` must be a bool, got {type(report).__name__}.")
     predicate = _to_predicate(filter)
-    matched: list[str] = []
-    candidates: list[str] = []
+    records: list[LayerConversion] = []
 
     def convert(path, node):
         if not isinstance(node, nnx.Linear | nnx.Conv):
+            reason = _skip_reason(node)
+            if reason is not None:
+                records.append(
+                    LayerConversion(_path_str(path), type(node).__name__, False, None, note=reason)
+                )
             return node
-        candidates.append(_path_str(path))
         if not predicate(path, node):
+            records.append(
+                LayerConversion(
+                    _path_str(path), type(node).__name__, False, note="excluded by `filter`"
+                )
+            )
             return node
         where = f"to_low_rank at {_path_str(path)!r}"
-        matched.append(_path_str(path))
         if isinstance(node, nnx.Linear):
             _check_linear_supported(node, where)
+        else:
+            _check_conv_supported(node, where)
+        W = _dense_matrix(node)
+        n, m = W.shape
+        if init == "svd":
+            fit = _fit_rank(W, rank, tol, capacity, where)
+            r, c, err = fit.rank, fit.capacity, fit.rel_error
+        else:
+            r, c = _resolve_rank_capacity(rank, capacity, (n, m), where)
+            err = None
+        note = ""
+        if c > default_capacity((n, m)):
+            note = (
+                f"capacity > floor(min(n, m) / 2) = {default_capacity((n, m))}: fixed-rank "
+                "integrators only (the rank-adaptive ones need 2 * capacity <= min(n, m))"
+            )
+        records.append(
+            LayerConversion(_path_str(path), type(node).__name__, True, (n, m), r, c, err, note)
+        )
+        if isinstance(node, nnx.Linear):
             if init == "svd":
-                return _wrap_errors(
-                    where, LowRankLinear.from_linear, node, rank=rank, tol=tol, capacity=capacity
-                )
+                return _wrap_errors(where, LowRankLinear.from_linear, node, rank=r, capacity=c)
             return _wrap_errors(
                 where,
                 LowRankLinear,
                 node.in_features,
                 node.out_features,
-                rank=rank,
-                capacity=capacity,
+                rank=r,
+                capacity=c,
                 use_bias=node.bias is not None,
                 dtype=node.dtype,
                 param_dtype=node.param_dtype,
                 precision=node.precision,
                 rngs=rngs,
             )
-        _check_conv_supported(node, where)
         if init == "svd":
-            return _wrap_errors(
-                where, LowRankConv.from_conv, node, rank=rank, tol=tol, capacity=capacity
-            )
+            return _wrap_errors(where, LowRankConv.from_conv, node, rank=r, capacity=c)
         return _wrap_errors(
             where,
             LowRankConv,
@@ -937,8 +1225,8 @@ def to_low_rank(
             padding=node.padding,
             input_dilation=node.input_dilation,
             kernel_dilation=node.kernel_dilation,
-            rank=rank,
-            capacity=capacity,
+            rank=r,
+            capacity=c,
             use_bias=node.bias is not None,
             dtype=node.dtype,
             param_dtype=node.param_dtype,
@@ -947,12 +1235,28 @@ def to_low_rank(
         )
 
     new_model = nnx.recursive_map(convert, nnx.clone(model))
-    if not matched:
+    summary = ConversionSummary(tuple(records))
+    if not summary.converted:
+        candidates = [r.path for r in summary.skipped if r.note == "excluded by `filter`"]
         raise ValueError(
             "to_low_rank: `filter` matched no nnx.Linear / nnx.Conv layer (the filter is applied "
-            f"to those only). Candidate layers: {candidates or 'none'}."
+            f"to those only). Candidate layers: {candidates or 'none'}.\n{summary}"
         )
-    return new_model
+    _LOGGER.info("%s", summary)
+    if init == "svd" and rank is None and tol is None:
+        large = [r for r in summary.converted if r.rel_error > _WARN_ERROR]
+        if large:
+            listed = ", ".join(f"{r.path!r} {r.rel_error:.3g}" for r in large)
+            warnings.warn(
+                "to_low_rank: with neither `rank` nor `tol` each layer keeps capacity-many "
+                "singular values (floor(min(n, m) / 2) by default), which changes the weights by "
+                f"more than {_WARN_ERROR:g} (relative Frobenius error): {listed}. Pass `tol=` "
+                "(the smallest rank within that relative error) or `rank=` to choose; "
+                "report=True returns the per-layer summary.",
+                UserWarning,
+                stacklevel=2,
+            )
+    return (new_model, summary) if report else new_model
 
 
 def _wrap_errors(where: str, fn: Callable, *args, **kwargs):

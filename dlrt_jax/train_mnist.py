@@ -43,7 +43,14 @@ import optax
 
 import dlrt_jax
 from dlrt_jax import models
-from dlrt_jax.data import batch_iterator, load_dataset, num_batches, preprocess
+from dlrt_jax.data import (
+    DATA_DIR_ENV_VAR,
+    DatasetNotFoundError,
+    batch_iterator,
+    load_dataset,
+    num_batches,
+    preprocess,
+)
 
 __all__ = [
     "INTEGRATORS",
@@ -69,16 +76,57 @@ INTEGRATORS = {
 }
 
 
+#: ``--inner`` choices: the optimiser of the K-, L- and S-steps, built from a learning rate.
+INNER = {
+    "adam": "optax.adam, moments transported into each new basis (default)",
+    "reference": "reference_adam: the paper's TF step (fresh Adam slots every step)",
+    "isotropic": "isotropic_adam: one second moment per factor",
+    "momentum": "optax.sgd with momentum 0.9, transported",
+}
+
+#: Learning rate of K, L, S relative to ``--lr`` (Adam's per-entry steps on the factors move
+#: ``W`` by about ``sqrt(r / m)`` of a dense Adam step on ``W``; see ``benchmarks/README.md``).
+FACTOR_LR_SCALE = 3.0
+
+#: Scale of the initial singular values (sorted ``|N(0, 1)|`` samples times this). Under the
+#: relative truncation rule the rank settles where the smallest kept singular value reaches
+#: ``tau * ||sigma||``; with the paper's O(1) random spectrum that point is set by the random
+#: initial spectrum, with a small one by what training adds (``benchmarks/README.md``).
+INIT_SCALE = 0.1
+
+
+def inner_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+    """The inner optimiser named ``name`` (a key of :data:`INNER`) at ``learning_rate``.
+
+    Example:
+        >>> type(inner_optimizer("reference", 1e-3)).__name__
+        'GradientTransformation'
+    """
+    if name == "adam":
+        return optax.adam(learning_rate)
+    if name == "reference":
+        return dlrt_jax.reference_adam(learning_rate)
+    if name == "isotropic":
+        return dlrt_jax.isotropic_adam(learning_rate)
+    if name == "momentum":
+        return optax.sgd(learning_rate, momentum=0.9)
+    raise ValueError(f"`inner` must be one of {sorted(INNER)}, got {name!r}.")
+
+
 def build_transform(
     integrator: str,
     optimizer: optax.GradientTransformation | float,
     *,
     tau: float | None = None,
     max_rank: int | None = None,
+    other_optimizer: optax.GradientTransformation | float | None = None,
+    truncate_every: int = 1,
 ) -> tuple[optax.GradientTransformationExtraArgs, bool]:
     """The DLRT transform named ``integrator`` and whether it needs ``grad_fn``.
 
-    ``tau`` is used by the rank-adaptive integrators (``bug``, ``parallel_bug``) only.
+    ``optimizer`` trains ``K``, ``L``, ``S``; ``other_optimizer`` (default: ``optimizer``) the
+    biases and the dense classifier. ``tau`` and ``truncate_every`` are used by the rank-adaptive
+    integrators (``bug``, ``parallel_bug``) only.
 
     Example:
         >>> import optax
@@ -91,14 +139,19 @@ def build_transform(
     adaptive = INTEGRATORS[integrator][1]
     if adaptive and tau is None:
         raise ValueError(f"`{integrator}` is rank-adaptive and needs `tau` (> 0).")
+    kw = {"other_optimizer": other_optimizer}
     if integrator == "bug":
-        tx = dlrt_jax.bug(optimizer, tau=tau, max_rank=max_rank)
+        tx = dlrt_jax.bug(
+            optimizer, tau=tau, max_rank=max_rank, truncate_every=truncate_every, **kw
+        )
     elif integrator == "parallel_bug":
-        tx = dlrt_jax.parallel_bug(optimizer, tau=tau, max_rank=max_rank)
+        tx = dlrt_jax.parallel_bug(
+            optimizer, tau=tau, max_rank=max_rank, truncate_every=truncate_every, **kw
+        )
     elif integrator == "ksl":
-        tx = dlrt_jax.projector_splitting(optimizer)
+        tx = dlrt_jax.projector_splitting(optimizer, **kw)
     else:
-        tx = dlrt_jax.bug(optimizer, tau=None)
+        tx = dlrt_jax.bug(optimizer, tau=None, **kw)
     return tx, INTEGRATORS[integrator][2]
 
 
@@ -474,17 +527,80 @@ def _final_table(history: Sequence[dict[str, Any]], dense_params: int, wall: flo
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+DEFAULT_TAU = 0.09  # --tau of the rank-adaptive integrators when not given
+DEFAULT_FIXED_RANK = 32  # --rank of the fixed-rank integrators: min(32, width // 4, --max-rank)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where the help text states it itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.help and "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dlrt-mnist",
         description="Rank-adaptive DLRT training of the 5-layer MLP 784-w-w-w-w-10 on MNIST.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--tau", type=float, default=0.09, help="relative truncation tolerance")
-    p.add_argument("--integrator", choices=sorted(INTEGRATORS), default="bug")
-    p.add_argument("--width", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs")
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help=f"relative truncation tolerance in [0, 1) of the rank-adaptive integrators (default "
+        f"{DEFAULT_TAU:g}); an error with the fixed-rank ksl / bug_fixed",
+    )
+    p.add_argument(
+        "--integrator", choices=sorted(INTEGRATORS), default="parallel_bug", help="DLRT integrator"
+    )
+    p.add_argument(
+        "--inner", choices=sorted(INNER), default="adam", help="optimiser of the K, L, S steps"
+    )
+    p.add_argument(
+        "--factor-lr",
+        type=float,
+        default=None,
+        help=f"learning rate of K, L, S (default {FACTOR_LR_SCALE:g} x --lr; --lr with --preset "
+        "paper)",
+    )
+    p.add_argument(
+        "--init-scale",
+        type=float,
+        default=INIT_SCALE,
+        help="scale of the initial singular values (the paper: sorted |N(0, 1)| samples, 1.0)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["paper"],
+        default=None,
+        help="paper: the reference TF dynamics (rank-adaptive bug, reference_adam at --lr, "
+        "init scale 1); overrides --integrator, --inner, --factor-lr, --init-scale",
+    )
+    p.add_argument(
+        "--truncate-every",
+        type=int,
+        default=1,
+        help="truncate with tau every N steps (ranks stay at the capacity in between)",
+    )
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=10,
+        help="read the ranks and resize the capacities every N steps (CapacityPolicy; 0: never)",
+    )
+    p.add_argument(
+        "--headroom",
+        type=float,
+        default=1.0,
+        help="capacity target: max(headroom x rank, rank + 8) rounded up to a multiple of 8",
+    )
+    p.add_argument("--width", type=int, default=500, help="hidden width w")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--data-dir", default=None, help="default: $DLRT_DATA_DIR or the user cache")
     p.add_argument("--out", default="./results", help="results directory")
@@ -498,18 +614,19 @@ def _parser() -> argparse.ArgumentParser:
         "--rank",
         type=int,
         default=None,
-        help="fixed rank for ksl/bug_fixed (default: the adaptive starting rank)",
+        help=f"fixed rank for ksl/bug_fixed (default: min({DEFAULT_FIXED_RANK}, width // 4, "
+        "--max-rank), which trains fewer parameters than the dense layers)",
     )
     p.add_argument(
         "--fit-capacity-every",
         type=int,
-        default=1,
-        help="refit capacities every N epochs (0: never; adaptive integrators only)",
+        default=0,
+        help="also refit capacities (fit_capacity, headroom 2) every N epochs (0: never)",
     )
     p.add_argument(
         "--fit-capacity-after-steps",
         type=int,
-        default=25,
+        default=0,
         help="one extra capacity refit after this many steps of epoch 1 (0: none)",
     )
     p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
@@ -527,8 +644,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     The dictionary has ``config``, ``history`` (per epoch), ``final`` (the table's numbers),
     ``environment`` and ``paths`` (``json``, ``png``).
+
+    ``--tau`` (default ``DEFAULT_TAU`` = 0.09) belongs to the rank-adaptive integrators: given
+    with ``ksl`` / ``bug_fixed`` it is an error. Those keep ``--rank``, by default
+    ``min(DEFAULT_FIXED_RANK, width // 4, --max-rank)`` (32 for the paper's width 500), which
+    trains fewer parameters than the dense layers (positive train compression; the adaptive
+    starting rank ``floor(min(n, m) / 2)`` would train more). Missing MNIST files exit with a
+    message (no traceback) naming ``--data-dir`` and ``$DLRT_DATA_DIR``.
     """
     args = _parser().parse_args(argv)
+    if args.tau is not None and not INTEGRATORS[args.integrator][1] and args.preset is None:
+        raise SystemExit(
+            f"--tau applies to the rank-adaptive integrators (bug, parallel_bug); "
+            f"--integrator {args.integrator} keeps a fixed rank (--rank): drop --tau or choose a "
+            "rank-adaptive integrator"
+        )
+    if args.tau is None:
+        args.tau = DEFAULT_TAU
     for name in ("epochs", "width", "batch_size"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -537,22 +669,54 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.lr > 0:
         raise SystemExit("--lr must be > 0")
     adaptive = INTEGRATORS[args.integrator][1]
-    if adaptive and not args.tau > 0:
-        raise SystemExit("--tau must be > 0 for the rank-adaptive integrators")
+    if adaptive and not 0 < args.tau < 1:
+        raise SystemExit("--tau must be in (0, 1) for the rank-adaptive integrators")
+    if args.preset == "paper":
+        args.integrator, args.inner, args.factor_lr, args.init_scale = "bug", "reference", None, 1
+        adaptive = True
+    if args.factor_lr is None:
+        args.factor_lr = args.lr * (1.0 if args.preset == "paper" else FACTOR_LR_SCALE)
+    if not args.factor_lr > 0 or not args.init_scale > 0:
+        raise SystemExit("--factor-lr and --init-scale must be > 0")
+    if args.truncate_every < 1 or args.check_every < 0:
+        raise SystemExit("--truncate-every must be >= 1 and --check-every >= 0")
+    if args.truncate_every > 1 and args.check_every and args.check_every % args.truncate_every:
+        raise SystemExit(
+            "--check-every must be a multiple of --truncate-every (between truncations the "
+            "ranks sit at the capacity, so the capacity policy must read them after one)"
+        )
+    if not adaptive and args.rank is None:
+        cap = args.max_rank or DEFAULT_FIXED_RANK
+        args.rank = max(1, min(DEFAULT_FIXED_RANK, args.width // 4, cap))
     t_start = time.perf_counter()
-    data = load_mnist(args.data_dir, subset=args.subset)
+    try:
+        data = load_mnist(args.data_dir, subset=args.subset)
+    except DatasetNotFoundError as e:
+        message = str(e).replace("pass data_dir=.", "pass --data-dir DIR.")
+        raise SystemExit(
+            f"{message}\n\nOn the command line: pass --data-dir DIR (the directory holding "
+            f"mnist/) or set the {DATA_DIR_ENV_VAR} environment variable."
+        ) from None
     params = models.init_mlp(
         jax.random.key(args.seed),
         args.width,
         rank=None if adaptive else args.rank,
         max_rank=args.max_rank,
+        scale=args.init_scale,
     )
     tx, needs_grad_fn = build_transform(
         args.integrator,
-        optax.adam(args.lr),
+        inner_optimizer(args.inner, args.factor_lr),
         tau=args.tau if adaptive else None,
         max_rank=args.max_rank,
+        other_optimizer=optax.adam(args.lr),
+        truncate_every=args.truncate_every,
     )
+    policy = None
+    if adaptive and args.check_every:
+        policy = dlrt_jax.CapacityPolicy(
+            every=args.check_every, headroom=args.headroom, max_capacity=args.max_rank
+        )
     result = train(
         params,
         tx,
@@ -568,6 +732,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         progress=not args.no_progress,
         desc=args.integrator,
         log=print,
+        capacity_policy=policy,
     )
     wall = time.perf_counter() - t_start
     history = result.history

@@ -91,3 +91,57 @@ def test_a_run_whose_ranks_move_compiles_once_per_bucket():
     assert len(traces) == len(set(caps)) + (24 not in caps)  # one compile per capacity visited
     assert len(traces) <= 5
     assert float(loss(params)) < 1e-3
+
+
+def test_truncate_every_k_steps_lets_the_rank_grow_between_truncations():
+    n, m = 24, 20
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    A = jax.random.normal(k1, (n, 2)) @ jax.random.normal(k2, (2, m))
+    X = jax.random.normal(k3, (64, m))
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.sum((p["w"](X) - X @ A.T) ** 2, axis=-1))
+
+    params = {"w": LowRank.random(jax.random.key(0), (n, m), rank=2, capacity=8)}
+    tx = dlrt_jax.parallel_bug(optax.adam(0.01), tau=0.2, truncate_every=4)
+    state = tx.init(params)
+    ranks = []
+    for _ in range(12):
+        u, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, u)
+        ranks.append(int(params["w"].rank))
+    # steps 1-3, 5-7, 9-11 keep everything up to the capacity; steps 4, 8, 12 truncate
+    assert ranks[2] == ranks[6] == ranks[10] == 8, ranks
+    assert all(ranks[i] < 8 for i in (3, 7, 11)), ranks
+    # the same through optax.inject_hyperparams (truncate_every becomes an array)
+    inj = optax.inject_hyperparams(dlrt_jax.parallel_bug)(
+        optimizer=optax.adam(0.01), tau=0.2, truncate_every=4
+    )
+    p = {"w": LowRank.random(jax.random.key(0), (n, m), rank=2, capacity=8)}
+    s = inj.init(p)
+    inj_ranks = []
+    for _ in range(4):
+        u, s = jax.jit(inj.update)(jax.grad(loss)(p), s, p)
+        p = optax.apply_updates(p, u)
+        inj_ranks.append(int(p["w"].rank))
+    assert inj_ranks == ranks[:4]
+    with pytest.raises(ValueError, match="truncate_every"):
+        dlrt_jax.parallel_bug(0.1, tau=0.1, truncate_every=0)
+
+
+def test_lowrank_truncate_applies_the_rule_and_keeps_w_to_the_tail():
+    s = jnp.array([3.0, 1.0, 0.2, 0.01])
+    w = LowRank.random(jax.random.key(1), (10, 9), rank=4, capacity=6, singular_values=s)
+    # rotate S so that the truncation needs the SVD (a non-diagonal core)
+    Q = jnp.linalg.qr(jax.random.normal(jax.random.key(2), (6, 6)))[0]
+    mask = (jnp.arange(6) < 4)[:, None] & (jnp.arange(6) < 4)[None, :]
+    Qa = jnp.where(mask, Q, jnp.eye(6))  # keep the active block separate from the inactive one
+    Qa = jnp.linalg.qr(Qa)[0]
+    w2 = LowRank(w.U @ Qa, Qa.T @ w.S @ Qa, w.V @ Qa, 4)
+    np.testing.assert_allclose(w2.to_dense(), w.to_dense(), atol=1e-5)
+    t = w2.truncate(0.05)  # tail [0.2, 0.01] has norm 0.2 > 0.05 * ||s||: keeps 3
+    assert int(t.rank) == 3 and t.capacity == 6
+    err = float(jnp.linalg.norm(t.to_dense() - w.to_dense()))
+    np.testing.assert_allclose(err, 0.01, rtol=1e-3)
+    assert int(w2.truncate(0.2, min_rank=1).rank) == 2  # tail 0.2002 <= 0.2 * 3.17
+    assert int(jax.jit(lambda x: x.truncate(0.05))(w2).rank) == 3

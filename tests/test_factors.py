@@ -189,8 +189,10 @@ def test_bad_ranks_and_capacities():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match="rank"):
         LowRank.random(key, (6, 4), rank=0)
-    with pytest.raises(ValueError, match=r"rank.*\[1, capacity=2\]"):
+    with pytest.raises(ValueError, match=r"`rank`=3 exceeds the capacity 2.*larger `capacity=`"):
         LowRank.random(key, (6, 4), rank=3)
+    with pytest.raises(ValueError, match=r"`rank` must be >= 1, got 0"):
+        LowRank(jnp.zeros((6, 2)), jnp.zeros((2, 2)), jnp.zeros((5, 2)), rank=0)
     with pytest.raises(ValueError, match=r"capacity.*min\(n, m\)=4"):
         LowRank.random(key, (6, 4), rank=2, capacity=5)
     with pytest.raises(ValueError, match="capacity"):
@@ -215,3 +217,39 @@ def test_bad_dtypes_and_shapes():
         LowRank.from_dense(jnp.ones((4, 4)))
     with pytest.raises(TypeError, match="floating"):
         LowRank.from_dense(jnp.ones((4, 4), jnp.int32), rank=1)
+
+
+@pytest.mark.parametrize("slot", ["U", "S", "V"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nonfinite_factors_are_rejected_when_concrete(slot, value):
+    x = LowRank.random(jax.random.key(0), (6, 4), rank=2)
+    bad = {k: getattr(x, k) for k in ("U", "S", "V")}
+    bad[slot] = bad[slot].at[1, 0].set(value)
+    with pytest.raises(ValueError, match=f"`{slot}` contains 1 NaN or Inf entries"):
+        LowRank(**bad, rank=2)
+    with pytest.raises(ValueError, match=f"`{slot}` contains 1 NaN or Inf"):
+        x.replace(**{slot: bad[slot]})
+    # traced arrays are not checked: the same construction runs under jit
+    out = jax.jit(lambda U, S, V: LowRank(U, S, V, 2).to_dense())(**bad)
+    assert not bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_replace_on_a_gradient_keeps_its_zero_rank_slot():
+    x = LowRank.random(jax.random.key(0), (6, 4), rank=2, capacity=2)
+    xin = jax.random.normal(jax.random.key(1), (3, 4))
+    g = jax.grad(lambda w: jnp.sum(jnp.sin(w(xin))))(x)
+    assert float(g.rank) == 0.0  # a cotangent, not a factor
+    clipped = g.replace(S=0.5 * g.S, U=jnp.clip(g.U, -0.1, 0.1))
+    assert isinstance(clipped, LowRank) and float(clipped.rank) == 0.0
+    np.testing.assert_allclose(clipped.S, 0.5 * np.asarray(g.S))
+    np.testing.assert_allclose(clipped.U, np.clip(np.asarray(g.U), -0.1, 0.1))
+    np.testing.assert_array_equal(clipped.V, g.V)
+    assert float(g.replace(U=g.U.at[0, 0].set(jnp.nan)).rank) == 0.0  # NaN gradients: skipped
+    with pytest.raises(ValueError, match="Inconsistent factor shapes"):
+        g.replace(S=jnp.zeros((3, 3)))  # shapes are still checked
+    with pytest.raises(ValueError, match="`rank` must be >= 1"):
+        g.replace(rank=0)  # a rank given explicitly is validated
+    assert int(g.replace(rank=1).active_rank) == 1
+    # an ordinary factor is validated as before, naming the argument to change
+    with pytest.raises(ValueError, match=r"`rank`=3 exceeds the capacity 2.*`capacity=`"):
+        x.replace(rank=3)

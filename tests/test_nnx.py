@@ -4,6 +4,9 @@ References are written independently here: dense ``x @ W^T + b`` and ``lax.conv_
 / ``nnx.Conv`` with the reconstructed kernel, and ``G = dL/dW`` by autodiff of the dense model.
 """
 
+import logging
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,7 @@ from flax import nnx
 import dlrt_jax
 from dlrt_jax import LowRank, is_lowrank
 from dlrt_jax.nnx import (
+    ConversionSummary,
     DLRTOptimizer,
     LowRankConv,
     LowRankLinear,
@@ -82,6 +86,27 @@ def test_lowrank_param_state_split_merge_and_grad():
 
     with pytest.raises(TypeError, match="LowRankParam holds a dlrt_jax.LowRank"):
         LowRankParam(jnp.zeros((3, 3)))
+
+
+def test_lowrank_param_ellipsis_index_gets_and_sets_the_factor():
+    layer = LowRankLinear(8, 6, rank=2, capacity=3, rngs=nnx.Rngs(0))
+    factor = layer.kernel[...]
+    assert isinstance(factor, LowRank) and factor.shape == (6, 8) and factor.capacity == 3
+    np.testing.assert_array_equal(factor.U, layer.kernel.get_value().U)
+    x = jax.random.normal(jax.random.key(1), (4, 8))
+    new = LowRank.random(jax.random.key(2), (6, 8), rank=1, capacity=3)
+    layer.kernel[...] = new
+    assert int(layer.rank) == 1
+    np.testing.assert_allclose(layer(x), x @ new.to_dense().T + layer.bias[...], atol=ATOL)
+    # the same access inside nnx.jit
+    rank = nnx.jit(lambda m: m.kernel[...].active_rank)(layer)
+    assert int(rank) == 1
+    with pytest.raises(TypeError, match="needs a LowRank, got ArrayImpl"):
+        layer.kernel[...] = jnp.zeros((8, 6))
+    with pytest.raises(TypeError, match=r"only the index `...`.*param\[...\].U"):
+        layer.kernel[0]
+    with pytest.raises(TypeError, match="only the index"):
+        layer.kernel[0] = new
 
 
 # ---- LowRankLinear -------------------------------------------------------------------------------
@@ -455,6 +480,128 @@ def test_to_low_rank_sequential_shared_layers_and_root():
     shared = to_low_rank(Shared(seq.layers[0]), rank=2)
     assert type(shared.a) is LowRankLinear and shared.a is shared.b  # sharing is kept
     assert type(to_low_rank(seq.layers[0], rank=2)) is LowRankLinear  # the root itself
+
+
+@pytest.mark.parametrize(
+    "filter, converted",
+    [
+        (nnx.Any("fc1", nnx.Conv), {"conv", "fc1"}),  # a string inside nnx.Any: a path pattern
+        (nnx.All(nnx.Linear, nnx.Not("head")), {"fc1", "fc2"}),
+        (["head", nnx.Conv], {"head", "conv"}),  # a list: any of
+        ("fc[12]", {"fc1", "fc2"}),  # a regular expression over one path element
+        ("block/fc2", {"fc2"}),  # ... or over the '/'-joined path
+        (nnx.PathContains("fc", exact=False), {"fc1", "fc2"}),
+        (True, {"conv", "fc1", "fc2", "head"}),
+        (..., {"conv", "fc1", "fc2", "head"}),
+    ],
+)
+def test_to_low_rank_takes_flax_filters(filter, converted):
+    model = _Net(nnx.Rngs(0))
+    new, summary = to_low_rank(model, filter=filter, rank=3, capacity=3, report=True)
+    kinds = _kinds(new)
+    got = {name for name, kind in kinds.items() if kind.startswith("LowRank")}
+    assert got == converted
+    excluded = {r.path.split("/")[-1] for r in summary.skipped if "filter" in r.note}
+    assert excluded == {"conv", "fc1", "fc2", "head"} - converted
+
+
+def test_to_low_rank_filter_errors():
+    model = _Net(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="matched no nnx.Linear"):
+        to_low_rank(model, filter="fc", rank=2)  # a full match: 'fc' is not 'fc1'
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        to_low_rank(model, filter="fc[", rank=2)
+    with pytest.raises(ValueError, match="matched no nnx.Linear"):
+        to_low_rank(model, filter=False, rank=2)
+
+
+class _Zoo(nnx.Module):
+    """Layers to_low_rank must convert, and layers with parameters it must report as skipped."""
+
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(12, 10, rngs=rngs)
+        self.conv = nnx.Conv(2, 6, (3, 3), rngs=rngs)  # W is 6 x 18
+        self.head = nnx.Linear(10, 3, rngs=rngs)
+        self.embed = nnx.Embed(7, 12, rngs=rngs)
+        self.norm = nnx.LayerNorm(10, rngs=rngs)
+        self.general = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)
+        self.einsum = nnx.Einsum("ab,bc->ac", (12, 5), rngs=rngs)
+        self.low = LowRankLinear(10, 10, rank=2, rngs=rngs)
+        self.drop = nnx.Dropout(0.1)  # no parameters: not reported
+
+
+def test_to_low_rank_summary_reports_every_layer_with_errors(caplog):
+    model = _Zoo(nnx.Rngs(0))
+    with caplog.at_level(logging.INFO, logger="dlrt_jax.nnx"):
+        new, summary = to_low_rank(
+            model, filter=lambda path, m: path[-1] != "head", rank=3, report=True
+        )
+    assert isinstance(summary, ConversionSummary)
+    converted = {r.path: r for r in summary.converted}
+    assert set(converted) == {"fc", "conv"}
+    for name, (n, m) in (("fc", (10, 12)), ("conv", (6, 18))):
+        rec, layer, dense = converted[name], getattr(new, name), getattr(model, name)
+        assert rec.shape == (n, m) and rec.rank == int(layer.rank) == 3
+        assert rec.capacity == layer.capacity == max(min(n, m) // 2, 3)
+        W = np.asarray(dense.kernel[...], np.float64).reshape(-1, n).T
+        Wr = np.asarray(layer.factor.to_dense(), np.float64)
+        expected = np.linalg.norm(W - Wr) / np.linalg.norm(W)
+        np.testing.assert_allclose(rec.rel_error, expected, rtol=1e-4)
+        assert rec.rel_error > 0.05  # rank 3 of a random matrix: a real change, reported
+    skipped = {r.path: r.note for r in summary.skipped}
+    assert set(skipped) == {"head", "embed", "norm", "general", "einsum", "low"}
+    assert skipped["head"] == "excluded by `filter`"
+    assert "embedding" in skipped["embed"] and "not an nnx.Linear / nnx.Conv" in skipped["embed"]
+    assert "scale" in skipped["norm"] and "kernel" in skipped["general"]
+    assert "kernel" in skipped["einsum"] and skipped["low"] == "already a low-rank layer"
+    assert summary.max_rel_error == max(r.rel_error for r in summary.converted)
+    table = str(summary)
+    assert table.startswith("to_low_rank: 2 layer(s) converted, 6 skipped")
+    for path in ("fc", "conv", "head", "embed", "norm", "general", "einsum", "low"):
+        assert any(line.startswith(path + " ") for line in table.splitlines()), path
+    assert f"{converted['fc'].rel_error:.3g}" in table
+    assert [r.getMessage() for r in caplog.records if r.name == "dlrt_jax.nnx"] == [table]
+    assert not isinstance(to_low_rank(model, filter="fc", rank=3), tuple)  # report=False
+
+
+def test_to_low_rank_tol_is_honoured_beyond_half_the_smaller_dimension():
+    model = _Net(nnx.Rngs(0))
+    W = np.asarray(model.fc1.kernel[...], np.float64).T  # 6 x 6, full rank
+    sigma = np.linalg.svd(W, compute_uv=False)
+    tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0) / np.linalg.norm(W)
+    tol = 0.5 * (tails[4] + tails[5])  # needs rank 5 > floor(6 / 2) = 3
+    new, summary = to_low_rank(model, filter="fc1", tol=tol, report=True)
+    (rec,) = summary.converted
+    assert rec.rank == int(new.fc1.rank) == 5 and rec.capacity == new.fc1.capacity == 5
+    assert "fixed-rank integrators only" in rec.note
+    err = np.linalg.norm(np.asarray(new.fc1.factor.to_dense()) - W) / np.linalg.norm(W)
+    assert err <= tol and rec.rel_error <= tol
+    np.testing.assert_allclose(rec.rel_error, tails[5], rtol=1e-4)
+    # the same rule in from_linear (previously clamped at the capacity 3)
+    assert int(LowRankLinear.from_linear(model.fc1, tol=tol).rank) == 5
+    with pytest.raises(ValueError, match=r"'fc1'.*`tol`=.* needs rank 5.*`capacity=` >= 5"):
+        to_low_rank(model, filter="fc1", tol=tol, capacity=3)
+    # the rank-adaptive integrators refuse that capacity clearly, a fixed-rank one trains it
+    with pytest.raises(ValueError, match=r"capacity <= floor\(min\(n, m\) / 2\)"):
+        DLRTOptimizer(new, dlrt_jax.bug(optax.sgd(0.1), tau=0.1))
+    DLRTOptimizer(new, dlrt_jax.bug(optax.sgd(0.1)))
+
+
+def test_to_low_rank_default_rank_warns_with_each_layers_error():
+    model = _Net(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"neither `rank` nor `tol`.*'fc1' 0\.\d+.*`tol=`"):
+        _, summary = to_low_rank(model, filter="fc1", report=True)
+    assert summary.converted[0].rel_error > 1e-3
+    # an explicit rank or tol, or a default truncation that is exact, does not warn
+    exact = _Net(nnx.Rngs(0))
+    U = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 2)))[0]
+    exact.fc1.kernel[...] = jnp.asarray(U @ np.diag([2.0, 1.0]) @ U.T, jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_low_rank(model, filter="fc1", rank=2)
+        to_low_rank(model, filter="fc1", tol=0.2)
+        _, summary = to_low_rank(exact, filter="fc1", report=True)
+    assert summary.converted[0].rel_error < 1e-6
 
 
 # ---- training through DLRTOptimizer --------------------------------------------------------------

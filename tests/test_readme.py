@@ -22,7 +22,7 @@ def test_regression_example_trains_with_every_integrator(capsys):
     assert len(lines) == 4
     for line in lines:
         loss = float(re.search(r"loss ([0-9.e+-]+)", line).group(1))
-        assert loss < 0.1, line  # starts near 29
+        assert loss < 1e-7, line  # starts near 29; every integrator converges (1e-11 .. 1e-9)
 
 
 def test_nnx_example_builds():

@@ -232,7 +232,10 @@ def test_main_quick_run_on_real_mnist(tmp_path):
     assert final["ranks"] != [32, 32, 32, 32]  # tau = 0.09 truncates the random start
     assert 0.0 < final["eval_compression"] < 1.0
     assert saved["environment"]["jax"] == jax.__version__
-    assert saved["config"]["integrator"] == "bug"
+    assert saved["config"]["integrator"] == "parallel_bug"  # the default
+    assert saved["config"]["factor_lr"] == pytest.approx(3 * 3e-3)  # FACTOR_LR_SCALE x --lr
+    h = saved["history"][1]
+    assert h["compiled_steps"] == h["num_resizes"] + 1  # one compile per capacity set
 
 
 def test_main_returns_none_for_the_console_script(tmp_path):
@@ -242,3 +245,95 @@ def test_main_returns_none_for_the_console_script(tmp_path):
     assert train_mnist.main(argv) is None  # console scripts call sys.exit(main())
     saved = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert saved["final"]["ranks"] == [4, 4, 4, 4]  # fixed rank
+
+
+def test_train_with_a_capacity_policy_follows_the_rank_with_bounded_compiles():
+    """A run whose ranks fall: the policy shrinks the capacities in a few buckets and the step
+    compiles once per set of capacities it visits."""
+    key = jax.random.key(0)
+    x = jax.random.uniform(key, (512, 784))
+    y = (jnp.arange(512) % 10).astype(jnp.int32)
+    data = (np.asarray(x), np.asarray(y), np.asarray(x[:64]), np.asarray(y[:64]))
+    params = models.init_mlp(jax.random.key(1), 64, scale=0.1)  # rank = capacity = 32
+    tx, needs = train_mnist.build_transform(
+        "parallel_bug", optax.adam(1e-2), tau=0.2, other_optimizer=optax.adam(1e-3)
+    )
+    policy = dlrt_jax.CapacityPolicy(every=4, headroom=1.25, min_free=2, multiple=8)
+    result = train_mnist.train(
+        params,
+        tx,
+        apply_fn=models.mlp_apply,
+        data=data,
+        epochs=2,
+        batch_size=32,
+        needs_grad_fn=needs,
+        progress=False,
+        capacity_policy=policy,
+    )
+    last = result.history[-1]
+    assert max(last["capacities"]) < 32, last  # shrunk
+    assert last["num_resizes"] >= 1  # cumulative over the run
+    assert 2 <= last["compiled_steps"] <= 1 + last["num_resizes"]  # once per capacity set
+    for r, c in zip(last["ranks"], last["capacities"], strict=True):
+        assert r <= c <= policy.target(_factor(64, 64, c), rank=r) + policy.multiple
+
+
+# ---- command line: messages, defaults ----------------------------------------------------------
+
+
+def _fake_mnist(data_dir=None, *, subset=None):
+    """A tiny random stand-in for load_mnist (no files needed)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((96, 784), dtype=np.float32)
+    y = rng.integers(0, 10, 96).astype(np.int32)
+    return x[:64], y[:64], x[64:], y[64:]
+
+
+def test_cli_missing_data_exits_with_a_message_naming_the_option(monkeypatch, tmp_path):
+    def no_download(data_dir=None, *, subset=None):
+        return dlrt_jax.data.load_dataset("mnist", data_dir, download=False)
+
+    monkeypatch.setattr(train_mnist, "load_mnist", no_download)
+    argv = ["--data-dir", str(tmp_path), "--epochs", "1", "--width", "16", "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        train_mnist.run([*argv, "--out", str(tmp_path)])
+    message = exc.value.code
+    assert isinstance(message, str)  # printed by the interpreter, exit status 1
+    assert "train-images-idx3-ubyte.gz" in message  # the data module's message is kept
+    assert "--data-dir" in message and "DLRT_DATA_DIR" in message
+    assert "data_dir=" not in message  # the Python argument name means nothing on the CLI
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__  # no traceback chain
+
+
+def test_cli_help_shows_the_defaults(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as exc:
+        train_mnist.run(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 10)", "(default: 256)", "(default: 500)", "(default 0.09)"):
+        assert text in out, text
+    tau_help = "--tau TAU relative truncation tolerance in [0, 1) of the rank-adaptive"
+    assert f"{tau_help} integrators (default 0.09); an error with the fixed-rank" in out
+    assert "(default: None)" not in out.split("--tau")[2].split("--integrator")[0]
+
+
+def test_cli_tau_with_a_fixed_rank_integrator_is_an_error(monkeypatch):
+    monkeypatch.setattr(train_mnist, "load_mnist", _fake_mnist)
+    with pytest.raises(SystemExit, match="--tau applies to the rank-adaptive integrators"):
+        train_mnist.run(["--integrator", "ksl", "--tau", "0.1"])
+    with pytest.raises(SystemExit, match=r"--tau must be in \(0, 1\)"):
+        train_mnist.run(["--integrator", "bug", "--tau", "1.5"])
+
+
+def test_cli_fixed_rank_default_gives_positive_train_compression(monkeypatch, tmp_path):
+    # width 200: the adaptive start floor(200 / 2) = 100 would train 100 * 400 + 100^2 = 50,000
+    # parameters per 200 x 200 layer (more than its 40,000); the fixed-rank default is 32
+    monkeypatch.setattr(train_mnist, "load_mnist", _fake_mnist)
+    argv = ["--integrator", "bug_fixed", "--epochs", "1", "--width", "200", "--batch-size", "32"]
+    results = train_mnist.run([*argv, "--no-progress", "--out", str(tmp_path)])
+    final = results["final"]
+    assert final["ranks"] == [32, 32, 32, 32] and results["config"]["rank"] == 32
+    assert final["train_compression"] > 0 and final["eval_compression"] > 0
+    assert results["config"]["tau"] == 0.09  # resolved, though a fixed-rank run does not use it
+    assert train_mnist._parser().parse_args(["--width", "64"]).rank is None

@@ -263,6 +263,18 @@ def test_hyperparameters_are_validated_at_construction():
         dlrt_jax.bug("adam")
 
 
+@pytest.mark.parametrize("make", [dlrt_jax.bug, dlrt_jax.parallel_bug])
+def test_relative_tau_of_one_or_more_is_rejected_absolute_is_not(make):
+    for tau in (1.0, 2.5, np.float32(1.0)):
+        with pytest.raises(ValueError, match=r"relative `tau` must be in \[0, 1\).*absolute=True"):
+            make(0.1, tau=tau)
+    make(0.1, tau=0.99)  # just below 1: a valid relative tolerance
+    # an absolute tolerance is a threshold on the tail norm: 1.0 and more are meaningful
+    params = _params(rank=3)
+    tx = make(0.1, tau=1.0, absolute=True)
+    tx.init(params)
+
+
 def test_factor_constraints_checked_at_init():
     wide = {"w": LowRank.random(jax.random.key(0), (N, M), rank=2, capacity=8)}
     with pytest.raises(ValueError, match=r"capacity <= floor\(min\(n, m\) / 2\) = 6"):
