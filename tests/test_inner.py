@@ -101,7 +101,7 @@ def _momentum(lr):
 )
 def test_dlrt_converges_like_its_dense_baseline_on_a_rank_3_regression(name, factory, inner, bound):
     """The same inner optimiser on dense W reaches < 1e-8 here; DLRT finds rank 3 and converges
-    (with momentum to the same level; Adam inside the integrator is slower: see benchmarks/README)."""
+    (with momentum to the same level; Adam inside the integrator is slower: benchmarks/README)."""
     X, Y = _regression()
     key = jax.random.key(0)
 
