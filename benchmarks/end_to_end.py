@@ -1,8 +1,8 @@
-"""End to end: the main job's training run, DLRT variants and dense side by side, epoch by epoch.
+"""End to end: the main job's training run, DLRT variants and dense side by side, step by step.
 
 Every variant trains the paper's MLP 784-500x4-10 on MNIST (batch 256, the same batches in the
-same order); the variants' epochs are interleaved in one process (epoch 1 of every variant, then
-epoch 2, ...), so per-epoch step times are measured side by side under the same machine load.
+same order); the variants' steps are interleaved in one process (step k of every variant, then
+step k + 1, ...), so their step times are measured side by side under the same machine load.
 Capacities follow the ranks through :class:`dlrt_jax.CapacityPolicy` (the main job's default).
 Per epoch and variant: test accuracy, ranks, capacities, eval compression, median and mean step
 time (the mean includes compilations and resizes), and the number of compiled step variants.
@@ -166,23 +166,32 @@ def run(args) -> list[dict]:
         runs.append(dict(run_, policy=policy))
     rows = []
     for epoch in range(1, args.epochs + 1):
+        # step-level interleaving: every variant takes its step on the same batch, in turn, so
+        # that the step times of all variants are measured under the same machine load
+        for run_ in runs:
+            run_.update(times=[], losses=[], resizes=0, wall=0.0)
+        for xb, yb in batch_iterator(xtr, ytr, args.batch_size, seed=0, epoch=epoch):
+            batch = (jnp.asarray(xb), jnp.asarray(yb))
+            for run_ in runs:
+                t0 = time.perf_counter()
+                p, s, loss = run_["step"](run_["params"], run_["state"], batch)
+                jax.block_until_ready(p)
+                run_["times"].append(time.perf_counter() - t0)
+                run_["losses"].append(loss)
+                run_["n"] += 1
+                if run_["v"]["integrator"] != "dense":
+                    p, s, resized = run_["policy"](run_["n"], p, s)
+                    run_["resizes"] += int(resized)
+                run_["params"], run_["state"] = p, s
+                run_["wall"] += time.perf_counter() - t0
         for run_ in runs:
             v, step = run_["v"], run_["step"]
-            times, losses = [], []
-            t_epoch = time.perf_counter()
-            resizes = 0
-            for xb, yb in batch_iterator(xtr, ytr, args.batch_size, seed=0, epoch=epoch):
-                t0 = time.perf_counter()
-                p, s, loss = step(run_["params"], run_["state"], (jnp.asarray(xb), jnp.asarray(yb)))
-                jax.block_until_ready(p)
-                times.append(time.perf_counter() - t0)
-                losses.append(loss)
-                run_["n"] += 1
-                if v["integrator"] != "dense":
-                    p, s, resized = run_["policy"](run_["n"], p, s)
-                    resizes += int(resized)
-                run_["params"], run_["state"] = p, s
-            wall = time.perf_counter() - t_epoch
+            times, losses, resizes, wall = (
+                run_["times"],
+                run_["losses"],
+                run_["resizes"],
+                run_["wall"],
+            )
             final = run_["params"]
             if v["every"] > 1:  # evaluate the truncated model (ranks sit at the capacity between)
                 final = jax.tree_util.tree_map(
@@ -217,6 +226,54 @@ def run(args) -> list[dict]:
     return rows
 
 
+def speed_at_ranks(args) -> list[dict]:
+    """Median step time of each variant with its factors set to ``--speed-ranks`` (capacities
+    from the default ``CapacityPolicy``), against dense Adam, steps interleaved in random order."""
+    import random
+
+    x = jax.random.uniform(jax.random.key(1), (args.batch_size, 784))
+    batch = (x, jnp.arange(args.batch_size) % 10)
+    loss_fn = models.cross_entropy_loss(models.mlp_apply)
+    policy = dlrt_jax.CapacityPolicy()
+    runs = {}
+    for spec in args.variants:
+        v = parse_variant(spec, args)
+        params, tx, needs = build(v, args)
+        if v["integrator"] != "dense":
+            for layer, r in zip(params[:-1], args.speed_ranks, strict=True):
+                layer["w"] = layer["w"].replace(rank=r)
+            params, _ = dlrt_jax.resize_capacity(params, None, policy.target)
+        step = make_step(loss_fn, tx, needs_grad_fn=needs)
+        state = tx.init(params)
+        jax.block_until_ready(step(params, state, batch))
+        runs[spec] = (step, params, state, [])
+    for _ in range(args.rounds):
+        order = list(runs)
+        random.shuffle(order)
+        for spec in order:
+            step, params, state, times = runs[spec]
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(params, state, batch))
+            times.append(time.perf_counter() - t0)
+    rows = []
+    for spec, (_, params, _, times) in runs.items():
+        caps = [
+            x.capacity
+            for x in jax.tree_util.tree_leaves(params, is_leaf=dlrt_jax.is_lowrank)
+            if dlrt_jax.is_lowrank(x)
+        ]
+        rows.append(
+            {
+                "variant": spec,
+                "ranks": list(args.speed_ranks) if caps else [],
+                "capacities": caps,
+                "step_ms_median": round(1000 * statistics.median(times), 2),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     dense = {r["epoch"]: r["step_ms_median"] for r in rows if r["variant"].startswith("dense:adam")}
     head = "| variant | epoch | test acc % | ranks | eval c.r. % | median ms | vs dense | mean ms |"
@@ -248,19 +305,28 @@ def main(argv=None):
     )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 4096 examples, width 64")
+    p.add_argument(
+        "--speed-ranks",
+        type=int,
+        nargs=4,
+        default=None,
+        help="only time one step of each variant at these ranks (no training), interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=30, help="rounds of --speed-ranks timing")
     p.add_argument("--tag", default="end_to_end")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     if args.quick:
         args.subset, args.width = 4096, 64
-    rows = run(args)
+    rows = speed_at_ranks(args) if args.speed_ranks else run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / f"{args.tag}.csv", rows)
     (out / f"{args.tag}.json").write_text(
         json.dumps({"config": vars(args), "rows": rows, "environment": environment()}, indent=1)
     )
-    print(table(rows))
+    if not args.speed_ranks:
+        print(table(rows))
 
 
 if __name__ == "__main__":
