@@ -170,7 +170,7 @@ def _bucket(value: int, multiple: int) -> int:
     return multiple * math.ceil(value / multiple)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class CapacityPolicy:
     r"""When and how to resize capacities during training, so that a step's cost follows the rank.
 
@@ -183,8 +183,13 @@ class CapacityPolicy:
       :func:`default_capacity`);
     * every ``every`` steps the ranks are read (one host sync) and the factors are resized to
       ``t(r)`` when any capacity has left its band: ``c < t(r)`` (the rank is near the capacity:
-      grow at once) or ``c > t(r) + multiple`` (shrink only when at least two buckets too large,
-      so a rank that wobbles at a bucket edge does not resize back and forth).
+      grow at once), or ``c > t(r) + multiple`` (at least two buckets too large) when the rank
+      has stopped falling or ``c > 2 t(r)`` (so a rank that wobbles at a bucket edge does not
+      resize back and forth, and a rank that falls for many steps is followed by a few resizes,
+      not one per check).
+
+    The policy remembers the ranks of its last check (to tell a falling rank); use one policy
+    object per training run.
 
     Every resize keeps ``W`` and the optimiser moments exactly (:func:`resize_capacity`). ``jit``
     compiles once per distinct set of capacities and keeps every compiled step in its cache, so a
@@ -219,6 +224,8 @@ class CapacityPolicy:
     multiple: int = 8
     max_capacity: int | None = None
 
+    _previous: list = dataclasses.field(default_factory=list, init=False, repr=False)
+
     def __post_init__(self):
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(
@@ -251,10 +258,18 @@ class CapacityPolicy:
         want = _bucket(max(math.ceil(self.headroom * r), r + self.min_free), self.multiple)
         return max(r, min(want, self._limit(x)))
 
-    def needs_resize(self, x: LowRank, rank: int | None = None) -> bool:
-        """Whether the capacity of ``x`` has left its band (see the class docstring)."""
-        t = self.target(x, rank)
-        return x.capacity < t or x.capacity > t + self.multiple
+    def needs_resize(self, x: LowRank, rank: int | None = None, falling: bool = False) -> bool:
+        """Whether the capacity of ``x`` has left its band (see the class docstring).
+
+        ``falling``: the rank fell since the previous check. A capacity more than one bucket but
+        at most twice above its target then waits for the rank to settle, so that a rank that
+        falls over many steps (the first epoch of a run that starts at a high rank) is followed
+        by a few resizes (few compiles) rather than one at every check.
+        """
+        t, c = self.target(x, rank), x.capacity
+        if c < t:
+            return True
+        return c > t + self.multiple and (c > 2 * t or not falling)
 
     def __call__(self, step: int, params: Any, opt_state: Any = None) -> tuple[Any, Any, bool]:
         """After training step ``step`` (1-based): ``(params, opt_state, resized)``.
@@ -268,7 +283,10 @@ class CapacityPolicy:
             x for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank) if is_lowrank(x)
         ]
         ranks = [int(r) for r in jax.device_get([x.rank for x in factors])]
-        if not any(self.needs_resize(x, r) for x, r in zip(factors, ranks)):
+        previous = self._previous if len(self._previous) == len(ranks) else ranks
+        self._previous = ranks
+        falling = [r < q for r, q in zip(ranks, previous)]
+        if not any(self.needs_resize(x, r, f) for x, r, f in zip(factors, ranks, falling)):
             return params, opt_state, False
         params, opt_state = resize_capacity(params, opt_state, lambda x: self.target(x))
         return params, opt_state, True

@@ -145,3 +145,12 @@ def test_lowrank_truncate_applies_the_rule_and_keeps_w_to_the_tail():
     np.testing.assert_allclose(err, 0.01, rtol=1e-3)
     assert int(w2.truncate(0.2, min_rank=1).rank) == 2  # tail 0.2002 <= 0.2 * 3.17
     assert int(jax.jit(lambda x: x.truncate(0.05))(w2).rank) == 3
+
+
+def test_a_falling_rank_waits_to_settle_unless_the_capacity_is_twice_the_target():
+    p = CapacityPolicy(headroom=1.0, min_free=4, multiple=8)
+    x = _factor(3, 32, shape=(128, 96))  # target(r) = bucket(r + 4)
+    assert p.needs_resize(x, rank=4) and p.needs_resize(x, rank=4, falling=True)  # 32 > 2 * 8
+    assert p.needs_resize(x, rank=9) and not p.needs_resize(x, rank=9, falling=True)  # t = 16
+    assert not p.needs_resize(x, rank=13)  # t = 24: one bucket over
+    assert p.needs_resize(x, rank=30, falling=True)  # growing is never deferred
