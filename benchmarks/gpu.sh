@@ -10,7 +10,10 @@
 #   1. the 500-wide MLP (784-500x4-10, batch 256), every method at ranks 32, 64, 128;
 #   2. the 5120-wide MLP at batch 4096, ranks 32, 128, 512 (adaptive capacity <= 392 in the
 #      784-input layer);
-#   3. LeNet5 (batch 128) at ranks 16 and 64 (capped per layer).
+#   3. LeNet5 (batch 128) at ranks 16 and 64 (capped per layer);
+#   4. the main job's step (end_to_end.py --speed-ranks): the default DLRT (parallel BUG, Adam
+#      inside, CapacityPolicy capacities) and the bug + Adam against dense Adam at the
+#      ranks DLRT-Net reached ([66, 67, 69, 70]), random MNIST-shaped batches.
 # Environment: PYTHON (default python), OUT (output folder), STEPS (timed steps, default 20).
 set -uo pipefail
 
@@ -36,14 +39,27 @@ run() {  # run <seconds> <tag> <speed.py arguments...>
     fi
 }
 
+e2e() {  # e2e <seconds> <tag> <rounds>: the main job's step at DLRT-Net's ranks
+    local limit="$1" tag="$2" rounds="$3"
+    echo "== $tag (limit ${limit}s): end_to_end.py --speed-ranks 66 67 69 70"
+    if ! timeout --signal=INT "$limit" "$PY" benchmarks/end_to_end.py --out "$OUT_DIR" \
+        --tag "$tag" --speed-ranks 66 67 69 70 --rounds "$rounds" \
+        --variants dense:adam@glorot par:adam@lr3e-3@s0.1 bug:adam; then
+        echo "!! section $tag failed or ran out of time" >&2
+        status=1
+    fi
+}
+
 if [[ "${1:-}" == "--smoke" ]]; then
     STEPS=3
     run 300 gpu_smoke --smoke --no-plot
+    e2e 200 gpu_e2e_smoke 2
     tags=(gpu_smoke)
 else
     run 160 gpu_mlp500 --gpu --nets mlp500 --ranks 32 64 128
     run 200 gpu_mlp5120 --gpu --nets mlp5120 --ranks 32 128 512 --batch 4096
     run 90 gpu_lenet5 --gpu --nets lenet5 --ranks 16 64
+    e2e 90 gpu_e2e_ranks 30
     tags=(gpu_mlp500 gpu_mlp5120 gpu_lenet5)
 fi
 

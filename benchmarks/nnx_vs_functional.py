@@ -86,7 +86,14 @@ def nnx_loss(model, batch):
 FUNCTIONAL_LOSS = models.cross_entropy_loss(models.mlp_apply)
 
 
+INTEGRATOR = {"name": "bug"}  # set from --integrator in main()
+
+
 def dlrt_tx():
+    """``bug`` with Adam 1e-3 inside (the issue's setting), or the main job's default
+    ``parallel_bug`` with Adam 3e-3 on K, L, S and Adam 1e-3 elsewhere."""
+    if INTEGRATOR["name"] == "parallel_bug":
+        return dlrt_jax.parallel_bug(optax.adam(3e-3), tau=0.09, other_optimizer=optax.adam(1e-3))
     return dlrt_jax.bug(optax.adam(1e-3), tau=0.09, other_optimizer=optax.adam(1e-3))
 
 
@@ -255,8 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-policy", action="store_true", help="skip the capacity-250 + CapacityPolicy variants"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--integrator", choices=["bug", "parallel_bug"], default="bug")
     parser.add_argument("--out", default="benchmarks/results/nnx_vs_functional.json")
     args = parser.parse_args(argv)
+    INTEGRATOR["name"] = args.integrator
     if args.rounds < 1 or any(not 1 <= c <= WIDTH // 2 for c in args.capacities):
         parser.error(f"--rounds >= 1 and every capacity in [1, {WIDTH // 2}] (rank-adaptive bug)")
     random.seed(args.seed)

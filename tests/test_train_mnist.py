@@ -337,3 +337,14 @@ def test_cli_fixed_rank_default_gives_positive_train_compression(monkeypatch, tm
     assert final["train_compression"] > 0 and final["eval_compression"] > 0
     assert results["config"]["tau"] == 0.09  # resolved, though a fixed-rank run does not use it
     assert train_mnist._parser().parse_args(["--width", "64"]).rank is None
+
+
+def test_cli_preset_paper_selects_the_reference_dynamics(tmp_path):
+    data_dir = _data_dir()
+    argv = ["--subset", "256", "--epochs", "1", "--width", "16", "--preset", "paper"]
+    argv += ["--data-dir", data_dir, "--out", str(tmp_path), "--no-progress"]
+    saved = train_mnist.run(argv)
+    config = saved["config"]
+    assert config["integrator"] == "bug" and config["inner"] == "reference"
+    assert config["factor_lr"] == config["lr"] and config["init_scale"] == 1
+    assert 2 <= min(saved["final"]["ranks"]) <= max(saved["final"]["ranks"]) <= 8
