@@ -376,7 +376,15 @@ _COMMON_DOC = """
     Optimisers with factored or shape-changing state (``adafactor``) and weight decay added before
     this transform in a chain are not supported. Leaves that are not ``LowRank`` (biases, dense
     layers, norms) are trained by ``other_optimizer`` (default: ``optimizer``, separate state) once
-    per step with the first gradient.
+    per step with the first gradient. :func:`isotropic_adam` (one second moment per factor, exactly
+    transported) and :func:`reference_adam` (the paper's TensorFlow step) are written for this
+    setting; ``benchmarks/README.md`` ("End to end") compares them with the others on the
+    paper's MLP. Adam's per-entry step on ``K``, ``L``, ``S`` moves ``W`` by about ``sqrt(r / m)``
+    of a dense Adam step of the same learning rate, so a factor learning rate about 3x the dense
+    one is a good start (the main job's default).
+
+    Extra arguments of ``update`` other than ``grad_fn`` (``value=`` for
+    ``optax.contrib.reduce_on_plateau``, a line search's arguments) are accepted and ignored.
 
     A step whose gradients (or result) contain NaN or Inf changes nothing and increments
     ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
@@ -389,11 +397,16 @@ def _trunc_doc() -> str:
         tau: truncation tolerance for the rank-adaptive variant; ``None`` keeps every rank fixed.
             The new rank is the smallest ``rho`` with ``sqrt(sum_{j > rho} sigma_j^2) <= theta``,
             ``theta = tau * ||sigma||_2`` (or ``tau`` with ``absolute=True``), clamped to
-            ``[min_rank, max_rank]``.
+            ``[min_rank, max_rank]``. A relative ``tau`` must lie in ``[0, 1)``.
         absolute: use an absolute tolerance.
         min_rank: lower bound on every rank (default 2, at most each factor's capacity).
         max_rank: upper bound; default each factor's capacity.
-        other_optimizer: optimiser for the leaves that are not ``LowRank``."""
+        other_optimizer: optimiser for the leaves that are not ``LowRank``.
+        truncate_every: truncate with ``tau`` on every ``k``-th step only (default 1: every
+            step); the steps in between cut nothing, so ranks rise to the capacity there and new
+            directions accumulate over ``k`` steps before they are judged. Read ranks (and run a
+            :class:`CapacityPolicy` with ``every`` a multiple of ``k``) right after a truncation
+            step, or compress with :meth:`LowRank.truncate`."""
 
 
 def bug(
