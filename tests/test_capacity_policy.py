@@ -102,13 +102,20 @@ def test_truncate_every_k_steps_lets_the_rank_grow_between_truncations():
     def loss(p):
         return 0.5 * jnp.mean(jnp.sum((p["w"](X) - X @ A.T) ** 2, axis=-1))
 
+    def make_step(tx):
+        @jax.jit
+        def step(p, s):
+            u, s = tx.update(jax.grad(loss)(p), s, p)
+            return optax.apply_updates(p, u), s
+
+        return step
+
     params = {"w": LowRank.random(jax.random.key(0), (n, m), rank=2, capacity=8)}
     tx = dlrt_jax.parallel_bug(optax.adam(0.01), tau=0.2, truncate_every=4)
-    state = tx.init(params)
+    state, step = tx.init(params), make_step(tx)
     ranks = []
     for _ in range(12):
-        u, state = tx.update(jax.grad(loss)(params), state, params)
-        params = optax.apply_updates(params, u)
+        params, state = step(params, state)
         ranks.append(int(params["w"].rank))
     # steps 1-3, 5-7, 9-11 keep everything up to the capacity; steps 4, 8, 12 truncate
     assert ranks[2] == ranks[6] == ranks[10] == 8, ranks
@@ -118,11 +125,10 @@ def test_truncate_every_k_steps_lets_the_rank_grow_between_truncations():
         optimizer=optax.adam(0.01), tau=0.2, truncate_every=4
     )
     p = {"w": LowRank.random(jax.random.key(0), (n, m), rank=2, capacity=8)}
-    s = inj.init(p)
+    s, inj_step = inj.init(p), make_step(inj)
     inj_ranks = []
     for _ in range(4):
-        u, s = jax.jit(inj.update)(jax.grad(loss)(p), s, p)
-        p = optax.apply_updates(p, u)
+        p, s = inj_step(p, s)
         inj_ranks.append(int(p["w"].rank))
     assert inj_ranks == ranks[:4]
     with pytest.raises(ValueError, match="truncate_every"):

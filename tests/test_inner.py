@@ -118,8 +118,13 @@ def test_dlrt_converges_like_its_dense_baseline_on_a_rank_3_regression(name, fac
         return 0.5 * jnp.mean(jnp.sum((X @ p["w"].T + p["b"] - Y) ** 2, axis=-1))
 
     tx = inner()
+
+    @jax.jit
+    def dense_step(p, s):
+        u, s = tx.update(jax.grad(dense_loss)(p), s, p)
+        return optax.apply_updates(p, u), s
+
     state = tx.init(dense)
     for _ in range(300):
-        u, state = tx.update(jax.grad(dense_loss)(dense), state, dense)
-        dense = optax.apply_updates(dense, u)
+        dense, state = dense_step(dense, state)
     assert float(dense_loss(dense)) < 1e-8
