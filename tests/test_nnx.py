@@ -752,9 +752,9 @@ def _data32():
 
 def test_apply_capacity_policy_resizes_out_of_band_and_keeps_the_function():
     model = _Square(nnx.Rngs(1), rank=2, capacity=16)
-    optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.05))
+    optimizer = DLRTOptimizer(model, dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.05))
     x, y = _data32()
-    train_step(model, optimizer, _mse, (x, y))  # a non-trivial optimiser state
+    train_step(model, optimizer, _mse, (x, y))  # a non-trivial optimiser state (one eager step)
     ranks = [int(model.l1.rank), int(model.l2.rank)]
     policy = dlrt_jax.CapacityPolicy(every=5, headroom=1.0, min_free=2, multiple=4)
     out_before = model(x)
