@@ -228,10 +228,15 @@ def test_loss_never_increases_with_tau_zero_and_small_step():
         grad_fn = jax.grad(lambda p: loss_j(p["w"].to_dense()))
         tx = make_tx()
         state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, tx=tx, grad_fn=grad_fn):
+            updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+            return optax.apply_updates(params, updates), state
+
         losses = [float(loss_j(params["w"].to_dense()))]
         for _ in range(50):
-            updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-            params = optax.apply_updates(params, updates)
+            params, state = step(params, state)
             losses.append(float(loss_j(params["w"].to_dense())))
         assert np.all(np.diff(losses) <= 1e-6 * losses[0]), losses
         assert losses[-1] < 0.5 * losses[0]
