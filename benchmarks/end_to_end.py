@@ -43,7 +43,14 @@ import optax  # noqa: E402
 import dlrt_jax  # noqa: E402
 from dlrt_jax import models  # noqa: E402
 from dlrt_jax.data import batch_iterator  # noqa: E402
-from dlrt_jax.train_mnist import environment, evaluate, load_mnist, make_step, write_csv  # noqa: E402
+from dlrt_jax.train_mnist import (  # noqa: E402
+    environment,
+    evaluate,
+    inner_optimizer,
+    load_mnist,
+    make_step,
+    write_csv,
+)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -58,18 +65,16 @@ def _reset_each_step(tx: optax.GradientTransformation) -> optax.GradientTransfor
     return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
+#: short variant names -> ``train_mnist.INNER`` names ("reset" is this script's own)
+_INNER_NAMES = {"adam": "adam", "ref": "reference", "iso": "isotropic", "mom": "momentum"}
+
+
 def _inner(name: str, lr: float) -> optax.GradientTransformation:
-    if name == "adam":
-        return optax.adam(lr)
     if name == "reset":
         return _reset_each_step(optax.adam(lr))
-    if name == "ref":
-        return dlrt_jax.reference_adam(lr)
-    if name == "iso":
-        return dlrt_jax.isotropic_adam(lr)
-    if name == "mom":
-        return optax.sgd(lr, momentum=0.9)
-    raise ValueError(f"unknown inner optimiser {name!r}")
+    if name not in _INNER_NAMES:
+        raise ValueError(f"unknown inner optimiser {name!r}")
+    return inner_optimizer(_INNER_NAMES[name], lr)
 
 
 def parse_variant(spec: str, args) -> dict:
