@@ -52,7 +52,7 @@ def truncation_rank(
     Examples:
         >>> import jax.numpy as jnp
         >>> from dlrt_jax import truncation_rank
-        >>> int(truncation_rank(jnp.array([3.0, 2.0, 1.0, 0.1]), 0.1, absolute=True))
+        >>> int(truncation_rank(jnp.array([3.0, 2.0, 1.0, 0.1]), 0.15, absolute=True))
         3
         >>> int(truncation_rank(jnp.array([1.0, 1e-3]), 5e-4, absolute=True))
         2
