@@ -156,14 +156,11 @@ def fit_capacity(
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
 
-    def target(x: LowRank) -> int:
-        rank = int(x.rank)
-        limit = default_capacity(x.shape) if max_capacity is None else max_capacity
-        limit = min(limit, min(x.shape))
-        want = multiple * math.ceil(math.ceil(headroom * rank) / multiple)
-        return max(rank, min(want, limit))
-
-    return resize_capacity(params, opt_state, target)
+    # the capacity rule is CapacityPolicy's, without its free-column minimum
+    rule = CapacityPolicy(
+        headroom=headroom, min_free=0, multiple=multiple, max_capacity=max_capacity
+    )
+    return resize_capacity(params, opt_state, rule.target)
 
 
 def _bucket(value: int, multiple: int) -> int:
