@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dlrt_jax import models  # noqa: E402
-from dlrt_jax.train_mnist import build_transform, environment, load_mnist, train, write_csv  # noqa: E402
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.train import build_transform, environment, load_mnist, train, write_csv  # noqa: E402
 
 # d -> (DLRT acc %, U V^T acc %) after 20 epochs (mean of 10 runs); after 1 epoch only for d = 10.
 PAPER = {1: (97.81, 93.74), 2: (97.29, 90.91), 10: (97.07, 86.24)}

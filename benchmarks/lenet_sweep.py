@@ -53,9 +53,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import dlrt_jax  # noqa: E402
-from dlrt_jax import models  # noqa: E402
-from dlrt_jax.data import batch_iterator  # noqa: E402
-from dlrt_jax.train_mnist import (  # noqa: E402
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.data import batch_iterator  # noqa: E402
+from dlrt_jax.mnist.train import (  # noqa: E402
     FACTOR_LR_SCALE,
     INIT_SCALE,
     build_transform,

@@ -43,8 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import dlrt_jax  # noqa: E402
-from dlrt_jax import models  # noqa: E402
-from dlrt_jax.train_mnist import (  # noqa: E402
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.train import (  # noqa: E402
     FACTOR_LR_SCALE,
     INIT_SCALE,
     INNER,

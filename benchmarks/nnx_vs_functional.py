@@ -55,9 +55,9 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import dlrt_jax  # noqa: E402
-from dlrt_jax import models  # noqa: E402
 from dlrt_jax import nnx as dnnx  # noqa: E402
-from dlrt_jax.train_mnist import environment, make_step  # noqa: E402
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.train import environment, make_step  # noqa: E402
 
 WIDTH, DEPTH, IN, CLASSES = 500, 4, 784, 10
 
@@ -106,7 +106,7 @@ def functional_params(model) -> list[dict]:
 
 def load_batch(kind: str, batch_size: int, seed: int):
     if kind == "mnist":
-        from dlrt_jax.train_mnist import load_mnist
+        from dlrt_jax.mnist.train import load_mnist
 
         x, y, _, _ = load_mnist(subset=batch_size)
         return jnp.asarray(x[:batch_size]), jnp.asarray(y[:batch_size])

@@ -28,8 +28,8 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 import dlrt_jax  # noqa: E402
-from dlrt_jax import models  # noqa: E402
-from dlrt_jax.train_mnist import environment, load_mnist, train, write_csv  # noqa: E402
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.train import environment, load_mnist, train, write_csv  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -66,8 +66,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import dlrt_jax  # noqa: E402
-from dlrt_jax import LowRank, models  # noqa: E402
-from dlrt_jax.train_mnist import environment, write_csv  # noqa: E402
+from dlrt_jax import LowRank  # noqa
+from dlrt_jax.mnist import models  # noqa: E402
+from dlrt_jax.mnist.train import environment, write_csv  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

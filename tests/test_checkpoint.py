@@ -24,7 +24,7 @@ from dlrt_jax.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from dlrt_jax.data import batch_iterator
+from dlrt_jax.mnist.data import batch_iterator
 
 pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is not installed")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlrt_jax.data import (
+from dlrt_jax.mnist.data import (
     DATA_DIR_ENV_VAR,
     MNIST_MEAN,
     MNIST_STD,

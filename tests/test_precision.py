@@ -79,7 +79,7 @@ def test_training_in_bf16_keeps_float32_orthonormal_factors():
 
 
 def _mnist_subset():
-    from dlrt_jax.data import DatasetNotFoundError, load_dataset, preprocess
+    from dlrt_jax.mnist.data import DatasetNotFoundError, load_dataset, preprocess
 
     if not os.environ.get("DLRT_DATA_DIR"):
         pytest.skip("DLRT_DATA_DIR is not set (MNIST location; CI sets it)")
@@ -95,7 +95,7 @@ def _mnist_subset():
 def test_mnist_bf16_matches_f32_accuracy():
     """784-64-64-10 MLP, both hidden layers LowRank (capacity 16), adaptive BUG + Adam 3e-3,
     300 steps of batch 128 on 10k training images; test accuracy on all 10k test images."""
-    from dlrt_jax.data import batch_iterator
+    from dlrt_jax.mnist.data import batch_iterator
 
     x_train, y_train, x_test, y_test = _mnist_subset()
 

@@ -12,7 +12,7 @@ def _blocks():
 
 def test_readme_starts_with_the_two_commands():
     first = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).splitlines()
-    assert first[0].startswith("pip install . &&") and "dlrt_jax.train_mnist" in first[0]
+    assert first[0].startswith('pip install ".[mnist]" &&') and "dlrt_jax.train_mnist" in first[0]
     assert first[1].startswith('pip install -e ".[dev]" &&') and "pytest" in first[1]
 
 

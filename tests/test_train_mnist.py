@@ -11,7 +11,9 @@ import optax
 import pytest
 
 import dlrt_jax
-from dlrt_jax import LowRank, models, train_mnist
+from dlrt_jax import LowRank
+from dlrt_jax.mnist import models
+from dlrt_jax.mnist import train as train_mnist
 
 # ---- parameter counting against the paper's tables (dlrt.md section 4) --------------------------
 
