@@ -8,6 +8,7 @@ gradient transformations (:func:`bug`, :func:`parallel_bug`, :func:`projector_sp
 from dlrt_jax._capacity import CapacityPolicy, fit_capacity, resize_capacity
 from dlrt_jax._factors import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
 from dlrt_jax._inner import isotropic_adam, reference_adam, scale_by_isotropic_adam
+from dlrt_jax._step import make_train_step
 from dlrt_jax._transforms import (
     DLRTState,
     bug,
@@ -51,6 +52,7 @@ __all__ = [
     "ksl_step",
     "lowrank_apply",
     "lowrank_map",
+    "make_train_step",
     "parallel_bug",
     "parallel_bug_step",
     "parallel_kls",
