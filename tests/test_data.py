@@ -1,6 +1,7 @@
-"""Tests for dlrt_jax.data: IDX parsing, verification, download, loading and batching.
+"""Tests for dlrt_jax.mnist.data: IDX parsing, verification, download, loading and batching.
 
-Only 127.0.0.1 is ever contacted: downloads are exercised against a local ``http.server``.
+No network: downloads (through pooch) are exercised against a local ``http.server`` on
+127.0.0.1 and against ``file://`` mirrors that the tests write themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -160,9 +162,12 @@ def http_server(no_proxy):
             if body is None:
                 self.send_error(404)
                 return
+            announced = len(body)
+            if isinstance(body, tuple):  # (announced length, body): the connection drops early
+                announced, body = body
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(announced))
             self.end_headers()
             self.wfile.write(body)
 
@@ -191,8 +196,11 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/mnist/"
 
 
-def part_files(directory: Path) -> list[Path]:
-    return list(directory.rglob("*.part")) if directory.exists() else []
+def all_files(directory: Path) -> list[str]:
+    """Every file under ``directory`` (a download leaves no temporary or partial file)."""
+    if not directory.exists():
+        return []
+    return sorted(p.name for p in directory.rglob("*") if p.is_file())
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,8 +507,7 @@ def test_missing_files_mirrors_unreachable(tmp_path, registered, no_proxy):
             assert mirror + FILENAMES[role] in msg  # every attempt is reported
     assert f"Put the files in: {tmp_path / spec.name}" in msg
     assert DATA_DIR_ENV_VAR in msg
-    assert not any((tmp_path / spec.name).glob("*.gz"))
-    assert part_files(tmp_path) == []
+    assert all_files(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,7 +536,7 @@ def test_download_verifies_and_falls_back(tmp_path, registered, http_server):
         fn = FILENAMES[role]
         tried = [r for r in requests if r.endswith(fn)]
         assert tried == [f"/missing/{fn}", f"/short/{fn}", f"/bad/{fn}", f"/good/{fn}"]
-    assert part_files(tmp_path) == []
+    assert all_files(tmp_path) == sorted(FILENAMES.values())  # nothing else left behind
     # A second load uses the files on disk, no network.
     n_requests = len(requests)
     load_dataset(spec.name, tmp_path, download=True)
@@ -545,9 +552,8 @@ def test_download_rejects_corrupt_mirror(tmp_path, registered, http_server):
     with pytest.raises(DatasetNotFoundError) as exc:
         load_dataset(spec.name, tmp_path, download=True)
     msg = str(exc.value)
-    assert "failed verification" in msg and "md5" in msg
-    assert not any((tmp_path / spec.name).glob("*.gz"))
-    assert part_files(tmp_path) == []
+    assert "failed verification" in msg and "does not match the known hash" in msg
+    assert all_files(tmp_path) == []
     assert len(requests) == 4
 
 
@@ -562,6 +568,50 @@ def test_download_only_missing_files(tmp_path, registered, http_server):
     ds = load_dataset(spec.name, tmp_path)
     np.testing.assert_array_equal(ds.test_images, arrays["test_images"])
     assert requests == [f"/m/{FILENAMES['test_images']}"]
+
+
+def test_interrupted_download_leaves_no_partial_file(tmp_path, registered, http_server):
+    base, routes, requests = http_server
+    blobs = make_blobs(make_arrays())
+    for role, blob in blobs.items():  # half the bytes arrive, then the connection closes
+        routes[f"/drop/{FILENAMES[role]}"] = (len(blob), blob[: len(blob) // 2])
+    spec = registered(blobs, mirrors=[f"{base}/drop/"])
+    with pytest.raises(DatasetNotFoundError) as exc:
+        load_dataset(spec.name, tmp_path)
+    assert f"{base}/drop/{FILENAMES['train_images']}" in str(exc.value)
+    assert len(requests) == 4
+    assert all_files(tmp_path) == []
+
+
+def test_file_url_mirrors(tmp_path, registered, caplog):
+    arrays = make_arrays(seed=5)
+    blobs = make_blobs(arrays)
+    write_blobs(tmp_path / "bad", {r: flip_byte(b) for r, b in blobs.items()})
+    write_blobs(tmp_path / "good", blobs)
+    mirrors = [(tmp_path / d).as_uri() + "/" for d in ("absent", "bad", "good")]
+    spec = registered(blobs, mirrors=mirrors)
+    cache = tmp_path / "cache"
+    with caplog.at_level("INFO", logger="dlrt_jax.mnist.data"):
+        ds = load_dataset(spec.name, cache)
+    for role in ROLES:
+        np.testing.assert_array_equal(getattr(ds, role), arrays[role])
+    assert all_files(cache) == sorted(FILENAMES.values())
+    tried = [r.getMessage() for r in caplog.records if r.getMessage().startswith("downloading")]
+    assert len(tried) == 12 and all(
+        m.startswith(f"downloading {mirrors[i % 3]}") for i, m in enumerate(tried)
+    )
+
+
+def test_without_pooch(tmp_path, registered, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pooch", None)  # `import pooch` now raises ImportError
+    arrays = make_arrays()
+    blobs = make_blobs(arrays)
+    spec = registered(blobs, mirrors=[(tmp_path / "m").as_uri()])
+    with pytest.raises(ImportError, match=r'pip install "dlrt-jax\[mnist\]"'):
+        load_dataset(spec.name, tmp_path / "cache")
+    write_blobs(tmp_path / "cache" / spec.name, blobs)  # files in place: no pooch needed
+    ds = load_dataset(spec.name, tmp_path / "cache")
+    np.testing.assert_array_equal(ds.train_images, arrays["train_images"])
 
 
 # --------------------------------------------------------------------------------------------

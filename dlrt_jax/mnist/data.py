@@ -1,18 +1,16 @@
 """Datasets in the IDX format (MNIST, Fashion-MNIST, ...) and helpers for training loops.
 
-The loader is deliberately strict: every file is checked against its registered size and
-checksum(s) before it is parsed, the IDX header is checked against the payload, and any problem
-raises an exception that names the file and what is wrong.  Nothing is ever half loaded and a
-user's file that fails verification is never overwritten.
+Every file is checked against its registered size and checksum(s) before it is parsed, the IDX
+header is checked against the payload, and any problem raises an exception that names the file
+and what is wrong. A file that fails verification is never overwritten.
 
-Where the data live (first match wins):
-
-1. the ``data_dir`` argument of :func:`load_dataset`;
-2. the environment variable ``DLRT_DATA_DIR``;
-3. a per-user cache, ``$XDG_CACHE_HOME/dlrt_jax`` or ``~/.cache/dlrt_jax``.
-
-Inside that directory the files of dataset ``name`` are looked up in ``<dir>/<name>/`` and then
-directly in ``<dir>/``; downloads go to ``<dir>/<name>/``.
+Where the data live (first match wins): the ``data_dir`` argument of :func:`load_dataset`, the
+environment variable ``DLRT_DATA_DIR``, a per-user cache (``$XDG_CACHE_HOME/dlrt_jax`` or
+``~/.cache/dlrt_jax``). The files of dataset ``name`` are looked up in ``<dir>/<name>/``, then in
+``<dir>/``. Missing files are downloaded into ``<dir>/<name>/`` with `pooch
+<https://www.fatiando.org/pooch/>`_ (the ``[mnist]`` extra), which writes to a temporary file and
+moves it into place only once its checksum matches: a failed download leaves nothing behind.
+Files already on disk are read without pooch and without the network.
 
 Example:
     >>> from dlrt_jax.mnist.data import load_dataset, preprocess, batch_iterator
@@ -24,18 +22,16 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gzip
 import hashlib
-import http.client
 import logging
+import math
 import operator
 import os
 import re
-import tempfile
+import shutil
 import types
-import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
@@ -80,38 +76,17 @@ MNIST_STD = 0.3081
 #: The four file roles every :class:`IDXDataset` must define.
 ROLES = ("train_images", "train_labels", "test_images", "test_labels")
 
-_DOWNLOAD_TIMEOUT_S = 20.0
-_CHUNK = 1 << 20
-_ALLOWED_URL_SCHEMES = ("http", "https", "file")
-# IDX type codes -> big-endian numpy dtypes (http://yann.lecun.com/exdb/mnist/, "THE IDX FILE
-# FORMAT").
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-# A sanity bound on the payload announced by an IDX header (protects against absurd headers).
-_MAX_IDX_PAYLOAD = 1 << 40
-_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
+# IDX type codes -> big-endian dtypes ("THE IDX FILE FORMAT", http://yann.lecun.com/exdb/mnist/).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_URL_SCHEMES = ("http", "https", "file")
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """Some files of a dataset are missing and could not be downloaded.
 
     The message names every missing file, the directory to put them in, the environment
-    variable that selects the data directory, and the mirror URLs.  Attributes: ``dataset``
-    (name), ``missing`` (list of filenames), ``directory`` (:class:`~pathlib.Path` where the
-    files are expected).
+    variable and the ``data_dir=`` argument that select the data directory, and the mirrors.
+    Attributes: ``dataset`` (name), ``missing`` (file names), ``directory`` (where they belong).
 
     Example:
         >>> try:
@@ -123,21 +98,17 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __init__(self, message: str, *, dataset: str, missing: Sequence[str], directory: Path):
         super().__init__(message)
-        self.dataset = dataset
-        self.missing = list(missing)
-        self.directory = Path(directory)
+        self.dataset, self.missing, self.directory = dataset, list(missing), Path(directory)
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
 class CorruptDatasetError(ValueError):
-    """A dataset file exists but is not what it should be.
+    """A dataset file exists but is not what it should be (size, checksum, gzip, IDX header).
 
-    Raised for a wrong size or checksum, an unreadable gzip stream, a bad IDX magic number,
-    header dimensions that disagree with the payload, a truncated payload, or inconsistent
-    image/label counts.  Attributes: ``path`` (the offending file, or ``None`` when several files
-    are involved) and ``problem`` (short description).
+    Attributes: ``path`` (the offending file, or ``None`` when several are involved) and
+    ``problem`` (a short description).
 
     Example:
         >>> import pathlib, tempfile
@@ -156,9 +127,7 @@ class CorruptDatasetError(ValueError):
         self.problem = problem or message
 
 
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
+# ---- registry --------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +136,8 @@ class FileSpec:
 
     Example:
         >>> spec = FileSpec("t10k-labels-idx1-ubyte.gz", 4542, "ec29112dd5afa0611ce80d1b7f02629c")
-        >>> spec.bytes
-        4542
+        >>> spec.bytes, spec.known_hash[:4]
+        (4542, 'md5:')
     """
 
     filename: str
@@ -177,47 +146,39 @@ class FileSpec:
     sha256: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.filename, str) or not self.filename:
-            raise ValueError(f"FileSpec.filename must be a non-empty string, got {self.filename!r}")
+        name, size = self.filename, self.bytes
         if (
-            os.path.basename(self.filename) != self.filename
-            or "/" in self.filename
-            or "\\" in self.filename
-            or self.filename in (".", "..")
+            not isinstance(name, str)
+            or name in ("", "..")
+            or Path(name).name != name
+            or "\\" in name
         ):
-            raise ValueError(
-                f"FileSpec.filename must be a plain file name without directories, "
-                f"got {self.filename!r}"
-            )
-        if isinstance(self.bytes, bool) or not isinstance(self.bytes, int) or self.bytes < 0:
-            raise ValueError(
-                f"FileSpec.bytes must be a non-negative int (the exact file size), "
-                f"got {self.bytes!r} for {self.filename}"
-            )
-        md5 = self.md5.lower() if isinstance(self.md5, str) else self.md5
-        if not isinstance(md5, str) or not _MD5_RE.match(md5):
-            raise ValueError(
-                f"FileSpec.md5 must be 32 hexadecimal digits, got {self.md5!r} for {self.filename}"
-            )
-        object.__setattr__(self, "md5", md5)
-        if self.sha256 is not None:
-            sha = self.sha256.lower() if isinstance(self.sha256, str) else self.sha256
-            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+            raise ValueError(f"FileSpec.filename must be a plain file name, got {name!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"FileSpec.bytes must be an int >= 0 (the exact size), got {size!r}")
+        for field, digits in (("md5", 32), ("sha256", 64)):
+            value = getattr(self, field)
+            if value is None and field == "sha256":
+                continue
+            if not isinstance(value, str) or not re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", value):
                 raise ValueError(
-                    f"FileSpec.sha256 must be None or 64 hexadecimal digits, got {self.sha256!r} "
-                    f"for {self.filename}"
+                    f"FileSpec.{field} must be {digits} hexadecimal digits, got {value!r} "
+                    f"for {name}"
                 )
-            object.__setattr__(self, "sha256", sha)
+            object.__setattr__(self, field, value.lower())
+
+    @property
+    def known_hash(self) -> str:
+        """The strongest registered checksum in pooch's ``"alg:hex"`` form."""
+        return f"sha256:{self.sha256}" if self.sha256 else f"md5:{self.md5}"
 
 
 @dataclasses.dataclass(frozen=True)
 class IDXDataset:
-    """Description of an IDX dataset: files per role, download mirrors, split sizes, image shape.
+    """An IDX dataset: a :class:`FileSpec` per role, download mirrors, split sizes, image shape.
 
-    ``files`` maps each role in :data:`ROLES` to a :class:`FileSpec`; ``mirrors`` are base URLs
-    (a file is fetched from ``mirror + filename``); ``shape`` is the shape of one image.  Images
-    must be IDX uint8 arrays of shape ``(n, *shape)`` and labels IDX uint8 arrays of shape
-    ``(n,)``.
+    ``mirrors`` are base URLs (``http``, ``https`` or ``file``); a file is fetched from
+    ``mirror + filename``. Images are uint8 ``(n, *shape)``, labels uint8 ``(n,)``.
 
     Example:
         >>> spec = get_dataset_spec("mnist")
@@ -233,132 +194,83 @@ class IDXDataset:
     shape: tuple[int, ...] = (28, 28)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", self.name):
             raise ValueError(
-                "IDXDataset.name must be a non-empty name of letters, digits, '_', '-', '.' "
-                f"(it becomes a directory name), got {self.name!r}"
+                "IDXDataset.name must be letters, digits, '_', '-', '.' (it becomes a directory "
+                f"name), got {self.name!r}"
             )
-        if not isinstance(self.files, Mapping):
-            raise ValueError(f"IDXDataset.files must be a mapping role -> FileSpec ({self.name})")
-        roles = set(self.files)
-        if roles != set(ROLES):
+        files = dict(self.files) if isinstance(self.files, Mapping) else {}
+        if set(files) != set(ROLES) or not all(isinstance(f, FileSpec) for f in files.values()):
             raise ValueError(
-                f"IDXDataset.files of {self.name!r} must have exactly the roles {list(ROLES)}; "
-                f"missing {sorted(set(ROLES) - roles)}, unexpected {sorted(roles - set(ROLES))}"
+                f"IDXDataset.files of {self.name!r} must map exactly the roles {list(ROLES)} to "
+                f"FileSpecs, got {sorted(files)}"
             )
-        for role in ROLES:
-            if not isinstance(self.files[role], FileSpec):
-                raise ValueError(
-                    f"IDXDataset.files[{role!r}] of {self.name!r} must be a FileSpec, "
-                    f"got {type(self.files[role]).__name__}"
-                )
-        names = [self.files[r].filename for r in ROLES]
-        if len(set(names)) != len(names):
+        if len({f.filename for f in files.values()}) != len(ROLES):
             raise ValueError(f"IDXDataset {self.name!r} uses the same filename for two roles")
-        object.__setattr__(self, "files", types.MappingProxyType({r: self.files[r] for r in ROLES}))
-
-        if isinstance(self.mirrors, str):
+        mirrors = () if isinstance(self.mirrors, str) else tuple(self.mirrors)
+        if isinstance(self.mirrors, str) or not all(
+            isinstance(m, str) and urllib.parse.urlsplit(m).scheme in _URL_SCHEMES for m in mirrors
+        ):
             raise ValueError(
-                f"IDXDataset.mirrors of {self.name!r} must be a sequence of base URLs, not a string"
+                f"IDXDataset.mirrors of {self.name!r} must be a sequence of http, https or file "
+                f"URL strings, got {self.mirrors!r}"
             )
-        mirrors = tuple(self.mirrors)
-        for m in mirrors:
-            scheme = urllib.parse.urlsplit(m).scheme if isinstance(m, str) else None
-            if scheme not in _ALLOWED_URL_SCHEMES:
-                raise ValueError(
-                    f"IDXDataset mirror {m!r} of {self.name!r} must be an "
-                    f"{'/'.join(_ALLOWED_URL_SCHEMES)} URL"
-                )
-        object.__setattr__(self, "mirrors", mirrors)
-
-        for field in ("n_train", "n_test"):
-            v = getattr(self, field)
+        for v in (self.n_train, self.n_test):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"IDXDataset.{field} must be a non-negative int, got {v!r}")
+                raise ValueError(f"IDXDataset.n_train/n_test must be ints >= 0, got {v!r}")
         try:
             shape = tuple(operator.index(d) for d in self.shape)
         except TypeError:
-            raise ValueError(
-                f"IDXDataset.shape must be a tuple of ints, got {self.shape!r}"
-            ) from None
-        if any(d < 1 for d in shape):
-            raise ValueError(f"IDXDataset.shape must have positive entries, got {shape}")
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise ValueError(f"IDXDataset.shape must be a tuple of positive ints, not {self.shape}")
+        object.__setattr__(self, "files", types.MappingProxyType({r: files[r] for r in ROLES}))
+        object.__setattr__(self, "mirrors", mirrors)
         object.__setattr__(self, "shape", shape)
 
 
-def _mnist_like(
-    name: str,
-    mirrors: Sequence[str],
-    sizes: Mapping[str, int],
-    md5s: Mapping[str, str],
-    sha256s: Mapping[str, str] | None = None,
-) -> IDXDataset:
-    filenames = {
-        "train_images": "train-images-idx3-ubyte.gz",
-        "train_labels": "train-labels-idx1-ubyte.gz",
-        "test_images": "t10k-images-idx3-ubyte.gz",
-        "test_labels": "t10k-labels-idx1-ubyte.gz",
-    }
-    files = {
-        role: FileSpec(fn, sizes[role], md5s[role], None if sha256s is None else sha256s[role])
-        for role, fn in filenames.items()
-    }
-    return IDXDataset(name, files, tuple(mirrors), 60000, 10000, (28, 28))
+_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+_MNIST_FILES += ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
-# MNIST: sizes, md5 and sha256 as listed in shared/data/README.md.  The md5 values are the
-# canonical ones checked by torchvision (torchvision/datasets/mnist.py, MNIST.resources); the
-# sha256 values are the ones TFDS and Keras publish.  Mirrors: the two base URLs torchvision's
-# MNIST.mirrors lists.  The S3 mirror comes first because yann.lecun.com often refuses
-# unauthenticated downloads nowadays.
+def _mnist_like(name, mirrors, sizes, md5s, sha256s=(None,) * 4) -> IDXDataset:
+    files = {r: FileSpec(*spec) for r, spec in zip(ROLES, zip(_MNIST_FILES, sizes, md5s, sha256s))}
+    return IDXDataset(name, files, mirrors, 60000, 10000, (28, 28))
+
+
+# MNIST: sizes, md5 and sha256 as in shared/data/README.md (md5: the values torchvision checks;
+# sha256: the values TFDS and Keras publish). Mirrors as torchvision's MNIST.mirrors, S3 first
+# because yann.lecun.com often refuses unauthenticated downloads nowadays.
 _MNIST = _mnist_like(
     "mnist",
-    mirrors=(
-        "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        "http://yann.lecun.com/exdb/mnist/",
+    ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+    (9912422, 28881, 1648877, 4542),
+    (
+        "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "d53e105ee54ea40749a09fcbcd1e9432",
+        "9fb629c4189551a2d022fa330f9573f3",
+        "ec29112dd5afa0611ce80d1b7f02629c",
     ),
-    sizes={
-        "train_images": 9912422,
-        "train_labels": 28881,
-        "test_images": 1648877,
-        "test_labels": 4542,
-    },
-    md5s={
-        "train_images": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-        "train_labels": "d53e105ee54ea40749a09fcbcd1e9432",
-        "test_images": "9fb629c4189551a2d022fa330f9573f3",
-        "test_labels": "ec29112dd5afa0611ce80d1b7f02629c",
-    },
-    sha256s={
-        "train_images": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "train_labels": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "test_images": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "test_labels": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-    },
+    (
+        "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    ),
 )
-
-# Fashion-MNIST: md5 values from the "Get the Data" table of the Zalando README
-# (https://github.com/zalandoresearch/fashion-mnist#get-the-data), identical to
-# torchvision/datasets/mnist.py (FashionMNIST.resources).  Mirror: the Zalando S3 website that
-# both list.  Exact byte sizes as reported when Keras/torchvision download these files (the
-# README rounds them to 26 MB / 29 KB / 4.3 MB / 5.1 KB).
+# Fashion-MNIST: md5 from the Zalando README's "Get the Data" table (the same torchvision
+# checks); exact byte sizes as downloaded; the Zalando S3 website as mirror.
 _FASHION_MNIST = _mnist_like(
     "fashion_mnist",
-    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-    sizes={
-        "train_images": 26421880,
-        "train_labels": 29515,
-        "test_images": 4422102,
-        "test_labels": 5148,
-    },
-    md5s={
-        "train_images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-        "train_labels": "25c81989df183df01b3e8a0aad5dffbe",
-        "test_images": "bef4ecab320f06d8554ea6380940ec79",
-        "test_labels": "bb300cfdad3c16e7a12a480ee83cd310",
-    },
+    ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    (26421880, 29515, 4422102, 5148),
+    (
+        "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "25c81989df183df01b3e8a0aad5dffbe",
+        "bef4ecab320f06d8554ea6380940ec79",
+        "bb300cfdad3c16e7a12a480ee83cd310",
+    ),
 )
-
 _REGISTRY: dict[str, IDXDataset] = {d.name: d for d in (_MNIST, _FASHION_MNIST)}
 _BUILTIN = frozenset(_REGISTRY)
 
@@ -366,8 +278,8 @@ _BUILTIN = frozenset(_REGISTRY)
 def register_dataset(spec: IDXDataset, *, overwrite: bool = False) -> IDXDataset:
     """Add an :class:`IDXDataset` to the registry so that ``load_dataset(spec.name)`` finds it.
 
-    Raises ``ValueError`` if the name is taken (pass ``overwrite=True`` to replace a
-    user-registered dataset; the built-in ``mnist`` and ``fashion_mnist`` cannot be replaced).
+    Pass ``overwrite=True`` to replace a user-registered dataset; the built-in ``mnist`` and
+    ``fashion_mnist`` cannot be replaced.
 
     Example:
         >>> files = {r: FileSpec(f"{r}.gz", 100, "0" * 32) for r in ROLES}
@@ -381,10 +293,7 @@ def register_dataset(spec: IDXDataset, *, overwrite: bool = False) -> IDXDataset
     if spec.name in _BUILTIN:
         raise ValueError(f"the built-in dataset {spec.name!r} cannot be replaced")
     if spec.name in _REGISTRY and not overwrite:
-        raise ValueError(
-            f"a dataset named {spec.name!r} is already registered; "
-            "pass overwrite=True to replace it"
-        )
+        raise ValueError(f"{spec.name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -423,43 +332,32 @@ def get_dataset_spec(name: str) -> IDXDataset:
         >>> get_dataset_spec("mnist").files["test_labels"].md5
         'ec29112dd5afa0611ce80d1b7f02629c'
     """
-    if not isinstance(name, str):
-        raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    if name not in _REGISTRY:
         raise ValueError(
             f"unknown dataset {name!r}; registered datasets: {list_datasets()} "
             "(add one with register_dataset)"
-        ) from None
+        )
+    return _REGISTRY[name]
 
 
-# --------------------------------------------------------------------------------------------
-# Directory resolution
-# --------------------------------------------------------------------------------------------
-
-
-def _default_cache_dir() -> Path:
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "dlrt_jax"
-    return Path.home() / ".cache" / "dlrt_jax"
+# ---- files: location, verification, download, IDX parsing --------------------------------------
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
     if data_dir is not None:
         return Path(data_dir).expanduser(), "the data_dir argument"
-    env = os.environ.get(DATA_DIR_ENV_VAR, "")
-    if env:
-        return Path(env).expanduser(), f"the {DATA_DIR_ENV_VAR} environment variable"
-    return _default_cache_dir(), "the default cache directory"
+    if os.environ.get(DATA_DIR_ENV_VAR):
+        return Path(os.environ[DATA_DIR_ENV_VAR]).expanduser(), f"${DATA_DIR_ENV_VAR}"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return cache / "dlrt_jax", "the default cache directory"
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The data directory: ``data_dir`` if given, else ``$DLRT_DATA_DIR``, else the user cache.
 
     The user cache is ``$XDG_CACHE_HOME/dlrt_jax`` (if that variable holds an absolute path) or
-    ``~/.cache/dlrt_jax``.  The directory is not created.
+    ``~/.cache/dlrt_jax``. The directory is not created.
 
     Example:
         >>> resolve_data_dir("/data")
@@ -468,250 +366,129 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return _resolve_data_dir(data_dir)[0]
 
 
-# --------------------------------------------------------------------------------------------
-# IDX parsing
-# --------------------------------------------------------------------------------------------
+def _check_file(path: Path, spec: FileSpec) -> str | None:
+    """``None`` if ``path`` has the registered size and checksums, else what is wrong."""
+    size = path.stat().st_size
+    if size != spec.bytes:
+        return f"size is {size} bytes, expected {spec.bytes}"
+    with open(path, "rb") as f:
+        md5, sha = hashlib.file_digest(f, "md5").hexdigest(), None
+        if spec.sha256 is not None:
+            f.seek(0)
+            sha = hashlib.file_digest(f, "sha256").hexdigest()
+    if md5 != spec.md5:
+        return f"md5 is {md5}, expected {spec.md5}"
+    if sha != spec.sha256:
+        return f"sha256 is {sha}, expected {spec.sha256}"
+    return None
 
 
-def _read_up_to(f, n: int) -> bytearray:
-    """Read at most ``n`` bytes in chunks (never allocates more than what is really there)."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = f.read(min(_CHUNK * 16, n - len(buf)))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
+def _copy_from_file_url(url: str, output_file: str, pooch: object = None) -> None:
+    """A pooch downloader for ``file://`` mirrors (pooch itself only speaks http, ftp, doi)."""
+    shutil.copyfile(urllib.request.url2pathname(urllib.parse.urlsplit(url).path), output_file)
 
 
-def _describe_magic(code: int, ndim: int) -> str:
-    dt = _IDX_DTYPES.get(code)
-    return f"{code << 8 | ndim} (0x{code << 8 | ndim:08X}: {dt.name if dt else '?'}, {ndim} dims)"
+def _download(spec: FileSpec, mirrors: Sequence[str], directory: Path) -> list[str]:
+    """Fetch ``spec`` into ``directory`` from the first mirror that serves it intact.
 
-
-def _parse_idx(
-    path: Path, *, expect_code: int | None = None, expect_ndim: int | None = None
-) -> np.ndarray:
-    path = Path(path)
+    Returns ``[]`` on success, else one line per failed attempt. pooch downloads into a
+    temporary file next to the target and moves it into place only if its checksum matches.
+    """
     try:
-        with open(path, "rb") as raw:
-            is_gzip = raw.read(2) == b"\x1f\x8b"
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise CorruptDatasetError(f"{path}: cannot read file: {e}", path=path) from e
-
-    try:
-        with contextlib.ExitStack() as stack:
-            f = stack.enter_context(gzip.open(path, "rb") if is_gzip else open(path, "rb"))
-            what = "decompressed content" if is_gzip else "file"
-            head = _read_up_to(f, 4)
-            if len(head) < 4:
-                raise CorruptDatasetError(
-                    f"{path}: {what} is only {len(head)} bytes long, too short for an IDX header "
-                    "(truncated or empty file)",
-                    path=path,
-                    problem="truncated header",
-                )
-            zero, code, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
-            magic = int.from_bytes(head, "big")
-            if zero != 0 or code not in _IDX_DTYPES or ndim == 0:
-                raise CorruptDatasetError(
-                    f"{path}: bad magic number {magic} (0x{magic:08X}); an IDX file starts with "
-                    "two zero bytes, a type code (0x08, 0x09, 0x0B, 0x0C, 0x0D or 0x0E) and a "
-                    "non-zero number of dimensions",
-                    path=path,
-                    problem="bad magic",
-                )
-            if (expect_code is not None and code != expect_code) or (
-                expect_ndim is not None and ndim != expect_ndim
-            ):
-                raise CorruptDatasetError(
-                    f"{path}: bad magic number {_describe_magic(code, ndim)}, expected "
-                    f"{_describe_magic(expect_code or code, expect_ndim or ndim)}",
-                    path=path,
-                    problem="bad magic",
-                )
-            dims_raw = _read_up_to(f, 4 * ndim)
-            if len(dims_raw) < 4 * ndim:
-                raise CorruptDatasetError(
-                    f"{path}: truncated IDX header: {ndim} dimensions announced but only "
-                    f"{len(dims_raw)} of {4 * ndim} header bytes present",
-                    path=path,
-                    problem="truncated header",
-                )
-            dims = tuple(int.from_bytes(dims_raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
-            dtype = _IDX_DTYPES[code]
-            count = 1
-            for d in dims:
-                count *= d
-            expected = count * dtype.itemsize
-            if expected > _MAX_IDX_PAYLOAD:
-                raise CorruptDatasetError(
-                    f"{path}: IDX header dims {dims} announce {expected} payload bytes, which is "
-                    "implausibly large",
-                    path=path,
-                    problem="header dims",
-                )
-            payload = _read_up_to(f, expected)
-            if len(payload) < expected:
-                raise CorruptDatasetError(
-                    f"{path}: truncated payload: header dims {dims} ({dtype.name}) need "
-                    f"{expected} bytes after the {4 + 4 * ndim}-byte header, but the {what} has "
-                    f"only {len(payload)}",
-                    path=path,
-                    problem="truncated payload",
-                )
-            extra = len(_read_up_to(f, _CHUNK))  # also runs the gzip CRC/length check
-            if extra:
-                raise CorruptDatasetError(
-                    f"{path}: header dims {dims} ({dtype.name}) disagree with the payload length: "
-                    f"{'at least ' if extra == _CHUNK else ''}{extra} bytes follow the "
-                    f"{expected}-byte payload",
-                    path=path,
-                    problem="header dims",
-                )
-    except CorruptDatasetError:
-        raise
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise CorruptDatasetError(
-            f"{path}: bad gzip stream ({type(e).__name__}: {e}); the file is corrupt or truncated",
-            path=path,
-            problem="bad gzip",
+        import pooch
+    except ImportError as e:
+        raise ImportError(
+            f'downloading {spec.filename} needs pooch: pip install "dlrt-jax[mnist]" (or put the '
+            f"verified file into {directory} yourself)"
         ) from e
-    except OSError as e:
-        raise CorruptDatasetError(f"{path}: cannot read file: {e}", path=path) from e
+    errors = []
+    for mirror in mirrors:
+        url = mirror + spec.filename if mirror.endswith("/") else f"{mirror}/{spec.filename}"
+        logger.info("downloading %s -> %s", url, directory)
+        try:
+            pooch.retrieve(
+                url,
+                spec.known_hash,
+                fname=spec.filename,
+                path=directory,
+                downloader=_copy_from_file_url if url.startswith("file:") else None,
+            )
+            return []
+        except ValueError as e:  # pooch: checksum mismatch, download deleted
+            errors.append(f"{url}: failed verification: {e}")
+        except OSError as e:  # unreachable, HTTP error (requests' errors are OSErrors), no dir
+            errors.append(f"{url}: {type(e).__name__}: {e}")
+        logger.warning("download failed: %s", errors[-1])
+    return errors or ["no download mirrors are registered for this dataset"]
 
-    arr = np.frombuffer(payload, dtype=dtype).reshape(dims)
-    if dtype.itemsize > 1:
-        arr = arr.astype(dtype.newbyteorder("="))
-    return arr
+
+def _parse_idx(path: Path) -> tuple[np.ndarray, int]:
+    """The array in an IDX file (gzip or raw) and its magic number."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:
+            raise CorruptDatasetError(
+                f"{path}: bad gzip stream ({type(e).__name__}: {e}); the file is corrupt or "
+                "truncated",
+                path=path,
+                problem="bad gzip",
+            ) from e
+
+    def corrupt(problem: str, detail: str) -> CorruptDatasetError:
+        return CorruptDatasetError(f"{path}: {problem}: {detail}", path=path, problem=problem)
+
+    if len(data) < 4:
+        raise corrupt("too short", f"{len(data)} bytes, too short for an IDX header (truncated?)")
+    magic, code, ndim = int.from_bytes(data[:4], "big"), data[2], data[3]
+    if data[:2] != b"\0\0" or code not in _IDX_DTYPES or ndim == 0:
+        raise corrupt(
+            "bad magic",
+            f"number {magic} (0x{magic:08X}); an IDX file starts with two zero bytes, a type code "
+            "(0x08, 0x09, 0x0B, 0x0C, 0x0D or 0x0E) and a non-zero number of dimensions",
+        )
+    start = 4 + 4 * ndim
+    if len(data) < start:
+        raise corrupt("truncated IDX header", f"{ndim} dims need {start} header bytes")
+    dims = tuple(int.from_bytes(data[4 * i + 4 : 4 * i + 8], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[code])
+    need, have = math.prod(dims) * dtype.itemsize, len(data) - start
+    if have < need:
+        raise corrupt(
+            "truncated payload", f"header dims {dims} need {need} bytes, only {have} present"
+        )
+    if have > need:
+        raise corrupt(
+            "header dims",
+            f"dims {dims} disagree with the payload length ({have - need} bytes follow the "
+            f"{need}-byte payload)",
+        )
+    arr = np.frombuffer(data, dtype, offset=start, count=need // dtype.itemsize)
+    return arr.reshape(dims).astype(dtype.newbyteorder("=")), magic
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Parse an IDX file (gzip-compressed or raw, detected from the content) into a numpy array.
+    """Parse an IDX file (gzip-compressed or raw, told apart by its content) into numpy.
 
-    Supports the type codes 0x08 (uint8), 0x09 (int8), 0x0B (int16), 0x0C (int32), 0x0D (float32)
-    and 0x0E (float64); the result has native byte order and the shape given in the header.
-    Raises :class:`CorruptDatasetError` for a bad magic number, a bad gzip stream, a truncated
-    header or payload, or trailing bytes beyond what the header dimensions announce, and
-    ``FileNotFoundError`` if the file does not exist.
+    Supports the type codes 0x08 (uint8), 0x09 (int8), 0x0B (int16), 0x0C (int32), 0x0D
+    (float32) and 0x0E (float64); the result has native byte order and the header's shape.
+    Raises :class:`CorruptDatasetError` for a bad magic number or gzip stream, a truncated header
+    or payload, or trailing bytes, and ``FileNotFoundError`` if the file does not exist.
 
     Example:
         >>> labels = read_idx("data/mnist/t10k-labels-idx1-ubyte.gz")  # doctest: +SKIP
         >>> labels.shape, labels.dtype  # doctest: +SKIP
         ((10000,), dtype('uint8'))
     """
-    return _parse_idx(Path(path))
+    return _parse_idx(Path(path))[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Verification and download
-# --------------------------------------------------------------------------------------------
-
-
-def _hashes(path: Path) -> tuple[str, str]:
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            md5.update(chunk)
-            sha.update(chunk)
-    return md5.hexdigest(), sha.hexdigest()
-
-
-def _check_file(path: Path, spec: FileSpec) -> str | None:
-    """Return None if ``path`` matches ``spec`` (size, md5, sha256), else what is wrong."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        return f"cannot stat file: {e}"
-    if size != spec.bytes:
-        return f"size is {size} bytes, expected {spec.bytes}"
-    try:
-        md5, sha = _hashes(path)
-    except OSError as e:
-        return f"cannot read file: {e}"
-    if md5 != spec.md5:
-        return f"md5 is {md5}, expected {spec.md5}"
-    if spec.sha256 is not None and sha != spec.sha256:
-        return f"sha256 is {sha}, expected {spec.sha256}"
-    return None
-
-
-def _url_for(mirror: str, filename: str) -> str:
-    return mirror + filename if mirror.endswith("/") else f"{mirror}/{filename}"
-
-
-def _download_one(url: str, target: Path, spec: FileSpec) -> None:
-    """Download ``url`` to ``target`` atomically after verifying it; raise OSError on failure."""
-    scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in _ALLOWED_URL_SCHEMES:
-        raise OSError(f"refusing to download from a {scheme or 'scheme-less'} URL")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            # A fresh opener per call so that the proxy environment at call time is honoured.
-            opener = urllib.request.build_opener()
-            request = urllib.request.Request(url, headers={"User-Agent": "dlrt_jax"})
-            with opener.open(request, timeout=_DOWNLOAD_TIMEOUT_S) as resp:
-                length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-                if length is not None and length.isdigit() and int(length) != spec.bytes:
-                    raise OSError(
-                        f"server announces {length} bytes, expected {spec.bytes} "
-                        "(wrong or corrupt file on this mirror)"
-                    )
-                received = 0
-                while chunk := resp.read(_CHUNK):
-                    received += len(chunk)
-                    if received > spec.bytes:
-                        raise OSError(
-                            f"server sent more than the expected {spec.bytes} bytes "
-                            "(wrong or corrupt file on this mirror)"
-                        )
-                    out.write(chunk)
-        problem = _check_file(tmp, spec)
-        if problem is not None:
-            raise OSError(f"downloaded file failed verification: {problem}")
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _fetch(spec: FileSpec, mirrors: Sequence[str], target: Path) -> list[str]:
-    """Try every mirror in order; return [] on success, else one error line per attempt."""
-    errors = []
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return [f"cannot create directory {target.parent}: {e}"]
-    for mirror in mirrors:
-        url = _url_for(mirror, spec.filename)
-        logger.info("downloading %s -> %s", url, target)
-        try:
-            _download_one(url, target, spec)
-        except (OSError, ValueError, http.client.HTTPException) as e:
-            reason = getattr(e, "reason", None) if isinstance(e, urllib.error.URLError) else None
-            detail = f"{type(e).__name__}: {reason if reason is not None else e}"
-            logger.warning("download of %s failed (%s); trying the next mirror", url, detail)
-            errors.append(f"{url}: {detail}")
-            continue
-        return []
-    if not mirrors:
-        errors.append("no download mirrors are registered for this dataset")
-    return errors
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------------
 
 
 class Dataset(NamedTuple):
-    """Train and test split of an image-classification dataset as numpy arrays.
-
-    Images are uint8 of shape ``(N, *shape)`` (``(N, 28, 28)`` for MNIST), labels uint8 ``(N,)``.
+    """Train and test split as numpy arrays: uint8 images ``(N, *shape)``, uint8 labels ``(N,)``.
 
     Example:
         >>> ds = load_dataset("mnist")  # doctest: +SKIP
@@ -725,13 +502,6 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
 
 
-def _delete_advice(path: Path) -> str:
-    return (
-        f"It was NOT re-downloaded or overwritten. Delete it (rm '{path}') and run again to "
-        "download a fresh copy, or replace it with a verified copy."
-    )
-
-
 def load_dataset(
     name: str | IDXDataset = "mnist",
     data_dir: str | os.PathLike[str] | None = None,
@@ -742,15 +512,16 @@ def load_dataset(
     """Load a registered IDX dataset (default MNIST) as a :class:`Dataset` of numpy arrays.
 
     The data directory is ``data_dir``, else ``$DLRT_DATA_DIR``, else the user cache (see
-    :func:`resolve_data_dir`); each file is looked up in ``<dir>/<name>/`` and then in ``<dir>/``.
-    With ``verify=True`` every file's size and md5 (and sha256 when registered) are checked
-    before parsing.  Missing files are downloaded into ``<dir>/<name>/`` when ``download=True``
-    (mirrors tried in order, each file verified before it is atomically moved into place).
+    :func:`resolve_data_dir`); each file is looked up in ``<dir>/<name>/``, then in ``<dir>/``.
+    With ``verify=True`` every file's size and checksums are checked before parsing. Missing
+    files are downloaded into ``<dir>/<name>/`` when ``download=True`` (mirrors in order; a
+    download is moved into place only once its checksum matches).
 
     Raises:
         DatasetNotFoundError: files are missing and could not be downloaded.
         CorruptDatasetError: a file fails verification or parsing (it is never overwritten).
         ValueError: unknown dataset name.
+        ImportError: a file must be downloaded and pooch is not installed.
 
     Example:
         >>> ds = load_dataset("mnist", "/work/shared/data", download=False)  # doctest: +SKIP
@@ -760,148 +531,94 @@ def load_dataset(
     spec = name if isinstance(name, IDXDataset) else get_dataset_spec(name)
     root, source = _resolve_data_dir(data_dir)
     home = root / spec.name
+    paths = {}
+    for role, fs in spec.files.items():
+        found = [p for p in (home / fs.filename, root / fs.filename) if p.is_file()]
+        if found:
+            paths[role] = found[0]
 
-    # 1. Locate the files.
-    paths: dict[str, Path] = {}
-    missing: list[str] = []
-    for role in ROLES:
-        fs = spec.files[role]
-        for candidate in (home / fs.filename, root / fs.filename):
-            if candidate.is_file():
-                paths[role] = candidate
-                break
-        else:
-            missing.append(role)
-
-    # 2. Verify what is there before touching the network, so a bad local file is reported as
-    #    such (and never silently replaced by a download).
-    if verify:
-        problems = []
-        for role, path in paths.items():
-            problem = _check_file(path, spec.files[role])
-            if problem is not None:
-                problems.append((path, problem))
-        if problems:
-            lines = [f"  {p}: {what}" for p, what in problems]
-            first = problems[0][0]
-            raise CorruptDatasetError(
-                f"dataset {spec.name!r}: {len(problems)} file(s) failed verification:\n"
-                + "\n".join(lines)
-                + "\n"
-                + (
-                    _delete_advice(first)
-                    if len(problems) == 1
-                    else "They were NOT re-downloaded or overwritten. Delete them and run again "
-                    "to download fresh copies, or replace them with verified copies."
-                ),
-                path=first if len(problems) == 1 else None,
-                problem="; ".join(f"{p.name}: {what}" for p, what in problems),
-            )
-
-    # 3. Download what is missing.
-    if missing:
-        attempts: dict[str, list[str]] = {}
-        still_missing = []
-        for role in missing:
-            fs = spec.files[role]
-            if download:
-                errors = _fetch(fs, spec.mirrors, home / fs.filename)
-                if not errors:
-                    paths[role] = home / fs.filename
-                    continue
-                attempts[role] = errors
-            still_missing.append(role)
-        if still_missing:
-            raise DatasetNotFoundError(
-                _not_found_message(spec, still_missing, root, home, source, download, attempts),
-                dataset=spec.name,
-                missing=[spec.files[r].filename for r in still_missing],
-                directory=home,
-            )
-
-    # 4. Parse and cross-check.  Arrays are only returned once everything is consistent.
-    arrays: dict[str, np.ndarray] = {}
-    for role in ROLES:
-        is_images = role.endswith("images")
-        arrays[role] = _parse_idx(
-            paths[role], expect_code=0x08, expect_ndim=1 + len(spec.shape) if is_images else 1
+    # Verify what is there before any download, so that a bad local file is reported as such.
+    bad = [(p, why) for r, p in paths.items() if verify and (why := _check_file(p, spec.files[r]))]
+    if bad:
+        raise CorruptDatasetError(
+            f"dataset {spec.name!r}: {len(bad)} file(s) failed verification:\n"
+            + "".join(f"  {p}: {why}\n" for p, why in bad)
+            + "They were NOT re-downloaded or overwritten. Delete "
+            + ("it" if len(bad) == 1 else "them")
+            + " (rm "
+            + " ".join(f"'{p}'" for p, _ in bad)
+            + ") and run again to download a fresh copy, or replace it with a verified copy.",
+            path=bad[0][0] if len(bad) == 1 else None,
+            problem="; ".join(f"{p.name}: {why}" for p, why in bad),
         )
+
+    attempts: dict[str, list[str]] = {}
+    for role in [r for r in ROLES if r not in paths and download]:
+        attempts[role] = _download(spec.files[role], spec.mirrors, home)
+        if not attempts[role]:
+            paths[role] = home / spec.files[role].filename
+    missing = [r for r in ROLES if r not in paths]
+    if missing:
+        raise DatasetNotFoundError(
+            _not_found_message(spec, missing, root, home, source, download, attempts),
+            dataset=spec.name,
+            missing=[spec.files[r].filename for r in missing],
+            directory=home,
+        )
+
+    def check(role: str, ok: bool, problem: str, detail: str) -> None:
+        if not ok:
+            msg = f"{paths[role]}: {detail} (dataset {spec.name!r})"
+            raise CorruptDatasetError(msg, path=paths[role], problem=problem)
+
+    arrays = {}
+    for role in ROLES:
+        arrays[role], magic = _parse_idx(paths[role])
+        want = 0x0801 if role.endswith("labels") else 0x0801 + len(spec.shape)
+        detail = f"bad magic number {magic} (0x{magic:08X}), expected {want} (0x{want:08X})"
+        check(role, magic == want, "bad magic", f"{detail}: uint8, {want & 0xFF} dims")
     for split, n in (("train", spec.n_train), ("test", spec.n_test)):
-        img, lab = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        img_path, lab_path = paths[f"{split}_images"], paths[f"{split}_labels"]
-        if img.shape[1:] != spec.shape:
-            raise CorruptDatasetError(
-                f"{img_path}: images have shape {img.shape[1:]}, expected {spec.shape} for "
-                f"dataset {spec.name!r}",
-                path=img_path,
-                problem="image shape",
-            )
-        if lab.shape[0] != img.shape[0]:
-            raise CorruptDatasetError(
-                f"dataset {spec.name!r} ({split}): label count {lab.shape[0]} in {lab_path} "
-                f"!= image count {img.shape[0]} in {img_path}",
-                path=lab_path,
-                problem="label count != image count",
-            )
-        if img.shape[0] != n:
-            raise CorruptDatasetError(
-                f"{img_path}: {img.shape[0]} {split} examples, expected {n} for dataset "
-                f"{spec.name!r}",
-                path=img_path,
-                problem="example count",
-            )
-    return Dataset(
-        arrays["train_images"], arrays["train_labels"], arrays["test_images"], arrays["test_labels"]
-    )
+        img, lab = arrays[f"{split}_images"].shape, arrays[f"{split}_labels"].shape
+        detail = f"images have shape {img[1:]}, expected {spec.shape}"
+        check(f"{split}_images", img[1:] == spec.shape, "image shape", detail)
+        detail = (
+            f"label count {lab[0]} ({split}) != image count {img[0]} in {paths[f'{split}_images']}"
+        )
+        check(f"{split}_labels", lab[0] == img[0], "label count != image count", detail)
+        detail = f"{img[0]} {split} examples, expected {n}"
+        check(f"{split}_images", img[0] == n, "example count", detail)
+    return Dataset(*(arrays[r] for r in ROLES))
 
 
-def _not_found_message(
-    spec: IDXDataset,
-    roles: Sequence[str],
-    root: Path,
-    home: Path,
-    source: str,
-    download: bool,
-    attempts: Mapping[str, Sequence[str]],
-) -> str:
+def _not_found_message(spec, roles, root, home, source, download, attempts) -> str:
     lines = [f"dataset {spec.name!r}: {len(roles)} file(s) missing:"]
-    for role in roles:
-        fs = spec.files[role]
-        lines.append(f"  {fs.filename}  ({fs.bytes} bytes, md5 {fs.md5})")
-    lines.append(f"Looked in {home} and {root} (data directory taken from {source}).")
-    lines.append(f"Put the files in: {home}")
-    lines.append(
+    lines += [f"  {spec.files[r].filename}  ({spec.files[r].bytes} bytes)" for r in roles]
+    lines += [
+        f"Looked in {home} and {root} (data directory taken from {source}).",
+        f"Put the files in: {home}",
         f"To use another data directory, set the {DATA_DIR_ENV_VAR} environment variable to a "
-        f"directory containing '{spec.name}/', or pass data_dir=."
-    )
-    if spec.mirrors:
-        lines.append("Download mirrors (file URL = mirror + file name):")
-        lines.extend(f"  {m}" for m in spec.mirrors)
-    else:
-        lines.append("No download mirrors are registered for this dataset.")
+        f"directory containing '{spec.name}/', or pass data_dir=.",
+        "Download mirrors (file URL = mirror + file name):",
+        *(f"  {m}" for m in spec.mirrors or ["(none registered)"]),
+    ]
     if not download:
         lines.append("Downloading was disabled (download=False).")
     else:
         lines.append("Every download attempt failed:")
-        for role in roles:
-            lines.extend(f"  {err}" for err in attempts.get(role, ()))
+        lines += [f"  {err}" for r in roles for err in attempts.get(r, ())]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Training helpers
-# --------------------------------------------------------------------------------------------
+# ---- training helpers ------------------------------------------------------------------------
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     try:
         v = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+        v = None
+    if v is None or isinstance(value, bool) or v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return v
 
 
@@ -916,7 +633,7 @@ def preprocess(
 ) -> np.ndarray:
     """Scale uint8 images to [0, 1] floats, optionally standardise, optionally flatten.
 
-    ``images`` has shape ``(N, ...)`` with integer pixel values in [0, 255].  With
+    ``images`` has shape ``(N, ...)`` with integer pixel values in [0, 255]. With
     ``normalize=True`` the result is ``(x / 255 - mean) / std`` (MNIST defaults 0.1307, 0.3081).
     With ``flatten=True`` the result has shape ``(N, prod(...))``.
 
@@ -926,28 +643,21 @@ def preprocess(
         >>> x.shape, x.dtype, float(x.max())
         ((2, 784), dtype('float32'), 1.0)
     """
-    arr = np.asarray(images)
+    arr, dt = np.asarray(images), np.dtype(dtype)
     if arr.ndim < 2:
         raise ValueError(f"images must have shape (N, ...) with at least 2 dims, got {arr.shape}")
     if arr.dtype.kind not in "ui":
-        raise ValueError(
-            f"images must be an integer array (uint8 pixels in [0, 255]), got dtype {arr.dtype}"
-        )
-    if arr.dtype != np.uint8 and arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise ValueError(f"pixel values must lie in [0, 255], got range [{arr.min()}, {arr.max()}]")
-    dt = np.dtype(dtype)
+        raise ValueError(f"images must be integer pixels in [0, 255], got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"pixel values must lie in [0, 255], got [{arr.min()}, {arr.max()}]")
     if dt.kind != "f":
         raise ValueError(f"dtype must be a floating dtype, got {dt}")
     out = arr.astype(dt) / dt.type(255)
     if normalize:
-        if not np.isfinite(std) or std <= 0:
-            raise ValueError(f"std must be a positive finite number, got {std}")
-        if not np.isfinite(mean):
-            raise ValueError(f"mean must be finite, got {mean}")
+        if not (np.isfinite(std) and std > 0 and np.isfinite(mean)):
+            raise ValueError(f"std must be positive and finite, mean finite; got {std}, {mean}")
         out = (out - dt.type(mean)) / dt.type(std)
-    if flatten:
-        out = out.reshape(arr.shape[0], -1)
-    return out.astype(dt, copy=False)
+    return out.reshape(arr.shape[0], -1) if flatten else out
 
 
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
@@ -957,8 +667,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
         >>> num_batches(10, 3), num_batches(10, 3, drop_last=False)
         (3, 4)
     """
-    n = _check_int(n, "n", 0)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    n, batch_size = _check_int(n, "n", 0), _check_int(batch_size, "batch_size", 1)
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -975,11 +684,12 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
         >>> bool((p == epoch_permutation(5, seed=0, epoch=3)).all())
         True
     """
-    n = _check_int(n, "n", 0)
-    seed = _check_int(seed, "seed", 0)
-    epoch = _check_int(epoch, "epoch", 0)
-    rng = np.random.default_rng(np.random.SeedSequence((seed, epoch)))
-    return rng.permutation(n)
+    n, seed, epoch = (
+        _check_int(n, "n", 0),
+        _check_int(seed, "seed", 0),
+        _check_int(epoch, "epoch", 0),
+    )
+    return np.random.default_rng(np.random.SeedSequence((seed, epoch))).permutation(n)
 
 
 def batch_iterator(
@@ -995,12 +705,11 @@ def batch_iterator(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(x_batch, y_batch)`` minibatches for one epoch, resumable at ``start_batch``.
 
-    With ``shuffle=True`` the order is :func:`epoch_permutation` ``(len(x), seed, epoch)``, a
-    deterministic function of ``(seed, epoch)``; batch ``k`` therefore holds the same examples
-    whether the epoch is iterated from the start or resumed with ``start_batch=k``.  With
-    ``drop_last=True`` a final incomplete batch is dropped; otherwise it is yielded (smaller).
-    ``start_batch`` may equal :func:`num_batches` (nothing left to yield).  Arguments are
-    validated eagerly, when the function is called.
+    With ``shuffle=True`` the order is :func:`epoch_permutation` ``(len(x), seed, epoch)``, so
+    batch ``k`` holds the same examples whether the epoch is iterated from the start or resumed
+    with ``start_batch=k``. With ``drop_last=True`` a final incomplete batch is dropped;
+    otherwise it is yielded (smaller). ``start_batch`` may equal :func:`num_batches` (nothing
+    left). Arguments are validated when the function is called.
 
     Example:
         >>> import numpy as np
@@ -1010,33 +719,17 @@ def batch_iterator(
         >>> len(full), all((a[0] == b[0]).all() for a, b in zip(full[1:], tail))
         (3, True)
     """
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim < 1 or y.ndim < 1:
-        raise ValueError(f"x and y must have a leading batch axis, got shapes {x.shape}, {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same length, got {x.shape[0]} and {y.shape[0]}")
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    seed = _check_int(seed, "seed", 0)
-    epoch = _check_int(epoch, "epoch", 0)
-    start_batch = _check_int(start_batch, "start_batch", 0)
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same length, got shapes {x.shape}, {y.shape}")
     n = x.shape[0]
     total = num_batches(n, batch_size, drop_last)
+    start_batch = _check_int(start_batch, "start_batch", 0)
+    order = epoch_permutation(n, seed=seed, epoch=epoch) if shuffle else np.arange(n)
     if start_batch > total:
         raise ValueError(
             f"start_batch={start_batch} is past the end of the epoch ({total} batches of "
             f"{batch_size} from {n} examples, drop_last={drop_last})"
         )
-    order = epoch_permutation(n, seed=seed, epoch=epoch) if shuffle else None
-    return _batches(x, y, order, batch_size, start_batch, total)
-
-
-def _batches(x, y, order, batch_size, start_batch, total):
-    n = x.shape[0]
-    for b in range(start_batch, total):
-        lo, hi = b * batch_size, min((b + 1) * batch_size, n)
-        if order is None:
-            yield x[lo:hi], y[lo:hi]
-        else:
-            idx = order[lo:hi]
-            yield x[idx], y[idx]
+    chunks = (order[b * batch_size : (b + 1) * batch_size] for b in range(start_batch, total))
+    return ((x[idx], y[idx]) for idx in chunks)
