@@ -779,7 +779,7 @@ class _Fit(NamedTuple):
 
     rank: int
     capacity: int
-    rel_error: float
+    rel_error: float | None
 
 
 def _fit_rank(W: jax.Array, rank: Any, tol: Any, capacity: Any, where: str) -> _Fit:
@@ -1037,7 +1037,100 @@ def _skip_reason(node: Any) -> str | None:
     names = _own_params(node)
     if not names:
         return None
-    return f"has parameters ({', '.join(sorted(names))}) but is not an nnx.Linear / nnx.Conv"
+    return f"has parameters ({', '.join(sorted(names))}); no converter for {type(node).__name__}"
+
+
+class _Request(NamedTuple):
+    """What :func:`to_low_rank` asks of every converted layer."""
+
+    rank: int | None
+    tol: float | None
+    capacity: int | None
+    init: str
+    rngs: nnx.Rngs | None
+
+
+class _Converted(NamedTuple):
+    """A converter's result: the new layer, ``W``'s shape ``(n, m)`` and the rank it got."""
+
+    layer: Any
+    shape: tuple[int, int]
+    fit: _Fit
+
+
+def _choose(W: jax.Array, request: _Request, where: str) -> _Fit:
+    """The rank and capacity of the new factor of ``W`` (``rel_error`` ``None`` if random)."""
+    if request.init == "svd":
+        return _fit_rank(W, request.rank, request.tol, request.capacity, where)
+    r, c = _resolve_rank_capacity(request.rank, request.capacity, W.shape, where)
+    return _Fit(r, c, None)
+
+
+def _convert_linear(node: nnx.Linear, request: _Request, where: str) -> _Converted:
+    _check_linear_supported(node, where)
+    W = _dense_matrix(node)
+    fit = _choose(W, request, where)
+    if request.init == "svd":
+        new = LowRankLinear.from_linear(node, rank=fit.rank, capacity=fit.capacity)
+    else:
+        new = LowRankLinear(
+            node.in_features,
+            node.out_features,
+            rank=fit.rank,
+            capacity=fit.capacity,
+            use_bias=node.bias is not None,
+            dtype=node.dtype,
+            param_dtype=node.param_dtype,
+            precision=node.precision,
+            rngs=request.rngs,
+        )
+    return _Converted(new, W.shape, fit)
+
+
+def _convert_conv(node: nnx.Conv, request: _Request, where: str) -> _Converted:
+    _check_conv_supported(node, where)
+    W = _dense_matrix(node)
+    fit = _choose(W, request, where)
+    if request.init == "svd":
+        new = LowRankConv.from_conv(node, rank=fit.rank, capacity=fit.capacity)
+    else:
+        new = LowRankConv(
+            node.in_features,
+            node.out_features,
+            node.kernel_size,
+            node.strides,
+            padding=node.padding,
+            input_dilation=node.input_dilation,
+            kernel_dilation=node.kernel_dilation,
+            rank=fit.rank,
+            capacity=fit.capacity,
+            use_bias=node.bias is not None,
+            dtype=node.dtype,
+            param_dtype=node.param_dtype,
+            precision=node.precision,
+            rngs=request.rngs,
+        )
+    return _Converted(new, W.shape, fit)
+
+
+#: The layer types :func:`to_low_rank` converts, each with its converter
+#: ``converter(layer, request, where) -> _Converted`` (``where`` prefixes error messages). A layer
+#: is converted by the first entry it is an instance of; a converter raises ``TypeError`` /
+#: ``ValueError`` for a configuration it cannot represent.
+_CONVERTERS: dict[type, Callable[[Any, _Request, str], _Converted]] = {
+    nnx.Linear: _convert_linear,
+    nnx.Conv: _convert_conv,
+}
+
+
+def _kinds() -> str:
+    return " / ".join(f"nnx.{t.__name__}" for t in _CONVERTERS)
+
+
+def _converter_for(node: Any) -> Callable[[Any, _Request, str], _Converted] | None:
+    if isinstance(node, LowRankLinear | LowRankConv):
+        return None
+    return next((f for t, f in _CONVERTERS.items() if isinstance(node, t)), None)
 
 
 def to_low_rank(
@@ -1139,7 +1232,7 @@ def to_low_rank(
         path  layer      W (n x m)  rank  capacity  rel. error  note
         fc1   Linear     16 x 16    7     8         0.374
         norm  LayerNorm  -          -     -         -           skipped: has parameters (bias,
-          scale) but is not an nnx.Linear / nnx.Conv
+          scale); no converter for LayerNorm
         out   Linear     -          -     -         -           skipped: excluded by `filter`
         >>> summary.converted[0].rank == int(low.fc1.rank), summary.max_rel_error <= 0.4
         (True, True)
@@ -1158,10 +1251,12 @@ def to_low_rank(
     if not isinstance(report, bool):
         raise TypeError(f"`report` must be a bool, got {type(report).__name__}.")
     predicate = _to_predicate(filter)
+    request = _Request(rank, tol, capacity, init, rngs)
     records: list[LayerConversion] = []
 
     def convert(path, node):
-        if not isinstance(node, nnx.Linear | nnx.Conv):
+        converter = _converter_for(node)
+        if converter is None:
             reason = _skip_reason(node)
             if reason is not None:
                 records.append(
@@ -1176,70 +1271,34 @@ def to_low_rank(
             )
             return node
         where = f"to_low_rank at {_path_str(path)!r}"
-        if isinstance(node, nnx.Linear):
-            _check_linear_supported(node, where)
-        else:
-            _check_conv_supported(node, where)
-        W = _dense_matrix(node)
-        n, m = W.shape
-        if init == "svd":
-            fit = _fit_rank(W, rank, tol, capacity, where)
-            r, c, err = fit.rank, fit.capacity, fit.rel_error
-        else:
-            r, c = _resolve_rank_capacity(rank, capacity, (n, m), where)
-            err = None
+        new, shape, fit = _wrap_errors(where, converter, node, request, where)
         note = ""
-        if c > default_capacity((n, m)):
+        if fit.capacity > default_capacity(shape):
             note = (
-                f"capacity > floor(min(n, m) / 2) = {default_capacity((n, m))}: fixed-rank "
+                f"capacity > floor(min(n, m) / 2) = {default_capacity(shape)}: fixed-rank "
                 "integrators only (the rank-adaptive ones need 2 * capacity <= min(n, m))"
             )
         records.append(
-            LayerConversion(_path_str(path), type(node).__name__, True, (n, m), r, c, err, note)
-        )
-        if isinstance(node, nnx.Linear):
-            if init == "svd":
-                return _wrap_errors(where, LowRankLinear.from_linear, node, rank=r, capacity=c)
-            return _wrap_errors(
-                where,
-                LowRankLinear,
-                node.in_features,
-                node.out_features,
-                rank=r,
-                capacity=c,
-                use_bias=node.bias is not None,
-                dtype=node.dtype,
-                param_dtype=node.param_dtype,
-                precision=node.precision,
-                rngs=rngs,
+            LayerConversion(
+                _path_str(path),
+                type(node).__name__,
+                True,
+                shape,
+                fit.rank,
+                fit.capacity,
+                fit.rel_error,
+                note,
             )
-        if init == "svd":
-            return _wrap_errors(where, LowRankConv.from_conv, node, rank=r, capacity=c)
-        return _wrap_errors(
-            where,
-            LowRankConv,
-            node.in_features,
-            node.out_features,
-            node.kernel_size,
-            node.strides,
-            padding=node.padding,
-            input_dilation=node.input_dilation,
-            kernel_dilation=node.kernel_dilation,
-            rank=r,
-            capacity=c,
-            use_bias=node.bias is not None,
-            dtype=node.dtype,
-            param_dtype=node.param_dtype,
-            precision=node.precision,
-            rngs=rngs,
         )
+        return new
 
     new_model = nnx.recursive_map(convert, nnx.clone(model))
     summary = ConversionSummary(tuple(records))
     if not summary.converted:
         candidates = [r.path for r in summary.skipped if r.note == "excluded by `filter`"]
         raise ValueError(
-            "to_low_rank: `filter` matched no nnx.Linear / nnx.Conv layer (the filter is applied "
+            f"to_low_rank: `filter` matched no convertible layer ({_kinds()}; the filter is "
+            "applied "
             f"to those only). Candidate layers: {candidates or 'none'}.\n{summary}"
         )
     _LOGGER.info("%s", summary)
@@ -1263,6 +1322,8 @@ def _wrap_errors(where: str, fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
+        if str(e).startswith(where):
+            raise
         raise ValueError(f"{where}: {e}") from e
 
 
