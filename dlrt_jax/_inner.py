@@ -105,7 +105,9 @@ def isotropic_adam(
 
     Args:
         learning_rate: a float or an optax schedule.
-        b1, b2, eps: as for ``optax.adam``.
+        b1: as for ``optax.adam``.
+        b2: as for ``optax.adam``.
+        eps: as for ``optax.adam``.
 
     Examples:
         >>> import jax.numpy as jnp

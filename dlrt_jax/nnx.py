@@ -618,12 +618,20 @@ class LowRankConv(_FactorAccessors, nnx.Module):
         in_features: input channels.
         out_features: output channels.
         kernel_size: an int (1-D) or a sequence of ints.
-        strides, padding, input_dilation, kernel_dilation: as ``nnx.Conv`` (padding ``'SAME'``,
-            ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'`` (1-D), an int, or a sequence of
-            ints / ``(low, high)`` pairs).
+        strides: as ``nnx.Conv``.
+        padding: as ``nnx.Conv``: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
+            ``'CAUSAL'`` (1-D), an int, or a sequence of ints / ``(low, high)`` pairs.
+        input_dilation: as ``nnx.Conv``.
+        kernel_dilation: as ``nnx.Conv``.
         feature_group_count: must be 1 (grouped convolutions have no single matrix ``W``).
-        rank, capacity, use_bias, dtype, param_dtype, precision, bias_init, rngs: as
-            :class:`LowRankLinear`, with ``n = out`` and ``m = prod(kernel_size) * in``.
+        rank: as :class:`LowRankLinear`, with ``n = out`` and ``m = prod(kernel_size) * in``.
+        capacity: as :class:`LowRankLinear`.
+        use_bias: as :class:`LowRankLinear`.
+        dtype: as :class:`LowRankLinear`.
+        param_dtype: as :class:`LowRankLinear`.
+        precision: as :class:`LowRankLinear`.
+        bias_init: as :class:`LowRankLinear`.
+        rngs: as :class:`LowRankLinear`.
         kernel_init: as :class:`LowRankLinear`; a callable gets the dense kernel shape
             ``(*kernel_size, in, out)``.
 

@@ -12,7 +12,7 @@ environment variable ``DLRT_DATA_DIR``, a per-user cache (``$XDG_CACHE_HOME/dlrt
 moves it into place only once its checksum matches: a failed download leaves nothing behind.
 Files already on disk are read without pooch and without the network.
 
-Example:
+Examples:
     >>> from dlrt_jax.mnist.data import load_dataset, preprocess, batch_iterator
     >>> ds = load_dataset("mnist")  # doctest: +SKIP
     >>> x = preprocess(ds.train_images)  # (60000, 784) float32 in [0, 1]  # doctest: +SKIP
@@ -88,7 +88,7 @@ class DatasetNotFoundError(FileNotFoundError):
     variable and the ``data_dir=`` argument that select the data directory, and the mirrors.
     Attributes: ``dataset`` (name), ``missing`` (file names), ``directory`` (where they belong).
 
-    Example:
+    Examples:
         >>> try:
         ...     load_dataset("mnist", "/nonexistent", download=False)
         ... except DatasetNotFoundError as e:
@@ -110,7 +110,7 @@ class CorruptDatasetError(ValueError):
     Attributes: ``path`` (the offending file, or ``None`` when several are involved) and
     ``problem`` (a short description).
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "bad.idx"
         >>> _ = p.write_bytes(b"not an idx file")
@@ -134,7 +134,7 @@ class CorruptDatasetError(ValueError):
 class FileSpec:
     """One file of a dataset: its name, exact size in bytes and md5 (optionally sha256).
 
-    Example:
+    Examples:
         >>> spec = FileSpec("t10k-labels-idx1-ubyte.gz", 4542, "ec29112dd5afa0611ce80d1b7f02629c")
         >>> spec.bytes, spec.known_hash[:4]
         (4542, 'md5:')
@@ -180,7 +180,7 @@ class IDXDataset:
     ``mirrors`` are base URLs (``http``, ``https`` or ``file``); a file is fetched from
     ``mirror + filename``. Images are uint8 ``(n, *shape)``, labels uint8 ``(n,)``.
 
-    Example:
+    Examples:
         >>> spec = get_dataset_spec("mnist")
         >>> spec.n_train, spec.n_test, spec.shape
         (60000, 10000, (28, 28))
@@ -281,7 +281,7 @@ def register_dataset(spec: IDXDataset, *, overwrite: bool = False) -> IDXDataset
     Pass ``overwrite=True`` to replace a user-registered dataset; the built-in ``mnist`` and
     ``fashion_mnist`` cannot be replaced.
 
-    Example:
+    Examples:
         >>> files = {r: FileSpec(f"{r}.gz", 100, "0" * 32) for r in ROLES}
         >>> spec = register_dataset(IDXDataset("my_digits", files, [], 60, 10, (8, 8)))
         >>> "my_digits" in list_datasets()
@@ -301,7 +301,7 @@ def register_dataset(spec: IDXDataset, *, overwrite: bool = False) -> IDXDataset
 def unregister_dataset(name: str) -> None:
     """Remove a user-registered dataset from the registry (built-in ones cannot be removed).
 
-    Example:
+    Examples:
         >>> files = {r: FileSpec(f"{r}.gz", 1, "0" * 32) for r in ROLES}
         >>> _ = register_dataset(IDXDataset("tmp_ds", files, [], 1, 1, (2, 2)))
         >>> unregister_dataset("tmp_ds")
@@ -318,7 +318,7 @@ def unregister_dataset(name: str) -> None:
 def list_datasets() -> list[str]:
     """Names of all registered datasets, sorted.
 
-    Example:
+    Examples:
         >>> {"mnist", "fashion_mnist"} <= set(list_datasets())
         True
     """
@@ -328,7 +328,7 @@ def list_datasets() -> list[str]:
 def get_dataset_spec(name: str) -> IDXDataset:
     """Return the registered :class:`IDXDataset` called ``name``.
 
-    Example:
+    Examples:
         >>> get_dataset_spec("mnist").files["test_labels"].md5
         'ec29112dd5afa0611ce80d1b7f02629c'
     """
@@ -359,7 +359,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     The user cache is ``$XDG_CACHE_HOME/dlrt_jax`` (if that variable holds an absolute path) or
     ``~/.cache/dlrt_jax``. The directory is not created.
 
-    Example:
+    Examples:
         >>> resolve_data_dir("/data")
         PosixPath('/data')
     """
@@ -476,7 +476,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     Raises :class:`CorruptDatasetError` for a bad magic number or gzip stream, a truncated header
     or payload, or trailing bytes, and ``FileNotFoundError`` if the file does not exist.
 
-    Example:
+    Examples:
         >>> labels = read_idx("data/mnist/t10k-labels-idx1-ubyte.gz")  # doctest: +SKIP
         >>> labels.shape, labels.dtype  # doctest: +SKIP
         ((10000,), dtype('uint8'))
@@ -490,7 +490,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 class Dataset(NamedTuple):
     """Train and test split as numpy arrays: uint8 images ``(N, *shape)``, uint8 labels ``(N,)``.
 
-    Example:
+    Examples:
         >>> ds = load_dataset("mnist")  # doctest: +SKIP
         >>> ds.train_images.shape, ds.test_labels.shape  # doctest: +SKIP
         ((60000, 28, 28), (10000,))
@@ -523,7 +523,7 @@ def load_dataset(
         ValueError: unknown dataset name.
         ImportError: a file must be downloaded and pooch is not installed.
 
-    Example:
+    Examples:
         >>> ds = load_dataset("mnist", "/work/shared/data", download=False)  # doctest: +SKIP
         >>> ds.train_images.shape, ds.train_images.dtype  # doctest: +SKIP
         ((60000, 28, 28), dtype('uint8'))
@@ -637,7 +637,7 @@ def preprocess(
     ``normalize=True`` the result is ``(x / 255 - mean) / std`` (MNIST defaults 0.1307, 0.3081).
     With ``flatten=True`` the result has shape ``(N, prod(...))``.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> x = preprocess(np.full((2, 28, 28), 255, np.uint8))
         >>> x.shape, x.dtype, float(x.max())
@@ -663,7 +663,7 @@ def preprocess(
 def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
     """Number of batches per epoch for ``n`` examples (floor if ``drop_last`` else ceil).
 
-    Example:
+    Examples:
         >>> num_batches(10, 3), num_batches(10, 3, drop_last=False)
         (3, 4)
     """
@@ -677,7 +677,7 @@ def epoch_permutation(n: int, *, seed: int, epoch: int) -> np.ndarray:
     Uses ``np.random.default_rng(np.random.SeedSequence((seed, epoch)))``, so the order is
     reproducible across runs and processes and can be recomputed when resuming.
 
-    Example:
+    Examples:
         >>> p = epoch_permutation(5, seed=0, epoch=3)
         >>> sorted(p.tolist()) == [0, 1, 2, 3, 4]
         True
@@ -711,7 +711,7 @@ def batch_iterator(
     otherwise it is yielded (smaller). ``start_batch`` may equal :func:`num_batches` (nothing
     left). Arguments are validated when the function is called.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> x, y = np.arange(10), np.arange(10)
         >>> full = list(batch_iterator(x, y, 3, seed=0, epoch=1))

@@ -19,7 +19,7 @@ Initialisation follows the paper's code: each factored layer gets orthonormal ``
 compute the same function at initialisation for the same key. Biases start at zero; the dense
 classifier layer is Glorot-uniform.
 
-Example:
+Examples:
     >>> import jax, jax.numpy as jnp
     >>> from dlrt_jax.mnist.models import init_mlp, mlp_apply, param_counts
     >>> params = init_mlp(jax.random.key(0), width=32)
@@ -72,7 +72,7 @@ class Factorized(NamedTuple):
     ``dL/dU = G V`` and ``dL/dV = G^T U``, so any optax optimiser trains them directly. This is the
     baseline the paper compares DLRT with; it is *not* a :class:`~dlrt_jax.LowRank`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> f = Factorized(jnp.ones((3, 1)), jnp.ones((2, 1)))
         >>> f.shape, f.rank
@@ -268,13 +268,15 @@ def init_mlp(
         uv: plain :class:`Factorized` hidden weights ``U V^T`` of the same factors.
         decay: divide the ``k``-th initial singular value by ``decay**k`` (``k = 0..r-1``, the
             largest undamped, as the paper's code).
-        depth, in_features, num_classes: architecture (defaults: the paper's).
+        depth: number of hidden layers (default: the paper's).
+        in_features: input size (default: the paper's).
+        num_classes: output size (default: the paper's).
         scale: multiplies the initial singular values (all three weight kinds alike).
 
     Returns:
         A list of ``depth + 1`` layers ``{"w": weight, "b": bias}``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> p = init_mlp(jax.random.key(0), width=500)
         >>> [int(l["w"].rank) for l in p[:4]], p[0]["w"].shape, p[4]["w"].shape
@@ -315,7 +317,7 @@ def init_mlp(
 def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
     """Logits of the MLP for flattened inputs ``x`` ``(batch, 784)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> p = init_mlp(jax.random.key(0), width=16, dense=True)
         >>> mlp_apply(p, jnp.ones((3, 784))).shape
@@ -349,9 +351,13 @@ def init_lenet5(
             fixed rank for all three factored layers, or three fixed ranks. A fixed rank above
             ``floor(min(n, m) / 2)`` (e.g. 20 in conv1) works with the fixed-rank integrators
             only (``projector_splitting``).
-        max_rank, dense, uv, decay, scale: as in :func:`init_mlp`.
+        max_rank: as in :func:`init_mlp`.
+        dense: as in :func:`init_mlp`.
+        uv: as in :func:`init_mlp`.
+        decay: as in :func:`init_mlp`.
+        scale: as in :func:`init_mlp`.
 
-    Example:
+    Examples:
         >>> import jax
         >>> p = init_lenet5(jax.random.key(0))
         >>> [int(l["w"].rank) for l in p[:3]]
@@ -386,7 +392,7 @@ def init_lenet5(
 def lenet5_apply(params: Params, x: jax.Array) -> jax.Array:
     """Logits of LeNet5 for images ``x`` of shape ``(batch, 28, 28)`` or ``(batch, 28, 28, 1)``.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> p = init_lenet5(jax.random.key(0), dense=True)
         >>> lenet5_apply(p, jnp.zeros((2, 28, 28))).shape
@@ -410,7 +416,7 @@ def lenet5_apply(params: Params, x: jax.Array) -> jax.Array:
 def cross_entropy_loss(apply_fn: Callable[[Params, jax.Array], jax.Array]):
     """``loss(params, (x, y))``: mean softmax cross-entropy of ``apply_fn`` on integer labels.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> loss = cross_entropy_loss(mlp_apply)
         >>> p = init_mlp(jax.random.key(0), width=8)
@@ -429,7 +435,7 @@ def cross_entropy_loss(apply_fn: Callable[[Params, jax.Array], jax.Array]):
 def accuracy(apply_fn: Callable[[Params, jax.Array], jax.Array]):
     """``acc(params, (x, y))``: fraction of correct argmax predictions (a float32 scalar).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> acc = accuracy(mlp_apply)
         >>> p = init_mlp(jax.random.key(0), width=8)
@@ -458,7 +464,7 @@ def _weights(params: Params) -> list[Any]:
 def layer_ranks(params: Params) -> list[int]:
     """Current ranks of the factored weights (``LowRank`` and ``Factorized``), in order.
 
-    Example:
+    Examples:
         >>> import jax
         >>> layer_ranks(init_lenet5(jax.random.key(0), rank=[5, 6, 7]))
         [5, 6, 7]
@@ -476,7 +482,7 @@ def eval_param_count(n: int, m: int, r: int | None) -> int:
     """Parameters of an ``n x m`` weight at evaluation: ``r (n + m)`` if factored (``S`` folded
     into ``U`` or ``V``), ``n m`` if dense (``r=None``).
 
-    Example:
+    Examples:
         >>> eval_param_count(500, 784, 52), eval_param_count(10, 500, None)
         (66768, 5000)
     """
@@ -488,7 +494,7 @@ def train_param_count(n: int, m: int, r: int | None) -> int:
     paper's 5-layer script: ``K``/``U`` and ``L``/``V`` of width ``r`` and the augmented ``2r x 2r``
     ``S``); ``n m`` if dense.
 
-    Example:
+    Examples:
         >>> train_param_count(500, 500, 10)
         20400
     """
@@ -498,7 +504,7 @@ def train_param_count(n: int, m: int, r: int | None) -> int:
 def dense_param_count(params: Params) -> int:
     """Weights of the dense network of the same architecture: ``sum n m``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> dense_param_count(init_mlp(jax.random.key(0), width=500))
         1147000
@@ -524,7 +530,7 @@ def param_counts(params: Params) -> dict[str, Any]:
         ``{"ranks", "eval_params", "train_params", "dense_params", "eval_compression",
         "train_compression"}`` (compressions as fractions).
 
-    Example:
+    Examples:
         >>> import jax
         >>> c = param_counts(init_mlp(jax.random.key(0), width=500, rank=10))
         >>> c["eval_params"], c["dense_params"], round(100 * c["eval_compression"], 2)
