@@ -1,6 +1,6 @@
 """Paper experiment: DLRT against the plain factorisation W = U V^T on LeNet5 (fixed rank 20).
 
-Protocol of the paper (dlrt.md section 4): LeNet5 with conv1 (20 x 25), conv2 (50 x 500) and fc1
+Protocol of the paper (docs/method.md): LeNet5 with conv1 (20 x 25), conv2 (50 x 500) and fc1
 (500 x 800) at fixed rank 20, fc2 dense; plain SGD lr 0.01, batch 128, 20 epochs, 10 runs; initial
 singular values ``s_k / d^k`` (``s_k`` sorted ``|N(0, 1)|``, ``k = 0..19`` as in the paper's code,
 so the largest value is not damped) for d = 1, 2, 10.

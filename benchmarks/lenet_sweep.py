@@ -1,10 +1,10 @@
 """Paper experiment: LeNet5 on MNIST, rank-adaptive DLRT tau sweep against the dense network.
 
-Protocol of the paper (dlrt.md section 4): conv1 (20 x 25), conv2 (50 x 500) and fc1 (500 x 800)
+Protocol of the paper (docs/method.md): conv1 (20 x 25), conv2 (50 x 500) and fc1 (500 x 800)
 factored, fc2 dense; rank-adaptive BUG with plain SGD lr 0.05 (no momentum) inside the
 integrator, batch 128, 20 epochs, 5 runs, tau in 0.09, 0.11, 0.15, 0.2, 0.3, 0.45; dense LeNet5 by
 SGD lr 0.05. Eval compression in the r(n + m) convention (the paper's LeNet result files count
-r(n + 1); dlrt.md section 3). Writes ``lenet_sweep.{csv,json,png}`` to ``--out``.
+r(n + 1); docs/method.md, "Parameter counts"). Writes ``lenet_sweep.{csv,json,png}`` to ``--out``.
 
 ``--protocol`` (default ``paper``):
 

@@ -1,6 +1,6 @@
 """Paper experiment: the 5-layer MLP 784-w-w-w-w-10 on MNIST, rank-adaptive DLRT, tau sweep.
 
-Protocol of the paper (dlrt.md section 4): width 500, rank-adaptive BUG, Adam 1e-3 inside the
+Protocol of the paper (docs/method.md): width 500, rank-adaptive BUG, Adam 1e-3 inside the
 integrator, batch 256, 10 epochs, tau in 0.03 .. 0.17, plus the dense baseline (Adam 1e-3). Width
 784 at tau 0.09 and 0.17 with ``--wide``.
 

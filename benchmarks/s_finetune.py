@@ -1,4 +1,4 @@
-"""Paper experiment: S fine-tuning after the rank search (dlrt.md section 2, last paragraph).
+"""Paper experiment: S fine-tuning after the rank search (docs/method.md, "S fine-tuning").
 
 Phase 1 trains rank-adaptively (``dlrt_jax.bug``) to find the ranks; phase 2 freezes the bases
 ``U``, ``V`` (and the ranks) and trains only ``S`` (``dlrt_jax.s_only``; biases and the dense

@@ -1,4 +1,4 @@
-"""The DLRT integrators, written per factor as in ``dlrt.md`` section 2.
+"""The DLRT integrators, written per factor as in ``docs/method.md``, "The integrators".
 
 Each integrator is a sequence of *phases*. A phase works on one factor: it takes the carry of the
 previous phase and the projected gradients of the factor at the last evaluation point (the slots

@@ -2,7 +2,8 @@
 
 Basis arithmetic (orthogonalisation, basis-change matrices, projections, truncation products)
 runs at full float32 precision on every backend: on GPUs the default float32 matmul is TF32,
-which leaves ``Q^T Q - I`` at about 1e-3 after one product (``dlrt.md`` section 5).
+which leaves ``Q^T Q - I`` at about 1e-3 after one product (``docs/method.md``,
+"Full precision").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The truncation rule of the rank-adaptive integrators (``dlrt.md`` section 2, step 3)."""
+"""The truncation rule of the rank-adaptive integrators (``docs/method.md``, "Truncation")."""
 
 from __future__ import annotations
 

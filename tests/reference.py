@@ -1,4 +1,4 @@
-"""Independent float64 NumPy reference for the DLRT integrators (docs/dlrt.md, section 2).
+"""Independent float64 NumPy reference for the DLRT integrators (docs/method.md, "The integrators").
 
 Plain exact-rank arrays: U (n x r) and V (m x r) orthonormal, S (r x r), W = U S V^T (n x m).
 ``grad_fn`` maps a dense W to G = dL/dW (n x m). Every substep is one plain SGD step of size h.

@@ -450,7 +450,7 @@ def accuracy(apply_fn: Callable[[Params, jax.Array], jax.Array]):
     return acc
 
 
-# ---- parameter counting (dlrt.md section 3; weights only, no biases) ---------------------------
+# ---- parameter counting (docs/method.md; weights only, no biases) ----------------------------
 
 
 def _weights(params: Params) -> list[Any]:
@@ -520,7 +520,7 @@ def compression(params_count: int, dense_count: int) -> float:
 
 
 def param_counts(params: Params) -> dict[str, Any]:
-    """Parameter counts and compression rates of a model, weights only (dlrt.md section 3).
+    """Parameter counts and compression rates of a model, weights only (docs/method.md).
 
     ``LowRank`` weights count with their current rank; :class:`Factorized` ones with their
     ``r (n + m)`` entries in both columns (plain factorisations train exactly those); dense ones
