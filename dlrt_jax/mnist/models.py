@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dlrt_jax._factors import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
+from dlrt_jax import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
 
 __all__ = [
     "Factorized",
