@@ -16,7 +16,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     jit: bool = True,
-) -> Callable[..., tuple[Any, Any, jax.Array]]:
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, Any, Any]]:
     r"""``step(params, opt_state, *batch) -> (params, opt_state, loss)`` for any optax transform.
 
     The step computes ``loss, grads = value_and_grad(loss_fn)(params, *batch)`` and calls
@@ -34,6 +35,9 @@ def make_train_step(
         tx: any optax transform (a DLRT transform or a plain optimiser such as ``optax.adam``).
         jit: wrap the step in ``jax.jit`` (it traces once per set of parameter shapes, i.e. once
             per set of capacities).
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the step then returns
+            ``(params, opt_state, (loss, aux))`` with the ``aux`` of the first evaluation (as
+            ``jax.value_and_grad(..., has_aux=True)``).
 
     Returns:
         The step function; ``opt_state`` comes from ``tx.init(params)``.
@@ -59,15 +63,17 @@ def make_train_step(
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"`tx` must be an optax GradientTransformation, got {type(tx).__name__}.")
-    if not isinstance(jit, bool):
-        raise TypeError(f"`jit` must be a bool, got {type(jit).__name__}.")
+    for name, flag in (("jit", jit), ("has_aux", has_aux)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}.")
     tx = optax.with_extra_args_support(tx)
 
-    def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+    def step(params: Any, opt_state: Any, *batch: Any) -> tuple[Any, Any, Any]:
+        loss, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *batch)
 
         def grad_fn(p: Any) -> Any:
-            return jax.grad(loss_fn)(p, *batch)
+            grads = jax.grad(loss_fn, has_aux=has_aux)(p, *batch)
+            return grads[0] if has_aux else grads
 
         updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
         return optax.apply_updates(params, updates), opt_state, loss

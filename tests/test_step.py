@@ -109,6 +109,17 @@ def test_jitted_step_compiles_once_across_rank_changes():
     assert len(traces) == 2  # ... and the step was traced once (value_and_grad + grad_fn)
 
 
+def test_has_aux_returns_the_first_evaluations_aux():
+    params, loss_fn, x, y = _problem()
+    tx = dlrt_jax.bug(optax.sgd(0.1), tau=0.1)  # grad_fn is evaluated: it must drop the aux
+    with_aux = lambda p, x, y: (loss_fn(p, x, y), {"b_sum": jnp.sum(p["b"]) + 1.0})  # noqa: E731
+    step = dlrt_jax.make_train_step(with_aux, tx, has_aux=True)
+    new, _, (loss, aux) = step(params, tx.init(params), x, y)
+    ref, _, ref_loss = dlrt_jax.make_train_step(loss_fn, tx)(params, tx.init(params), x, y)
+    chex.assert_trees_all_close(new, ref, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close((loss, aux["b_sum"]), (ref_loss, 1.0), rtol=1e-6)
+
+
 def test_invalid_arguments_are_rejected():
     params, loss_fn, *_ = _problem()
     with pytest.raises(TypeError, match="loss_fn"):
@@ -117,3 +128,5 @@ def test_invalid_arguments_are_rejected():
         dlrt_jax.make_train_step(loss_fn, lambda g: g)
     with pytest.raises(TypeError, match="jit"):
         dlrt_jax.make_train_step(loss_fn, optax.sgd(0.1), jit=1)
+    with pytest.raises(TypeError, match="has_aux"):
+        dlrt_jax.make_train_step(loss_fn, optax.sgd(0.1), has_aux=None)
