@@ -4,11 +4,16 @@ The docstrings are Google style but use reST roles (``:class:`LowRank```, ``:fun
 ``.. math::`` blocks. Before mkdocstrings renders them, this extension turns each role into a
 cross-reference when the name resolves to an object of the package (optional, so a reference to
 an object the reference does not render stays plain code, never a warning) and each math block
-into an arithmatex ``$$ ... $$`` block. The source files are not changed.
+into an arithmatex ``$$ ... $$`` block. A docstring that a module extends at import time
+(``f.__doc__ += ...``), which static analysis cannot see, is read from the imported module. The
+source files are not changed.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
 import re
 from typing import Any
 
@@ -37,10 +42,13 @@ def _resolve(name: str, obj: griffe.Object, collection: Any) -> str | None:
     candidates.append(name)
     for path in candidates:
         try:
-            collection[path]
+            target = collection[path]
         except Exception:  # KeyError, alias resolution errors: not an object of the package
             continue
-        return path
+        try:  # where the object is defined: mkdocstrings registers that path for its heading
+            return target.canonical_path
+        except Exception:
+            return path
     return None
 
 
@@ -78,11 +86,41 @@ def _math(text: str) -> str:
     return "\n".join(out)
 
 
+def _extended_docstrings(module: griffe.Module, loader: griffe.GriffeLoader) -> None:
+    """Docstrings that the module extends with ``name.__doc__ += ...``, from the imported module."""
+    if module.filepath is None or isinstance(module.filepath, list):
+        return
+    tree = ast.parse(module.filepath.read_text())
+    names = {
+        node.target.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AugAssign)
+        and isinstance(node.target, ast.Attribute)
+        and node.target.attr == "__doc__"
+        and isinstance(node.target.value, ast.Name)
+    }
+    if not names:
+        return
+    live = importlib.import_module(module.path)
+    for name in sorted(names):
+        doc = inspect.getdoc(getattr(live, name, None))
+        member = module.members.get(name)
+        if doc and member is not None and not member.is_alias:
+            member.docstring = griffe.Docstring(
+                doc,
+                parent=member,
+                parser=loader.docstring_parser,
+                parser_options=loader.docstring_options,
+            )
+
+
 class RstToMarkdown(griffe.Extension):
     """Rewrite reST roles and math blocks in every docstring of a loaded package."""
 
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         for obj in _walk(pkg):
+            if obj.is_module:
+                _extended_docstrings(obj, loader)
             if obj.docstring is not None:
                 value = _math(obj.docstring.value)
                 obj.docstring.value = _roles(value, obj, loader.modules_collection)
