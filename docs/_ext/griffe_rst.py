@@ -4,9 +4,9 @@ The docstrings are Google style but use reST roles (``:class:`LowRank```, ``:fun
 ``.. math::`` blocks. Before mkdocstrings renders them, this extension turns each role into a
 cross-reference when the name resolves to an object of the package (optional, so a reference to
 an object the reference does not render stays plain code, never a warning) and each math block
-into an arithmatex ``$$ ... $$`` block. A docstring that a module extends at import time
-(``f.__doc__ += ...``), which static analysis cannot see, is read from the imported module. The
-source files are not changed.
+into an arithmatex ``$$ ... $$`` block. A docstring that a module completes at import time
+(``f.__doc__ += ...``, or a decorator that fills in a ``{marker}`` line), which static analysis
+cannot see, is read from the imported module. The source files are not changed.
 """
 
 from __future__ import annotations
@@ -86,8 +86,16 @@ def _math(text: str) -> str:
     return "\n".join(out)
 
 
-def _extended_docstrings(module: griffe.Module, loader: griffe.GriffeLoader) -> None:
-    """Docstrings that the module extends with ``name.__doc__ += ...``, from the imported module."""
+_MARKER = re.compile(r"^[ \t]*\{\w+\}[ \t]*$", re.M)
+
+
+def _runtime_docstrings(module: griffe.Module, loader: griffe.GriffeLoader) -> None:
+    """Docstrings completed at import time, from the imported module.
+
+    Static analysis sees neither ``name.__doc__ += ...`` nor a decorator that fills a marker line
+    such as ``{usage}`` into the docstring; for those objects the docstring is read from the
+    imported module (only such modules are imported).
+    """
     if module.filepath is None or isinstance(module.filepath, list):
         return
     tree = ast.parse(module.filepath.read_text())
@@ -98,6 +106,13 @@ def _extended_docstrings(module: griffe.Module, loader: griffe.GriffeLoader) -> 
         and isinstance(node.target, ast.Attribute)
         and node.target.attr == "__doc__"
         and isinstance(node.target.value, ast.Name)
+    }
+    names |= {
+        name
+        for name, member in module.members.items()
+        if not member.is_alias
+        and member.docstring is not None
+        and _MARKER.search(member.docstring.value)
     }
     if not names:
         return
@@ -120,7 +135,7 @@ class RstToMarkdown(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
         for obj in _walk(pkg):
             if obj.is_module:
-                _extended_docstrings(obj, loader)
+                _runtime_docstrings(obj, loader)
             if obj.docstring is not None:
                 value = _math(obj.docstring.value)
                 obj.docstring.value = _roles(value, obj, loader.modules_collection)
