@@ -1,21 +1,12 @@
-"""Mixed precision for DLRT: bfloat16 layer application, float32 factors and basis arithmetic.
+"""Mixed precision: layers applied in bfloat16, factors and basis arithmetic kept in float32.
 
-The policy:
-
-* **Stored in float32**: the factors ``U``, ``S``, ``V`` (and every other parameter), the
-  optimiser state, the gradients handed to the integrator.
-* **Computed in float32 at full precision, always**: all basis arithmetic of the integrators
-  (QR, SVD, the basis-change matrices ``M = U1^T U0``, ``N = V1^T V0``, projections, truncation
-  products). The core runs these with ``precision=HIGHEST`` on every backend (on GPUs the default
-  float32 matmul is TF32, which leaves ``Q^T Q - I`` near ``1e-3``); nothing here changes that.
-* **Computed in ``compute_dtype`` (e.g. bfloat16) where the user asks**: the application of a
-  layer to activations, ``x -> x V S^T U^T``, and the backward products that give the projected
-  gradients ``G V``, ``U^T G V``, ``G^T U``. :func:`mixed_apply` casts the input and a copy of the
-  factors to ``compute_dtype``; the cast's transpose returns the gradients to float32 before the
-  integrator sees them, so the factors never pass through bfloat16 storage.
-
-Compute the loss (softmax, reductions) in float32: cast the logits back
-(``output_dtype=jnp.float32`` on the last layer, or ``logits.astype(jnp.float32)``).
+The factors ``U``, ``S``, ``V``, the optimiser state and the gradients the integrators see stay
+float32, and the integrators' basis arithmetic (QR, SVD, basis changes) always runs in float32 at
+``precision=HIGHEST``. Only the application of a layer to activations, ``x -> x V S^T U^T``, and
+its backward products ``G V``, ``U^T G V``, ``G^T U`` run in ``compute_dtype``: :func:`mixed_apply`
+casts the input and a *copy* of the factors, and the transpose of that cast returns the gradients
+in float32. Compute the loss in float32 (:meth:`PrecisionPolicy.logits`). The same in three
+lines of plain JAX, and why it is safe, in ``docs/recipes.md``.
 
 Examples:
     >>> import jax, jax.numpy as jnp
@@ -42,16 +33,25 @@ from dlrt_jax._factors import LowRank, lowrank_apply
 __all__ = ["PrecisionPolicy", "cast_floating", "mixed_apply", "mixed_dense"]
 
 
-def _check_dtype(dtype: Any, name: str):
+def _floating(dtype: Any, name: str) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be a floating dtype, got {dtype!r}.") from e
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(
-            f"`{name}` must be a floating dtype (bfloat16, float16, float32), got {dt}."
-        )
+    except TypeError:
+        dt = None
+    if dt is None or not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"`{name}` must be a floating dtype (bfloat16, float32, ...), got {dtype}.")
     return dt
+
+
+def _cast(tree: Any, dt: jnp.dtype) -> Any:
+    def one(x):
+        if isinstance(x, LowRank):  # the rank stays a float32 whole number
+            return LowRank.tree_unflatten(None, (*(a.astype(dt) for a in (x.U, x.S, x.V)), x.rank))
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x).astype(dt)
+        return x
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, LowRank))
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
@@ -66,16 +66,7 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
         >>> out["x"].dtype, out["i"].dtype
         (dtype(bfloat16), dtype('int32'))
     """
-    dt = _check_dtype(dtype, "dtype")
-
-    def one(x):
-        if isinstance(x, LowRank):
-            return LowRank(x.U.astype(dt), x.S.astype(dt), x.V.astype(dt), x.rank)
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.asarray(x).astype(dt)
-        return x
-
-    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, LowRank))
+    return _cast(tree, _floating(dtype, "dtype"))
 
 
 def mixed_apply(
@@ -83,23 +74,15 @@ def mixed_apply(
 ) -> jax.Array:
     r"""``x W^T = ((x V) S^T) U^T`` computed in ``compute_dtype``; the factors stay float32.
 
-    The input and a copy of ``U``, ``S``, ``V`` are cast to ``compute_dtype`` and applied with
-    :func:`dlrt_jax.lowrank_apply`, whose custom VJP then forms the projected gradients
-    (``G V``, ``U^T G V``, ``G^T U``) in ``compute_dtype``; the transpose of the cast returns them
-    in the factors' dtype. The result has ``output_dtype`` (default: ``compute_dtype``).
-
-    Args:
-        lr: the factor (float32 storage).
-        x: input, last axis of size ``m``.
-        compute_dtype: dtype of the layer's matmuls (bfloat16 by default).
-        output_dtype: dtype of the result; ``None`` keeps ``compute_dtype``.
+    :func:`dlrt_jax.lowrank_apply` on a ``compute_dtype`` copy of ``x`` and of the factors: the
+    projected gradients are formed in ``compute_dtype`` and come back in the factors' dtype. The
+    result has ``output_dtype`` (default: ``compute_dtype``).
     """
     if not isinstance(lr, LowRank):
         raise TypeError(f"`lr` must be a LowRank, got {type(lr).__name__}.")
-    cd = _check_dtype(compute_dtype, "compute_dtype")
-    od = cd if output_dtype is None else _check_dtype(output_dtype, "output_dtype")
-    low = cast_floating(lr, cd)
-    return lowrank_apply(low, jnp.asarray(x).astype(cd)).astype(od)
+    cd = _floating(compute_dtype, "compute_dtype")
+    od = cd if output_dtype is None else _floating(output_dtype, "output_dtype")
+    return lowrank_apply(_cast(lr, cd), jnp.asarray(x).astype(cd)).astype(od)
 
 
 def mixed_dense(
@@ -110,10 +93,8 @@ def mixed_dense(
     compute_dtype: Any = jnp.bfloat16,
     output_dtype: Any = None,
 ) -> jax.Array:
-    """``x kernel^T + bias`` for a dense ``(out, in)`` kernel, computed in ``compute_dtype``.
-
-    The same layout as a ``LowRank`` (``W`` is out x in); parameters stay in their storage dtype
-    and their gradients come back in it.
+    """``x kernel^T + bias`` for a dense ``(out, in)`` kernel (a ``LowRank``'s layout), computed
+    in ``compute_dtype``; the parameters and their gradients keep their storage dtype.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -122,22 +103,19 @@ def mixed_dense(
         ...             output_dtype=jnp.float32).tolist()
         [[3.0, 3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]]
     """
-    cd = _check_dtype(compute_dtype, "compute_dtype")
-    od = cd if output_dtype is None else _check_dtype(output_dtype, "output_dtype")
-    kernel = jnp.asarray(kernel)
-    if kernel.ndim != 2 or jnp.shape(x)[-1] != kernel.shape[1]:
+    cd = _floating(compute_dtype, "compute_dtype")
+    od = cd if output_dtype is None else _floating(output_dtype, "output_dtype")
+    if jnp.ndim(kernel) != 2 or jnp.shape(x)[-1] != jnp.shape(kernel)[1]:
         raise ValueError(
             f"`kernel` must be (out, in) with in = x.shape[-1] = {jnp.shape(x)[-1]}, got "
-            f"{kernel.shape}."
+            f"{jnp.shape(kernel)}."
         )
-    y = jnp.asarray(x).astype(cd) @ kernel.astype(cd).T
-    if bias is not None:
-        y = y + jnp.asarray(bias).astype(cd)
-    return y.astype(od)
+    y = jnp.asarray(x).astype(cd) @ jnp.asarray(kernel).astype(cd).T
+    return (y if bias is None else y + jnp.asarray(bias).astype(cd)).astype(od)
 
 
 class PrecisionPolicy(NamedTuple):
-    """Which dtype layers compute in; storage and basis arithmetic stay float32 (see module doc).
+    """Which dtype layers compute in; storage and basis arithmetic stay float32.
 
     Attributes:
         compute_dtype: dtype of the layer matmuls and activations (``jnp.float32`` turns mixed
@@ -159,7 +137,7 @@ class PrecisionPolicy(NamedTuple):
 
     def cast(self, x: jax.Array) -> jax.Array:
         """Cast an activation (or input batch) to the compute dtype."""
-        return jnp.asarray(x).astype(_check_dtype(self.compute_dtype, "compute_dtype"))
+        return jnp.asarray(x).astype(_floating(self.compute_dtype, "compute_dtype"))
 
     def apply(self, lr: LowRank, x: jax.Array) -> jax.Array:
         """:func:`mixed_apply` in the compute dtype (result in the compute dtype)."""
@@ -171,4 +149,4 @@ class PrecisionPolicy(NamedTuple):
 
     def logits(self, y: jax.Array) -> jax.Array:
         """Cast the network output to ``output_dtype`` before the loss."""
-        return jnp.asarray(y).astype(_check_dtype(self.output_dtype, "output_dtype"))
+        return jnp.asarray(y).astype(_floating(self.output_dtype, "output_dtype"))
