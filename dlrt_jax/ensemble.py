@@ -32,12 +32,16 @@ Examples:
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from dlrt_jax._step import make_train_step
 
 __all__ = [
     "ensemble_size",
@@ -115,19 +119,14 @@ def init_ensemble(
 def _batched_lapack_may_deadlock() -> bool:
     """jaxlib 0.10.x on CPU: batched QR/SVD may deadlock XLA's intra-op thread pool.
 
-    jaxlib 0.10's CPU LAPACK kernels split a batch over the intra-op thread pool and block until
-    the pieces finish; when XLA runs several such calls at once (the integrators' independent
-    QRs), they can occupy every pool thread and wait forever. jaxlib 0.11.1 removed that path.
+    Its CPU LAPACK kernels split a batch over the intra-op pool and block until the pieces
+    finish; several such calls at once (the integrators' independent QRs) can occupy every pool
+    thread and wait forever. jaxlib 0.11.1 removed that path.
     """
-    if jax.default_backend() != "cpu":
-        return False
-    try:
-        import jaxlib
+    import jaxlib
 
-        major, minor, patch = (int(v) for v in jaxlib.__version__.split(".")[:3])
-    except (ImportError, ValueError):  # pragma: no cover - unusual version strings
-        return False
-    return (0, 10, 0) <= (major, minor, patch) < (0, 11, 1)
+    version = tuple(int(v) for v in re.findall(r"\d+", jaxlib.__version__)[:3])
+    return jax.default_backend() == "cpu" and (0, 10, 0) <= version < (0, 11, 1)
 
 
 def resolve_strategy(strategy: str = "auto") -> str:
@@ -182,33 +181,19 @@ def make_ensemble_step(
     resolved = resolve_strategy(strategy)
 
     def one(params, opt_state, batch, hparams):
-        tx = make_tx(hparams)
-        grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        if isinstance(tx, optax.GradientTransformationExtraArgs):
-            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-        else:
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return make_train_step(loss_fn, make_tx(hparams), jit=False)(params, opt_state, batch)
 
     def step(params, opt_state, batch, hparams=None):
         if resolved == "vmap":
-            h_axis = None if hparams is None else 0
-            return jax.vmap(one, in_axes=(0, 0, batch_axis, h_axis))(
-                params, opt_state, batch, hparams
-            )
-        per_member_batch = batch if batch_axis == 0 else None
-
-        def body(xs):
-            p, s, b, h = xs
-            return one(p, s, batch if batch_axis is None else b, h)
-
-        return jax.lax.map(body, (params, opt_state, per_member_batch, hparams))
+            axes = (0, 0, batch_axis, None if hparams is None else 0)
+            return jax.vmap(one, in_axes=axes)(params, opt_state, batch, hparams)
+        per_member = batch if batch_axis == 0 else None
+        return jax.lax.map(
+            lambda a: one(a[0], a[1], batch if batch_axis is None else a[2], a[3]),
+            (params, opt_state, per_member, hparams),
+        )
 
     fn = jax.jit(step) if jit else step
-
-    def run(params, opt_state, batch, hparams=None):
-        return fn(params, opt_state, batch, hparams)
-
+    run = functools.partial(fn)  # a fresh object that takes the `strategy` attribute
     run.strategy = resolved
     return run
