@@ -46,8 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dlrt_jax._factors import LowRank, is_lowrank
-from dlrt_jax._integrators import FactorState
-from dlrt_jax._transforms import DLRTState
+from dlrt_jax._step import make_train_step
 
 __all__ = [
     "DATA_AXIS",
@@ -145,14 +144,15 @@ def shard_batch(batch: Any, mesh: Mesh, *, batch_axis: str = DATA_AXIS) -> Any:
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
-def _row_spec(shape: tuple[int, ...], model_axis: str, size: int, where: str) -> P:
+def _rows(mesh: Mesh, model_axis: str, shape: tuple[int, ...], where: str) -> NamedSharding:
+    size = mesh.shape[model_axis]
     if shape[0] % size:
         raise ValueError(
             f"{where}: {shape[0]} rows cannot be split evenly over the {size} devices of the "
             f"mesh axis {model_axis!r}; choose a model axis size that divides it, or leave this "
             "model replicated (model_axis=None)."
         )
-    return P(model_axis, None)
+    return NamedSharding(mesh, P(model_axis, None))
 
 
 def param_shardings(params: Any, mesh: Mesh, *, model_axis: str | None = None) -> Any:
@@ -168,11 +168,10 @@ def param_shardings(params: Any, mesh: Mesh, *, model_axis: str | None = None) -
     def one(path, x):
         if not is_lowrank(x) or model_axis is None:
             return jax.tree_util.tree_map(lambda _: rep, x)
-        size = mesh.shape[model_axis]
         where = "params" + jax.tree_util.keystr(path)
-        u = NamedSharding(mesh, _row_spec(x.U.shape, model_axis, size, where + ".U"))
-        v = NamedSharding(mesh, _row_spec(x.V.shape, model_axis, size, where + ".V"))
-        return LowRank._unchecked(u, rep, v, rep)
+        u = _rows(mesh, model_axis, x.U.shape, where + ".U")
+        v = _rows(mesh, model_axis, x.V.shape, where + ".V")
+        return LowRank.tree_unflatten(None, (u, rep, v, rep))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_lowrank)
 
@@ -182,50 +181,26 @@ def state_shardings(
 ) -> Any:
     """Shardings for an optimiser state built for ``params``.
 
-    Replicated, except (with ``model_axis``) the ``K`` and ``L`` moments of every
-    :class:`dlrt_jax.DLRTState` (shapes ``(n, c)`` and ``(m, c)``), split by rows like ``U`` and
-    ``V``. Works inside ``optax.chain`` / ``inject_hyperparams`` states.
+    Replicated, except (with ``model_axis``) the leaves shaped like a factor's ``U`` (``n x c``)
+    or ``V`` (``m x c``): the inner optimiser's moments of the K- and L-steps, split by rows like
+    ``U`` and ``V``. The rule reads shapes only, so it holds for any state layout (``optax.chain``,
+    ``inject_hyperparams``, ...).
     """
     _check_axis(mesh, model_axis, "model_axis")
     rep = NamedSharding(mesh, P())
-    if model_axis is None:
-        return jax.tree_util.tree_map(lambda _: rep, opt_state)
-    size = mesh.shape[model_axis]
-    p_leaves, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)
+    row_shapes = set()
+    if model_axis is not None:
+        for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank):
+            if is_lowrank(x):
+                row_shapes |= {tuple(x.U.shape), tuple(x.V.shape)}
 
-    def rows_of(state, shape, where):
-        def one(leaf):
-            if tuple(np.shape(leaf)) == tuple(shape):
-                return NamedSharding(mesh, _row_spec(shape, model_axis, size, where))
+    def one(path, leaf):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if shape not in row_shapes:
             return rep
+        return _rows(mesh, model_axis, shape, "opt_state" + jax.tree_util.keystr(path))
 
-        return jax.tree_util.tree_map(one, state)
-
-    def one_state(node):
-        if not isinstance(node, DLRTState):
-            return jax.tree_util.tree_map(lambda _: rep, node)
-        f_leaves = p_def.flatten_up_to(node.factors)
-        out = []
-        for (path, x), fs in zip(p_leaves, f_leaves, strict=True):
-            if is_lowrank(x) and isinstance(fs, FactorState):
-                where = "opt_state.factors" + jax.tree_util.keystr(path)
-                out.append(
-                    FactorState(
-                        K=rows_of(fs.K, (x.U.shape[0], x.capacity), where + ".K"),
-                        L=rows_of(fs.L, (x.V.shape[0], x.capacity), where + ".L"),
-                        S=jax.tree_util.tree_map(lambda _: rep, fs.S),
-                    )
-                )
-            else:
-                out.append(jax.tree_util.tree_map(lambda _: rep, fs))
-        return DLRTState(
-            count=rep,
-            num_skipped=rep,
-            factors=p_def.unflatten(out),
-            other=jax.tree_util.tree_map(lambda _: rep, node.other),
-        )
-
-    return jax.tree_util.tree_map(one_state, opt_state, is_leaf=lambda s: isinstance(s, DLRTState))
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def shard_state(
@@ -259,18 +234,16 @@ def data_parallel_step(
 ) -> Callable[[Any, Any, Any], tuple[Any, Any, jax.Array]]:
     """A jitted training step with the batch sharded over ``batch_axis`` of ``mesh``.
 
-    ``step(params, opt_state, batch) -> (params, opt_state, loss)``. ``loss_fn(params, batch)``
-    must return the *mean* loss over the batch (so the gradient of the global batch is the
-    reduced one). Factors are replicated (``model_axis=None``) or have ``U``/``V`` split by rows
-    over ``model_axis``; the step is compiled with these ``in_shardings``/``out_shardings``
-    (built once per tree structure and shapes), so XLA reduces the gradients across the batch
-    shards before the K-, L- and S-steps, and every device then performs identical QR/SVD.
-
-    ``tx`` is any optax transform; DLRT transforms (``GradientTransformationExtraArgs``) get
-    ``grad_fn`` (the gradient on the same sharded batch) for their extra evaluations.
+    ``step(params, opt_state, batch) -> (params, opt_state, loss)``: the step of
+    :func:`dlrt_jax.make_train_step` compiled with ``in_shardings``/``out_shardings`` (factors
+    replicated, or ``U``/``V`` split by rows over ``model_axis``; built once per tree structure
+    and shapes). ``loss_fn(params, batch)`` must return the *mean* loss over the batch, so that
+    XLA reduces the gradients across the batch shards before the K-, L- and S-steps, and every
+    device then performs identical QR/SVD.
 
     Args:
-        tx: the optimiser, e.g. ``dlrt_jax.bug(optax.adam(1e-3), tau=0.1)``.
+        tx: the optimiser, e.g. ``dlrt_jax.bug(optax.adam(1e-3), tau=0.1)``, or any optax
+            transform.
         loss_fn: ``(params, batch) -> scalar`` mean loss.
         mesh: the device mesh (see :func:`make_mesh`).
         batch_axis: mesh axis the batch's leading axis is split over.
@@ -281,35 +254,15 @@ def data_parallel_step(
     Returns:
         The step function.
     """
-    if not isinstance(tx, optax.GradientTransformation):
-        raise TypeError(f"`tx` must be an optax GradientTransformation, got {type(tx).__name__}.")
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
     _check_axis(mesh, batch_axis, "batch_axis")
     _check_axis(mesh, model_axis, "model_axis")
     if model_axis is not None and model_axis == batch_axis:
         raise ValueError("`model_axis` and `batch_axis` must be different mesh axes.")
-    extra_args = isinstance(tx, optax.GradientTransformationExtraArgs)
-    rep = NamedSharding(mesh, P())
-    b_sharding = batch_sharding(mesh, batch_axis=batch_axis)
+    train_step = make_train_step(loss_fn, tx, jit=False)  # validates tx and loss_fn
     size = mesh.shape[batch_axis]
-
-    def step(params, opt_state, batch):
-        grad_fn = lambda p: jax.grad(loss_fn)(p, batch)
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        if extra_args:
-            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-        else:
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    compiled: dict[Any, Callable] = {}
-
-    def signature(tree):
-        leaves, treedef = jax.tree_util.tree_flatten(tree)
-        return treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves)
+    compiled: dict[Any, tuple[Callable, Any]] = {}
 
     def run(params, opt_state, batch):
         for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
@@ -318,23 +271,24 @@ def data_parallel_step(
                     f"batch{jax.tree_util.keystr(path)} with shape {np.shape(x)}: the batch size "
                     f"must be divisible by the size {size} of the mesh axis {batch_axis!r}."
                 )
-        key = (signature(params), signature(opt_state), jax.tree_util.tree_structure(batch))
-        entry = compiled.get(key)
-        if entry is None:
+        leaves, treedef = jax.tree_util.tree_flatten((params, opt_state, batch))
+        key = (treedef, tuple(getattr(x, "shape", None) for x in leaves))
+        if key not in compiled:
             ps = param_shardings(params, mesh, model_axis=model_axis)
             ss = state_shardings(opt_state, params, mesh, model_axis=model_axis)
-            bs = jax.tree_util.tree_map(lambda _: b_sharding, batch)
+            bs = jax.tree_util.tree_map(
+                lambda _: batch_sharding(mesh, batch_axis=batch_axis), batch
+            )
             fn = jax.jit(
-                step,
+                train_step,
                 in_shardings=(ps, ss, bs),
-                out_shardings=(ps, ss, rep),
+                out_shardings=(ps, ss, NamedSharding(mesh, P())),
                 donate_argnums=(0, 1) if donate else (),
             )
-            entry = compiled[key] = (fn, (ps, ss, bs))
-        fn, shardings = entry
+            compiled[key] = fn, (ps, ss, bs)
+        fn, shardings = compiled[key]
         # Place the inputs first (a no-op for arrays already there): jit's cache tells arrays on
         # a mesh from uncommitted ones, so the outputs of one step must look like its inputs.
-        args = jax.device_put((params, opt_state, batch), shardings)
-        return fn(*args)
+        return fn(*jax.device_put((params, opt_state, batch), shardings))
 
     return run

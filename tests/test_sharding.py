@@ -163,11 +163,22 @@ def test_shardings_trees():
     assert isinstance(ps["w"], dlrt_jax.LowRank)
     assert ps["w"].U.spec == P("model", None) and ps["w"].S.spec == P() and ps["b"].spec == P()
     assert parallel.param_shardings(params, mesh)["w"].U.spec == P()
-    ss = parallel.state_shardings(
-        dlrt_jax.bug(optax.adam(0.1)).init(params), params, mesh, model_axis="model"
+    state = dlrt_jax.bug(optax.adam(0.1)).init(params)
+    ss = parallel.state_shardings(state, params, mesh, model_axis="model")
+    # Whatever the state layout: leaves shaped like U (8, c) or V (6, c), the K- and L-step
+    # moments, are split by rows; everything else (S-step moments, counts, "b") is replicated.
+    c = params["w"].capacity
+    specs = {}
+    for (path, leaf), sharding in zip(
+        jax.tree_util.tree_flatten_with_path(state)[0], jax.tree_util.tree_leaves(ss), strict=True
+    ):
+        row = jnp.shape(leaf) in ((8, c), (6, c))
+        assert sharding.spec == (P("model", None) if row else P()), jax.tree_util.keystr(path)
+        specs[row] = specs.get(row, 0) + 1
+    assert specs[True] == 4 and specs[False] >= 4  # K and L: mu and nu each
+    assert parallel.state_shardings(state, params, mesh) == jax.tree_util.tree_map(
+        lambda _: jax.sharding.NamedSharding(mesh, P()), state
     )
-    assert ss.factors["w"].K[0].mu.spec == P("model", None)
-    assert ss.factors["w"].S[0].mu.spec == P() and ss.other[0].mu["b"].spec == P()
 
 
 def test_argument_errors():
