@@ -62,6 +62,7 @@ __all__ = [
 ]
 
 _FORMAT = 1
+_MISSING = object()
 _STATE_ITEM = "state"
 _META_ITEM = "dlrt_metadata"
 
@@ -135,22 +136,14 @@ class TrainState(NamedTuple):
 # ---- the JSON description of a state -------------------------------------------------------------
 
 
-def _is_key(x: Any) -> bool:
-    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and jnp.issubdtype(
-        x.dtype, jax.dtypes.prng_key
-    )
-
-
 def _leaf_info(x: Any) -> dict[str, Any]:
-    if x is None:
-        return {"shape": None, "dtype": "None"}
-    if isinstance(x, bool | int | float | complex | np.generic) and not hasattr(x, "shape"):
-        return {"shape": [], "dtype": f"python {type(x).__name__}"}
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return {"shape": [int(d) for d in x.shape], "dtype": str(x.dtype)}
+    if isinstance(x, bool | int | float | complex):
+        return {"shape": [], "dtype": f"python {type(x).__name__}"}
     raise TypeError(
         f"checkpoint: cannot store a leaf of type {type(x).__name__}; leaves must be arrays, "
-        "PRNG keys, Python scalars or None."
+        "PRNG keys or Python scalars."
     )
 
 
@@ -158,86 +151,62 @@ def _describe(state: Any) -> dict[str, Any]:
     """Leaf paths, shapes, dtypes, and each ``LowRank``'s shape, capacity and rank."""
     leaves: dict[str, Any] = {}
     factors: dict[str, Any] = {}
-    flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_lowrank)[0]
-    for path, leaf in flat:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_lowrank)[0]:
         name = jax.tree_util.keystr(path)
-        if is_lowrank(leaf):
-            for field in ("U", "S", "V", "rank"):
-                leaves[f"{name}.{field}"] = _leaf_info(getattr(leaf, field))
-            rank = None
-            if isinstance(leaf.rank, jax.Array | np.ndarray) and not isinstance(
-                leaf.rank, jax.core.Tracer
-            ):
-                rank = int(np.asarray(leaf.rank))
-            factors[name] = {
-                "shape": [int(leaf.U.shape[-2]), int(leaf.V.shape[-2])],
-                "capacity": int(leaf.U.shape[-1]),
-                "rank": rank,
-            }
-        else:
+        if not is_lowrank(leaf):
             leaves[name] = _leaf_info(leaf)
+            continue
+        for field in ("U", "S", "V", "rank"):
+            leaves[f"{name}.{field}"] = _leaf_info(getattr(leaf, field))
+        try:
+            rank = int(np.asarray(leaf.rank))
+        except TypeError:  # a tracer or a ShapeDtypeStruct: no value
+            rank = None
+        (n, c), m = leaf.U.shape[-2:], leaf.V.shape[-2]  # [-2:]: stacked ensembles too
+        factors[name] = {"shape": [int(n), int(m)], "capacity": int(c), "rank": rank}
     return {"leaves": leaves, "factors": factors}
 
 
 def _normalise_metadata(metadata: Any) -> dict[str, Any]:
     if metadata is None:
         return {}
-    if not isinstance(metadata, Mapping):
-        raise TypeError(f"`metadata` must be a dict (JSON-serialisable), got {type(metadata)}.")
     try:
         return json.loads(json.dumps(dict(metadata)))
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f"`metadata` must be JSON-serialisable (str keys; str, number, bool, None, list, "
-            f"dict values): {e}"
+            "`metadata` must be a JSON-serialisable dict (str keys; str, number, bool, None, "
+            f"list, dict values), got {metadata!r}: {e}"
         ) from e
 
 
-def _compare(stored: dict, target: dict, expected_meta: dict | None) -> list[str]:
+def _compare(stored: dict, target: dict, expected: dict | None) -> list[str]:
     """Every difference between a stored description and the target's, one line each."""
-    diffs: list[str] = []
-    s_fac, t_fac = stored["factors"], target["factors"]
-    for name in sorted(set(s_fac) | set(t_fac)):
-        if name not in t_fac:
-            diffs.append(f"{name}: a LowRank in the checkpoint, not a LowRank in the target")
-        elif name not in s_fac:
-            diffs.append(f"{name}: a LowRank in the target, not a LowRank in the checkpoint")
-        else:
-            for key in ("shape", "capacity"):
-                a, b = s_fac[name][key], t_fac[name][key]
-                if a != b:
-                    diffs.append(f"{name}: {key} {a} in the checkpoint, {b} in the target")
-    s_leaves, t_leaves = stored["leaves"], target["leaves"]
-    only_stored = sorted(set(s_leaves) - set(t_leaves))
-    only_target = sorted(set(t_leaves) - set(s_leaves))
-    for name in only_stored:
-        diffs.append(f"{name}: in the checkpoint but not in the target")
-    for name in only_target:
-        diffs.append(f"{name}: in the target but not in the checkpoint")
-    for name in sorted(set(s_leaves) & set(t_leaves)):
-        a, b = s_leaves[name], t_leaves[name]
-        if a["shape"] != b["shape"]:
-            diffs.append(
-                f"{name}: shape {a['shape']} in the checkpoint, {b['shape']} in the target"
-            )
-        if a["dtype"] != b["dtype"]:
-            diffs.append(
-                f"{name}: dtype {a['dtype']} in the checkpoint, {b['dtype']} in the target"
-            )
-    if expected_meta is not None:
-        s_meta = stored.get("user", {})
-        for key in sorted(set(s_meta) | set(expected_meta)):
-            if key not in s_meta:
-                diffs.append(
-                    f"metadata[{key!r}]: missing in the checkpoint, {expected_meta[key]!r} expected"
-                )
-            elif key not in expected_meta:
-                diffs.append(f"metadata[{key!r}]: {s_meta[key]!r} in the checkpoint, not expected")
-            elif s_meta[key] != expected_meta[key]:
-                diffs.append(
-                    f"metadata[{key!r}]: {s_meta[key]!r} in the checkpoint, "
-                    f"{expected_meta[key]!r} expected"
-                )
+    diffs = []
+    sf, tf = stored["factors"], target["factors"]
+    for name in sorted(sf.keys() ^ tf.keys()):
+        where, other = ("checkpoint", "target") if name in sf else ("target", "checkpoint")
+        diffs.append(f"{name}: a LowRank in the {where}, not a LowRank in the {other}")
+    sl, tl = stored["leaves"], target["leaves"]
+    diffs += [
+        f"{n}: in the checkpoint but not in the target" for n in sorted(sl.keys() - tl.keys())
+    ]
+    diffs += [
+        f"{n}: in the target but not in the checkpoint" for n in sorted(tl.keys() - sl.keys())
+    ]
+    for a, b, keys in ((sf, tf, ("shape", "capacity")), (sl, tl, ("shape", "dtype"))):
+        for n in sorted(a.keys() & b.keys()):
+            diffs += [
+                f"{n}: {k} {a[n][k]} in the checkpoint, {b[n][k]} in the target"
+                for k in keys
+                if a[n][k] != b[n][k]
+            ]
+    if expected is not None:
+        sm = stored.get("user", {})
+        for k in sorted(sm.keys() | expected.keys()):
+            if sm.get(k, _MISSING) != expected.get(k, _MISSING):
+                was = f"{sm[k]!r} in the checkpoint" if k in sm else "missing in the checkpoint"
+                want = f"{expected[k]!r} expected" if k in expected else "not expected"
+                diffs.append(f"metadata[{k!r}]: {was}, {want}")
     return diffs
 
 
@@ -279,13 +248,6 @@ def _check_step(step: Any) -> int:
     return int(a)
 
 
-def _require_dir(directory: str | os.PathLike[str]) -> str:
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Checkpoint directory {path} does not exist.")
-    return path
-
-
 # ---- manager -------------------------------------------------------------------------------------
 
 
@@ -324,17 +286,15 @@ class CheckpointManager:
         max_to_keep: int | None = None,
         read_only: bool = False,
     ):
-        if max_to_keep is not None and (
-            isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-        ):
+        if max_to_keep is not None and (type(max_to_keep) is not int or max_to_keep < 1):
             raise ValueError(f"`max_to_keep` must be None or an integer >= 1, got {max_to_keep!r}.")
         ocp = _ocp()
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
         self.metadata = _normalise_metadata(metadata)
         self.read_only = bool(read_only)
-        if self.read_only:
-            _require_dir(self.directory)
+        if self.read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"Checkpoint directory {self.directory} does not exist.")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=not self.read_only,
