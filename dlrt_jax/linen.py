@@ -20,20 +20,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrt_jax import _layers
 from dlrt_jax._factors import LowRank
-from dlrt_jax.nnx import (
-    _ZEROS,
-    _as_tuple,
-    _canonical_padding,
-    _check_kernel_init,
-    _conv_forward,
-    _dense_forward,
-    _init_factor,
-    _is_int,
-    _resolve_rank_capacity,
-)
 
 __all__ = ["LowRankConv", "LowRankDense"]
+
+_ZEROS = nn.initializers.zeros_init()
+
+
+def _params(module: nn.Module, kernel_shape: tuple[int, ...]) -> tuple[LowRank, jax.Array | None]:
+    """The ``kernel`` factor and the ``bias`` of a layer whose dense kernel is ``kernel_shape``."""
+    _layers.check_features(features=module.features)
+    _layers.check_kernel_init(module.kernel_init)
+    where = type(module).__name__
+    shape = (module.features, int(np.prod(kernel_shape[:-1])))
+    rank, capacity = _layers.rank_capacity(module.rank, module.capacity, shape, where)
+
+    def init(key):
+        return _layers.init_factor(
+            module.kernel_init, key, kernel_shape, rank, capacity, module.param_dtype
+        )
+
+    kernel = module.param("kernel", init)
+    if not isinstance(kernel, LowRank):
+        raise TypeError(
+            f"{where}: params['kernel'] must be a dlrt_jax.LowRank, got {type(kernel).__name__}."
+        )
+    if kernel.shape != shape:
+        raise ValueError(
+            f"{where}: params['kernel'] has shape {kernel.shape}, the input needs W of shape "
+            f"{shape} (out x in)."
+        )
+    bias = None
+    if module.use_bias:
+        bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+    return kernel, bias
 
 
 class LowRankDense(nn.Module):
@@ -78,25 +99,9 @@ class LowRankDense(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """``inputs @ W^T + bias`` over the last axis."""
-        if not (_is_int(self.features) and self.features >= 1):
-            raise ValueError(f"`features` must be a positive integer, got {self.features!r}.")
-        _check_kernel_init(self.kernel_init)
         inputs = jnp.asarray(inputs)
-        m = inputs.shape[-1]
-        rank, capacity = _resolve_rank_capacity(
-            self.rank, self.capacity, (self.features, m), "LowRankDense"
-        )
-        kernel = self.param(
-            "kernel",
-            lambda key: _init_factor(
-                self.kernel_init, key, (m, self.features), rank, capacity, self.param_dtype
-            ),
-        )
-        _check_factor(kernel, (self.features, m), "LowRankDense")
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return _dense_forward(kernel, bias, inputs, self.dtype, self.precision)
+        kernel, bias = _params(self, (inputs.shape[-1], self.features))
+        return _layers.dense(kernel, bias, inputs, dtype=self.dtype, precision=self.precision)
 
 
 class LowRankConv(nn.Module):
@@ -145,62 +150,15 @@ class LowRankConv(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """The convolution of ``inputs`` (``*batch, *spatial, in``), channels last."""
-        if not (_is_int(self.features) and self.features >= 1):
-            raise ValueError(f"`features` must be a positive integer, got {self.features!r}.")
-        if self.feature_group_count != 1:
-            raise ValueError(
-                "LowRankConv supports only `feature_group_count=1` (a grouped convolution has no "
-                f"single kernel matrix to factorise), got {self.feature_group_count!r}."
-            )
-        _check_kernel_init(self.kernel_init)
-        ks = self.kernel_size
-        kernel_size = (ks,) if _is_int(ks) else tuple(ks)
-        if not kernel_size or not all(_is_int(a) and a >= 1 for a in kernel_size):
-            raise ValueError(f"`kernel_size` must be positive integers, got {ks!r}.")
-        k = len(kernel_size)
+        _layers.check_groups(self.feature_group_count, "LowRankConv")
+        phi = _layers.ConvPhi.make(
+            self.kernel_size,
+            self.strides,
+            self.padding,
+            self.input_dilation,
+            self.kernel_dilation,
+            self.precision,
+        )
         inputs = jnp.asarray(inputs)
-        in_features = inputs.shape[-1]
-        m = int(np.prod(kernel_size)) * in_features
-        rank, capacity = _resolve_rank_capacity(
-            self.rank, self.capacity, (self.features, m), "LowRankConv"
-        )
-        kernel = self.param(
-            "kernel",
-            lambda key: _init_factor(
-                self.kernel_init,
-                key,
-                (*kernel_size, in_features, self.features),
-                rank,
-                capacity,
-                self.param_dtype,
-            ),
-        )
-        _check_factor(kernel, (self.features, m), "LowRankConv")
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        return _conv_forward(
-            kernel,
-            bias,
-            inputs,
-            kernel_size=kernel_size,
-            in_features=in_features,
-            strides=_as_tuple(self.strides, k, "strides"),
-            padding=_canonical_padding(self.padding, k),
-            input_dilation=_as_tuple(self.input_dilation, k, "input_dilation"),
-            kernel_dilation=_as_tuple(self.kernel_dilation, k, "kernel_dilation"),
-            dtype=self.dtype,
-            precision=self.precision,
-        )
-
-
-def _check_factor(kernel: Any, shape: tuple[int, int], where: str) -> None:
-    if not isinstance(kernel, LowRank):
-        raise TypeError(
-            f"{where}: params['kernel'] must be a dlrt_jax.LowRank, got {type(kernel).__name__}."
-        )
-    if kernel.shape != shape:
-        raise ValueError(
-            f"{where}: params['kernel'] has shape {kernel.shape}, the input needs W of shape "
-            f"{shape} (out x in)."
-        )
+        kernel, bias = _params(self, (*phi.kernel_size, inputs.shape[-1], self.features))
+        return _layers.conv(kernel, bias, inputs, phi, dtype=self.dtype)

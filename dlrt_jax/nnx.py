@@ -1,37 +1,21 @@
-"""Flax NNX layers for dynamical low-rank training, a model converter and the training glue.
+"""Flax NNX adapter: low-rank layers, a model converter and the training glue.
 
 * :class:`LowRankParam`: the ``nnx.Param`` subtype that holds a whole :class:`~dlrt_jax.LowRank`
   factor, so ``nnx.state(model, LowRankParam)`` / ``wrt=LowRankParam`` select the factors and the
   DLRT optax transforms see ``LowRank`` leaves in the state tree.
 * :class:`LowRankLinear` and :class:`LowRankConv`: drop-in replacements of ``nnx.Linear`` and
-  ``nnx.Conv`` evaluated through :func:`~dlrt_jax.lowrank_apply` / :func:`~dlrt_jax.lowrank_map`
-  (``W`` is never formed).
-* :func:`to_low_rank`: replace chosen ``nnx.Linear`` / ``nnx.Conv`` layers of an existing model.
-* :class:`DLRTOptimizer` (``nnx.Optimizer`` for the DLRT transforms), :func:`make_grad_fn`,
-  :func:`train_step`, :func:`fit_capacity`, :func:`apply_capacity_policy`: the glue between the
-  optimiser and the integrators that evaluate the gradient more than once per step or change the
-  capacities.
+  ``nnx.Conv`` (the maths is in the framework-neutral ``dlrt_jax._layers``; ``W`` is never formed).
+* :func:`to_low_rank`: replace chosen layers of an existing model, with a per-layer summary.
+* :class:`DLRTOptimizer`, :func:`make_grad_fn`, :func:`train_step`, :func:`fit_capacity`,
+  :func:`apply_capacity_policy`: the glue between ``nnx.Optimizer`` and the integrators, which
+  evaluate the gradient more than once per step or change the capacities.
 
 Cost of a step: a jitted step costs in proportion to each factor's static *capacity*, not its rank.
-:func:`to_low_rank` and the layers default to the capacity ``floor(min(n, m) / 2)`` (250 for a
-500 x 500 layer) so that the rank can start high; once the rank has dropped (say to 55), call
-:func:`apply_capacity_policy` with a :class:`dlrt_jax.CapacityPolicy` after every step (it reads the
-ranks only every ``policy.every`` steps) or :func:`fit_capacity` every epoch, as the functional
-training loop does: the step then costs what the functional path's step costs at the same
-capacities (``benchmarks/nnx_vs_functional.py``), and ``nnx.jit`` compiles once per set of
-capacities visited.
-
-How ``nnx.Optimizer`` and the integrators fit together (flax 0.12): ``Optimizer.update(model,
-grads, **kw)`` calls ``tx.update(grads, opt_state, params, **kw)`` with ``params =
-nnx.as_pure(nnx.state(model, wrt))``, a ``State`` whose leaves are raw arrays and whole ``LowRank``
-factors; the integrators call ``grad_fn`` on trees of exactly that structure (the intermediate
-points of a step), so ``grad_fn`` must merge such a state back into a model, evaluate the loss and
-return gradients of the same structure: :func:`make_grad_fn` builds it. ``nnx.Optimizer`` itself
-cannot hold a DLRT state, because it calls ``tx.init`` on the state *with* ``Variable`` wrappers:
-each factor's optimiser state (a ``FactorState`` of inner optax states) then sits inside one
-``OptVariable``, and the first ``update`` (``nnx.update(opt_state, nnx.state(new_opt_state))``)
-turns it into a nested ``State`` dict, which breaks the second step. :class:`DLRTOptimizer` is
-``nnx.Optimizer`` with ``tx.init`` applied to the pure state; everything else is inherited.
+The layers default to the capacity ``floor(min(n, m) / 2)`` so that the rank can start high; once
+the rank has dropped, call :func:`apply_capacity_policy` with a :class:`dlrt_jax.CapacityPolicy`
+after every step or :func:`fit_capacity` every epoch: the step then costs what the functional
+path's step costs at the same capacities (``benchmarks/nnx_vs_functional.py``), and ``nnx.jit``
+compiles once per set of capacities visited.
 """
 
 from __future__ import annotations
@@ -51,8 +35,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dlrt_jax import _layers
 from dlrt_jax._capacity import fit_capacity as _fit_capacity
-from dlrt_jax._factors import LowRank, default_capacity, lowrank_apply, lowrank_map
+from dlrt_jax._factors import LowRank, default_capacity
+from dlrt_jax._step import make_train_step
 
 __all__ = [
     "ConversionSummary",
@@ -140,283 +126,32 @@ def _check_whole_index(key: Any) -> None:
         )
 
 
-# ---- shared helpers (also used by dlrt_jax.linen) ------------------------------------------------
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _resolve_rank_capacity(
-    rank: int | None, capacity: int | None, shape: tuple[int, int], where: str
-) -> tuple[int, int]:
-    """``(rank, capacity)`` of an ``n x m`` factor; see :class:`LowRankLinear` for the rules."""
-    n, m = shape
-    limit = min(n, m)
-    if rank is not None and not (_is_int(rank) and 1 <= rank <= limit):
-        raise ValueError(
-            f"{where}: `rank` must be None or an integer in [1, min(n, m)={limit}] for the "
-            f"{n} x {m} matrix W, got {rank!r}."
-        )
-    if capacity is not None and not (_is_int(capacity) and 1 <= capacity <= limit):
-        raise ValueError(
-            f"{where}: `capacity` must be None or an integer in [1, min(n, m)={limit}] for the "
-            f"{n} x {m} matrix W, got {capacity!r}."
-        )
-    if capacity is None:
-        capacity = max(default_capacity(shape), rank or 0)
-    if rank is None:
-        rank = capacity
-    if rank > capacity:
-        raise ValueError(
-            f"{where}: `rank`={rank} exceeds `capacity`={capacity}; pass a larger `capacity=` or "
-            "a smaller `rank=`."
-        )
-    return int(rank), int(capacity)
-
-
-def _check_kernel_init(kernel_init: Any) -> None:
-    if kernel_init is None or callable(kernel_init):
-        return
-    if isinstance(kernel_init, numbers.Real) and not isinstance(kernel_init, bool):
-        if not float(kernel_init) > 0:
-            raise ValueError(f"`kernel_init` as a scale must be > 0, got {kernel_init}.")
-        return
-    raise TypeError(
-        "`kernel_init` must be None (the paper's initialisation), a positive float (scale of the "
-        "singular values) or a callable init(key, shape, dtype) returning a dense kernel or a "
-        f"LowRank, got {type(kernel_init).__name__}."
-    )
-
-
-def _init_factor(
-    kernel_init: Any,
-    key: jax.Array,
-    kernel_shape: tuple[int, ...],
-    rank: int,
-    capacity: int,
-    param_dtype: Any,
-) -> LowRank:
-    """The initial factor of a layer whose dense kernel has shape ``kernel_shape`` (``..., out``).
-
-    ``W`` is ``out x prod(kernel_shape[:-1])``: the dense kernel reshaped to ``(-1, out)`` and
-    transposed.
-    """
-    n = kernel_shape[-1]
-    m = int(np.prod(kernel_shape[:-1]))
-    if kernel_init is None or isinstance(kernel_init, numbers.Real):
-        scale = 1.0 if kernel_init is None else float(kernel_init)
-        return LowRank.random(key, (n, m), rank, capacity=capacity, scale=scale, dtype=param_dtype)
-    out = kernel_init(key, kernel_shape, param_dtype)
-    if isinstance(out, LowRank):
-        if out.shape != (n, m) or out.capacity != capacity:
-            raise ValueError(
-                f"`kernel_init` returned a LowRank of shape {out.shape} and capacity "
-                f"{out.capacity}; this layer needs shape {(n, m)} (out x in) and capacity "
-                f"{capacity}."
-            )
-        return _cast(out, param_dtype)
-    out = jnp.asarray(out)
-    if out.shape != tuple(kernel_shape):
-        raise ValueError(
-            f"`kernel_init` returned an array of shape {out.shape}; expected the dense kernel "
-            f"shape {tuple(kernel_shape)} (or a LowRank)."
-        )
-    W = out.reshape(m, n).T
-    return _cast(LowRank.from_dense(W, rank=rank, capacity=capacity), param_dtype)
-
-
-def _cast(lr: LowRank, dtype: Any) -> LowRank:
-    """``lr`` with ``U``, ``S``, ``V`` in ``dtype`` (the rank stays float32); differentiable."""
-    if lr.dtype == jnp.dtype(dtype):
-        return lr
-    leaves, treedef = jax.tree.flatten(lr)
-    U, S, V, rank = leaves
-    return jax.tree.unflatten(treedef, [U.astype(dtype), S.astype(dtype), V.astype(dtype), rank])
-
-
-def _promote(x: jax.Array, lr: LowRank, bias: jax.Array | None, dtype: Any):
-    """Cast inputs, factor and bias to ``dtype`` (default: their common result type)."""
-    x = jnp.asarray(x)
-    if dtype is None:
-        dtype = jnp.result_type(x.dtype, lr.dtype, *(() if bias is None else (bias.dtype,)))
-    x = x.astype(dtype)
-    lr = _cast(lr, dtype)
-    bias = None if bias is None else bias.astype(dtype)
-    return x, lr, bias
-
-
-@dataclasses.dataclass(frozen=True)
-class _DensePhi:
-    """``phi(x, V) = x @ V`` at a given matmul precision (hashable, equal by value)."""
-
-    precision: Any
-
-    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
-        return jnp.matmul(x, V, precision=self.precision)
-
-
-def _dense_forward(lr: LowRank, bias, x, dtype, precision) -> jax.Array:
-    x, lr, bias = _promote(x, lr, bias, dtype)
-    if x.ndim < 1 or x.shape[-1] != lr.shape[1]:
-        raise ValueError(
-            f"Input's last axis must have size in_features={lr.shape[1]}, got input shape "
-            f"{x.shape}."
-        )
-    if precision is None:
-        y = lowrank_apply(lr, x)
-    else:
-        y = lowrank_map(lr, x, _DensePhi(_hashable(precision)))
-    if bias is not None:
-        y = y + bias
-    return y
-
-
-def _hashable(x: Any) -> Any:
-    if isinstance(x, list | tuple):
-        return tuple(_hashable(a) for a in x)
-    return x
-
-
-def _as_tuple(x: Any, k: int, name: str) -> tuple[int, ...]:
-    if x is None:  # nnx.Conv accepts None as "1"
-        x = 1
-    if _is_int(x):
-        out = (int(x),) * k
-    else:
-        out = tuple(x)
-    if len(out) != k or not all(_is_int(a) and a >= 1 for a in out):
-        raise ValueError(
-            f"`{name}` must be a positive integer or a sequence of {k} positive integers, "
-            f"got {x!r}."
-        )
-    return tuple(int(a) for a in out)
-
-
-_ZEROS = nnx.initializers.zeros_init()
-_STRING_PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL", "SAME_LOWER")
-
-
-def _canonical_padding(padding: Any, k: int) -> str | tuple[tuple[int, int], ...]:
-    """A padding string, or ``k`` ``(low, high)`` pairs (hashable)."""
-    if isinstance(padding, str):
-        if padding not in _STRING_PADDINGS:
-            raise ValueError(
-                f"`padding` must be one of {_STRING_PADDINGS} or explicit, got {padding!r}."
-            )
-        if padding == "CAUSAL" and k != 1:
-            raise ValueError("`padding='CAUSAL'` is only implemented for 1-D convolutions.")
-        return padding
-    if _is_int(padding):
-        return ((int(padding), int(padding)),) * k
-    if isinstance(padding, Sequence) and len(padding) == k:
-        pairs = []
-        for p in padding:
-            if _is_int(p):
-                pairs.append((int(p), int(p)))
-            elif isinstance(p, Sequence) and len(p) == 2 and all(_is_int(a) for a in p):
-                pairs.append((int(p[0]), int(p[1])))
-            else:
-                break
-        if len(pairs) == k:
-            return tuple(pairs)
-    raise ValueError(
-        f"`padding` must be a string, an int, or a sequence of {k} ints or (low, high) pairs, "
-        f"got {padding!r}."
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class _ConvPhi:
-    """``phi(x, V)``: convolution of ``x`` (``N, *spatial, in``) with the ``c`` columns of ``V``.
-
-    ``V`` (``prod(kernel_size) * in, c``) is reshaped to the kernel ``(*kernel_size, in, c)``. A
-    hashable value object, so equal configurations give equal ``phi`` for ``lowrank_map``.
-    """
-
-    kernel_size: tuple[int, ...]
-    in_features: int
-    strides: tuple[int, ...]
-    padding: Any
-    input_dilation: tuple[int, ...]
-    kernel_dilation: tuple[int, ...]
-    precision: Any
-
-    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
-        kernel = V.reshape(*self.kernel_size, self.in_features, V.shape[-1])
-        nd = x.ndim
-        lhs = (0, nd - 1, *range(1, nd - 1))
-        rhs = (nd - 1, nd - 2, *range(0, nd - 2))
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            self.strides,
-            self.padding,
-            lhs_dilation=self.input_dilation,
-            rhs_dilation=self.kernel_dilation,
-            dimension_numbers=jax.lax.ConvDimensionNumbers(lhs, rhs, lhs),
-            precision=self.precision,
-        )
-
-
-def _conv_forward(
-    lr: LowRank,
-    bias,
-    x,
-    *,
-    kernel_size: tuple[int, ...],
-    in_features: int,
-    strides: tuple[int, ...],
-    padding: Any,
-    input_dilation: tuple[int, ...],
-    kernel_dilation: tuple[int, ...],
-    dtype: Any,
-    precision: Any,
-) -> jax.Array:
-    """The low-rank convolution ``conv(x, V) S^T U^T + b`` with ``nnx.Conv``'s conventions."""
-    x, lr, bias = _promote(x, lr, bias, dtype)
-    k = len(kernel_size)
-    if x.ndim < k + 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"Input must have shape (*batch, {k} spatial axes, in_features={in_features}), got "
-            f"{x.shape}."
-        )
-    num_batch = x.ndim - (k + 1)
-    batch_shape = x.shape[:num_batch]
-    if num_batch != 1:
-        x = x.reshape((-1, *x.shape[num_batch:]))
-    pad = padding
-    if pad in ("CIRCULAR", "REFLECT"):
-        dilated = [(kk - 1) * d + 1 for kk, d in zip(kernel_size, kernel_dilation, strict=True)]
-        pads = [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in dilated] + [(0, 0)]
-        x = jnp.pad(x, pads, mode="wrap" if pad == "CIRCULAR" else "reflect")
-        pad = "VALID"
-    elif pad == "CAUSAL":
-        left = kernel_dilation[0] * (kernel_size[0] - 1)
-        x = jnp.pad(x, [(0, 0), (left, 0), (0, 0)])
-        pad = "VALID"
-    phi = _ConvPhi(
-        kernel_size,
-        in_features,
-        strides,
-        pad,
-        input_dilation,
-        kernel_dilation,
-        _hashable(precision),
-    )
-    y = lowrank_map(lr, x, phi)
-    if bias is not None:
-        y = y + bias
-    if num_batch != 1:
-        y = y.reshape(batch_shape + y.shape[1:])
-    return y
-
-
 # ---- layers --------------------------------------------------------------------------------------
 
+_ZEROS = nnx.initializers.zeros_init()
 
-class _FactorAccessors:
-    """``factor``, ``rank``, ``capacity`` of a layer whose ``kernel`` is a :class:`LowRankParam`."""
+
+class _LowRankLayer(nnx.Module):
+    """What :class:`LowRankLinear` and :class:`LowRankConv` share: the parameters and accessors."""
+
+    def _init_params(
+        self, kernel_shape, rank, capacity, use_bias, kernel_init, bias_init, param_dtype, rngs
+    ) -> None:
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        _layers.check_kernel_init(kernel_init)
+        out, m = kernel_shape[-1], int(np.prod(kernel_shape[:-1]))
+        rank, capacity = _layers.rank_capacity(rank, capacity, (out, m), type(self).__name__)
+        factor = _layers.init_factor(
+            kernel_init, rngs.params(), kernel_shape, rank, capacity, param_dtype
+        )
+        self.kernel = LowRankParam(factor)
+        self.bias: nnx.Param | None = (
+            nnx.Param(bias_init(rngs.params(), (out,), param_dtype)) if use_bias else nnx.data(None)
+        )
+
+    def _bias(self) -> jax.Array | None:
+        return None if self.bias is None else self.bias[...]
 
     @property
     def factor(self) -> LowRank:
@@ -434,25 +169,7 @@ class _FactorAccessors:
         return self.factor.capacity
 
 
-def _check_features(in_features: Any, out_features: Any) -> None:
-    for name, v in (("in_features", in_features), ("out_features", out_features)):
-        if not (_is_int(v) and v >= 1):
-            raise ValueError(f"`{name}` must be a positive integer, got {v!r}.")
-
-
-def _check_rngs(rngs: Any) -> None:
-    if not isinstance(rngs, nnx.Rngs):
-        raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
-
-
-def _bias_param(use_bias, bias_init, rngs, out_features, param_dtype):
-    """The layer's bias ``nnx.Param`` (``(out_features,)``), or ``nnx.data(None)`` without one."""
-    if use_bias:
-        return nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-    return nnx.data(None)
-
-
-class LowRankLinear(_FactorAccessors, nnx.Module):
+class LowRankLinear(_LowRankLayer):
     r"""A low-rank drop-in for ``nnx.Linear``: ``y = x W^T + b`` with ``W = U S V^T`` never formed.
 
     ``W`` is ``out_features x in_features`` (``nnx.Linear``'s ``kernel`` is ``W^T``), stored as a
@@ -520,36 +237,20 @@ class LowRankLinear(_FactorAccessors, nnx.Module):
         bias_init: Callable = _ZEROS,
         rngs: nnx.Rngs,
     ):
-        _check_features(in_features, out_features)
-        _check_rngs(rngs)
-        _check_kernel_init(kernel_init)
-        rank, capacity = _resolve_rank_capacity(
-            rank, capacity, (out_features, in_features), "LowRankLinear"
+        _layers.check_features(in_features=in_features, out_features=out_features)
+        kernel_shape = (in_features, out_features)
+        self._init_params(
+            kernel_shape, rank, capacity, use_bias, kernel_init, bias_init, param_dtype, rngs
         )
-        self.kernel = LowRankParam(
-            _init_factor(
-                kernel_init,
-                rngs.params(),
-                (in_features, out_features),
-                rank,
-                capacity,
-                param_dtype,
-            )
-        )
-        self.bias: nnx.Param | None = _bias_param(
-            use_bias, bias_init, rngs, out_features, param_dtype
-        )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features, self.out_features = int(in_features), int(out_features)
         self.use_bias = bool(use_bias)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """``inputs @ W^T + bias`` over the last axis (any leading batch axes)."""
-        bias = self.bias[...] if self.bias is not None else None
-        return _dense_forward(self.factor, bias, inputs, self.dtype, self.precision)
+        return _layers.dense(
+            self.factor, self._bias(), inputs, dtype=self.dtype, precision=self.precision
+        )
 
     @classmethod
     def from_linear(
@@ -582,28 +283,10 @@ class LowRankLinear(_FactorAccessors, nnx.Module):
             >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
             True
         """
-        if not isinstance(linear, nnx.Linear):
-            raise TypeError(f"`linear` must be an nnx.Linear, got {type(linear).__name__}.")
-        _check_linear_supported(linear, "from_linear")
-        W = jnp.asarray(linear.kernel[...]).T
-        lr = _factor_from_dense(W, rank, tol, capacity, "LowRankLinear.from_linear")
-        bias = None if linear.bias is None else linear.bias[...]
-        return cls(
-            linear.in_features,
-            linear.out_features,
-            rank=int(lr.rank),
-            capacity=lr.capacity,
-            use_bias=bias is not None,
-            dtype=linear.dtype,
-            param_dtype=linear.param_dtype,
-            precision=linear.precision,
-            kernel_init=lambda _key, _shape, _dtype: lr,
-            bias_init=lambda _key, _shape, dtype: jnp.asarray(bias, dtype),
-            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
-        )
+        return _from_dense_layer(cls, nnx.Linear, linear, rank, tol, capacity)
 
 
-class LowRankConv(_FactorAccessors, nnx.Module):
+class LowRankConv(_LowRankLayer):
     r"""A low-rank drop-in for ``nnx.Conv``: a convolution with ``c`` filters, then a 1x1 mix.
 
     The kernel ``(*kernel_size, in, out)`` is matricised as ``W`` (``out x prod(kernel_size) *
@@ -668,66 +351,33 @@ class LowRankConv(_FactorAccessors, nnx.Module):
         bias_init: Callable = _ZEROS,
         rngs: nnx.Rngs,
     ):
-        _check_features(in_features, out_features)
-        if feature_group_count != 1:
-            raise ValueError(
-                "LowRankConv supports only `feature_group_count=1` (a grouped convolution has no "
-                f"single kernel matrix to factorise), got {feature_group_count!r}."
-            )
-        _check_rngs(rngs)
-        kernel_size = (kernel_size,) if _is_int(kernel_size) else tuple(kernel_size)
-        k = len(kernel_size)
-        if k < 1 or not all(_is_int(a) and a >= 1 for a in kernel_size):
-            raise ValueError(f"`kernel_size` must be positive integers, got {kernel_size!r}.")
-        strides_t = _as_tuple(strides, k, "strides")
-        input_dilation_t = _as_tuple(input_dilation, k, "input_dilation")
-        kernel_dilation_t = _as_tuple(kernel_dilation, k, "kernel_dilation")
-        padding_c = _canonical_padding(padding, k)
-        _check_kernel_init(kernel_init)
-        m = int(np.prod(kernel_size)) * in_features
-        rank, capacity = _resolve_rank_capacity(rank, capacity, (out_features, m), "LowRankConv")
-        self.kernel = LowRankParam(
-            _init_factor(
-                kernel_init,
-                rngs.params(),
-                (*kernel_size, in_features, out_features),
-                rank,
-                capacity,
-                param_dtype,
-            )
+        _layers.check_features(in_features=in_features, out_features=out_features)
+        _layers.check_groups(feature_group_count, "LowRankConv")
+        phi = _layers.ConvPhi.make(
+            kernel_size, strides, padding, input_dilation, kernel_dilation, precision
         )
-        self.bias: nnx.Param | None = _bias_param(
-            use_bias, bias_init, rngs, out_features, param_dtype
+        kernel_shape = (*phi.kernel_size, in_features, out_features)
+        self._init_params(
+            kernel_shape, rank, capacity, use_bias, kernel_init, bias_init, param_dtype, rngs
         )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.kernel_size = tuple(int(a) for a in kernel_size)
-        self.strides = strides_t
-        self.padding = padding_c
-        self.input_dilation = input_dilation_t
-        self.kernel_dilation = kernel_dilation_t
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.kernel_size, self.strides, self.padding = phi.kernel_size, phi.strides, phi.padding
+        self.input_dilation, self.kernel_dilation = phi.input_dilation, phi.kernel_dilation
         self.feature_group_count = 1
         self.use_bias = bool(use_bias)
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """The convolution of ``inputs`` (``*batch, *spatial, in_features``), channels last."""
-        bias = self.bias[...] if self.bias is not None else None
-        return _conv_forward(
-            self.factor,
-            bias,
-            inputs,
-            kernel_size=self.kernel_size,
-            in_features=self.in_features,
-            strides=self.strides,
-            padding=self.padding,
-            input_dilation=self.input_dilation,
-            kernel_dilation=self.kernel_dilation,
-            dtype=self.dtype,
-            precision=self.precision,
+        phi = _layers.ConvPhi.make(
+            self.kernel_size,
+            self.strides,
+            self.padding,
+            self.input_dilation,
+            self.kernel_dilation,
+            self.precision,
         )
+        return _layers.conv(self.factor, self._bias(), inputs, phi, dtype=self.dtype)
 
     @classmethod
     def from_conv(
@@ -754,32 +404,10 @@ class LowRankConv(_FactorAccessors, nnx.Module):
             >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
             True
         """
-        if not isinstance(conv, nnx.Conv):
-            raise TypeError(f"`conv` must be an nnx.Conv, got {type(conv).__name__}.")
-        _check_conv_supported(conv, "from_conv")
-        kernel = jnp.asarray(conv.kernel[...])
-        out = kernel.shape[-1]
-        W = kernel.reshape(-1, out).T
-        lr = _factor_from_dense(W, rank, tol, capacity, "LowRankConv.from_conv")
-        bias = None if conv.bias is None else conv.bias[...]
-        return cls(
-            conv.in_features,
-            conv.out_features,
-            conv.kernel_size,
-            conv.strides,
-            padding=conv.padding,
-            input_dilation=conv.input_dilation,
-            kernel_dilation=conv.kernel_dilation,
-            rank=int(lr.rank),
-            capacity=lr.capacity,
-            use_bias=bias is not None,
-            dtype=conv.dtype,
-            param_dtype=conv.param_dtype,
-            precision=conv.precision,
-            kernel_init=lambda _key, _shape, _dtype: lr,
-            bias_init=lambda _key, _shape, dtype: jnp.asarray(bias, dtype),
-            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
-        )
+        return _from_dense_layer(cls, nnx.Conv, conv, rank, tol, capacity)
+
+
+# ---- from dense layers ---------------------------------------------------------------------------
 
 
 class _Fit(NamedTuple):
@@ -809,63 +437,83 @@ def _fit_rank(W: jax.Array, rank: Any, tol: Any, capacity: Any, where: str) -> _
     Wf = W if W.dtype == jnp.float64 else W.astype(jnp.float32)
     sigma = np.asarray(jnp.linalg.svd(Wf, compute_uv=False), np.float64)
     tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0)  # tails[r]: error at r
-    norm = tails[0]
-    if tol is None:
-        rank, capacity = _resolve_rank_capacity(rank, capacity, (n, m), where)
-    else:
-        ok = np.nonzero(tails[1:] <= float(tol) * norm)[0]
+    if tol is not None:
+        ok = np.nonzero(tails[1:] <= float(tol) * tails[0])[0]
         rank = int(ok[0]) + 1 if ok.size else min(n, m)
-        _resolve_rank_capacity(None, capacity, (n, m), where)  # validates `capacity`
-        if capacity is None:
-            capacity = max(default_capacity((n, m)), rank)
-        elif rank > capacity:
+        if capacity is not None and _layers.is_int(capacity) and rank > capacity:
             raise ValueError(
                 f"{where}: `tol`={tol:g} needs rank {rank} for this {n} x {m} matrix W (relative "
-                f"error {tails[rank] / norm:.3g}), above `capacity`={capacity}; pass "
+                f"error {tails[rank] / tails[0]:.3g}), above `capacity`={capacity}; pass "
                 f"`capacity=` >= {rank} (or leave it out), or a larger `tol=`."
             )
-    rel_error = float(tails[rank] / norm) if norm > 0 else 0.0
-    return _Fit(int(rank), int(capacity), rel_error)
+    rank, capacity = _layers.rank_capacity(rank, capacity, (n, m), where)
+    return _Fit(rank, capacity, float(tails[rank] / tails[0]) if tails[0] > 0 else 0.0)
 
 
-def _factor_from_dense(W, rank, tol, capacity, where) -> LowRank:
-    fit = _fit_rank(W, rank, tol, capacity, where)
-    return LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
+def _dense_matrix(node: nnx.Linear | nnx.Conv) -> jax.Array:
+    """``W`` (out x in) of an ``nnx.Linear`` or ``nnx.Conv``: the kernel reshaped, transposed."""
+    kernel = jnp.asarray(node.kernel[...])
+    return kernel.reshape(-1, kernel.shape[-1]).T
 
 
-def _check_linear_supported(linear: nnx.Linear, where: str) -> None:
-    if type(linear) is not nnx.Linear:
+def _check_supported(node: Any, base: type, where: str) -> None:
+    """Refuse a ``base`` (``nnx.Linear`` / ``nnx.Conv``) whose map is not ``x @ kernel + b``."""
+    if not isinstance(node, base):
+        name = base.__name__
+        raise TypeError(f"`{name.lower()}` must be an nnx.{name}, got {type(node).__name__}.")
+    if type(node) is not base:
         raise TypeError(
-            f"{where}: only plain nnx.Linear layers can be converted, got the subclass "
-            f"{type(linear).__name__} (its behaviour may differ from x @ kernel + bias)."
+            f"{where}: only plain nnx.{base.__name__} layers can be converted, got the subclass "
+            f"{type(node).__name__} (its behaviour may differ from x @ kernel + bias)."
         )
-    dot_general = getattr(linear, "dot_general", jax.lax.dot_general)
-    if dot_general is not jax.lax.dot_general:
-        raise ValueError(f"{where}: nnx.Linear with a custom `dot_general` is not supported.")
-    if getattr(linear, "preferred_element_type", None) is not None:
-        raise ValueError(f"{where}: nnx.Linear with `preferred_element_type` is not supported.")
-
-
-def _check_conv_supported(conv: nnx.Conv, where: str) -> None:
-    if type(conv) is not nnx.Conv:
-        raise TypeError(
-            f"{where}: only plain nnx.Conv layers can be converted, got the subclass "
-            f"{type(conv).__name__}."
-        )
-    if conv.feature_group_count != 1:
+    if getattr(node, "feature_group_count", 1) != 1:
         raise ValueError(
-            f"{where}: nnx.Conv with feature_group_count={conv.feature_group_count} is not "
+            f"{where}: nnx.Conv with feature_group_count={node.feature_group_count} is not "
             "supported (a grouped convolution has no single kernel matrix to factorise)."
         )
-    if getattr(conv, "mask", None) is not None:
-        raise ValueError(f"{where}: nnx.Conv with a `mask` is not supported.")
-    fn = getattr(conv, "conv_general_dilated", jax.lax.conv_general_dilated)
-    if fn is not jax.lax.conv_general_dilated:
-        raise ValueError(
-            f"{where}: nnx.Conv with a custom `conv_general_dilated` is not supported."
+    custom = [
+        f"`{a}`"
+        for a, default in (
+            ("dot_general", jax.lax.dot_general),
+            ("conv_general_dilated", jax.lax.conv_general_dilated),
+            ("preferred_element_type", None),
+            ("mask", None),
         )
-    if getattr(conv, "preferred_element_type", None) is not None:
-        raise ValueError(f"{where}: nnx.Conv with `preferred_element_type` is not supported.")
+        if getattr(node, a, default) is not default
+    ]
+    if custom:
+        raise ValueError(f"{where}: nnx.{base.__name__} with {custom[0]} is not supported.")
+
+
+def _dense_layer_kwargs(node: nnx.Linear | nnx.Conv) -> dict[str, Any]:
+    """The constructor arguments of the low-rank layer that replaces ``node`` (rank aside)."""
+    kw = dict(use_bias=node.bias is not None, dtype=node.dtype, param_dtype=node.param_dtype)
+    kw["precision"] = node.precision
+    if isinstance(node, nnx.Conv):
+        for name in ("kernel_size", "strides", "padding", "input_dilation", "kernel_dilation"):
+            kw[name] = getattr(node, name)
+    return kw
+
+
+def _low_rank_layer(cls: type, node: Any, W: jax.Array, fit: _Fit, rngs: nnx.Rngs | None):
+    """``cls`` configured as ``node``: the truncated SVD of ``W`` (``rngs=None``) or random."""
+    kw = _dense_layer_kwargs(node)
+    if rngs is None:
+        lr = LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
+        bias = None if node.bias is None else node.bias[...]
+        kw["kernel_init"] = lambda _key, _shape, _dtype: lr
+        kw["bias_init"] = lambda _key, _shape, dtype: jnp.asarray(bias, dtype)
+        rngs = nnx.Rngs(0)  # not used: both initialisers return given values
+    return cls(
+        node.in_features, node.out_features, rank=fit.rank, capacity=fit.capacity, rngs=rngs, **kw
+    )
+
+
+def _from_dense_layer(cls, base, node, rank, tol, capacity):
+    where = f"{cls.__name__}.from_{base.__name__.lower()}"
+    _check_supported(node, base, where)
+    W = _dense_matrix(node)
+    return _low_rank_layer(cls, node, W, _fit_rank(W, rank, tol, capacity, where), None)
 
 
 # ---- model conversion ----------------------------------------------------------------------------
@@ -884,68 +532,77 @@ class _PathRegex:
 
     pattern: str
 
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(
+                f"`filter` {self.pattern!r} is not a valid regular expression: {e}."
+            ) from None
+
     def __call__(self, path: tuple, x: Any) -> bool:
-        rx = re.compile(self.pattern)
         parts = [str(p) for p in path]
-        return any(rx.fullmatch(p) for p in parts) or bool(rx.fullmatch("/".join(parts)))
+        return any(re.fullmatch(self.pattern, p) for p in [*parts, "/".join(parts)])
 
 
-def _strings_as_paths(predicate: Any) -> Any:
-    """``predicate`` with flax's tag filters (what strings become) read as path patterns."""
-    filterlib = nnx.filterlib
-    if isinstance(predicate, filterlib.WithTag):
+@dataclasses.dataclass(frozen=True)
+class _KernelOfType:
+    """``(path, layer) -> bool``: the layer's ``kernel`` is a ``Variable`` of this type."""
+
+    type: type
+
+    def __call__(self, path: tuple, x: Any) -> bool:
+        return isinstance(getattr(x, "kernel", None), self.type)
+
+
+def _for_layers(predicate: Any) -> Any:
+    """A flax predicate read on layers: a tag (a string) is a path pattern, a ``Variable`` type
+    (``nnx.Param``) asks for the layer's ``kernel``; ``Any`` / ``All`` / ``Not`` recurse."""
+    fl = nnx.filterlib
+    if isinstance(predicate, fl.WithTag):
         return _PathRegex(predicate.tag)
-    if isinstance(predicate, filterlib.Any | filterlib.All):
-        return type(predicate)(*(_strings_as_paths(p) for p in predicate.predicates))
-    if isinstance(predicate, filterlib.Not):
-        return filterlib.Not(_strings_as_paths(predicate.predicate))
+    if isinstance(predicate, fl.OfType) and issubclass(predicate.type, nnx.Variable):
+        return _KernelOfType(predicate.type)
+    if isinstance(predicate, fl.Any | fl.All):
+        return type(predicate)(*(_for_layers(p) for p in predicate.predicates))
+    if isinstance(predicate, fl.Not):
+        return fl.Not(_for_layers(predicate.predicate))
     return predicate
 
 
 def _to_predicate(filter: Any) -> Callable[[tuple, Any], bool]:
     """``filter`` (flax's filter language; see :func:`to_low_rank`) as a predicate."""
-    if filter is None:  # dlrt_jax's historical default: every nnx.Linear / nnx.Conv
-        return lambda path, module: True
-    if isinstance(filter, str):
-        try:
-            re.compile(filter)
-        except re.error as e:
-            raise ValueError(f"`filter` {filter!r} is not a valid regular expression: {e}.") from e
-        return _PathRegex(filter)
-    if isinstance(filter, list | tuple):
-        return _strings_as_paths(nnx.filterlib.Any(*(_to_predicate(f) for f in filter)))
-    if isinstance(filter, type | bool) or filter is Ellipsis:
-        return nnx.filterlib.to_predicate(filter)
-    if callable(filter):
-        flax_filters = (nnx.filterlib.WithTag, nnx.filterlib.Any, nnx.filterlib.All)
-        if isinstance(filter, (*flax_filters, nnx.filterlib.Not)):
-            return _strings_as_paths(filter)
-        try:
-            params = inspect.signature(filter).parameters.values()
-        except (TypeError, ValueError) as e:
-            raise TypeError(
-                "`filter` must be a predicate whose signature can be inspected: (path, module) "
-                "-> bool or (module) -> bool."
-            ) from e
-        positional = [
-            p
-            for p in params
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-        ]
-        varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
-        if len(positional) == 1 and not varargs:
-            return lambda path, module: filter(module)
-        if len(positional) == 2 or varargs:
-            return filter
-        raise TypeError(
-            "`filter` must take (path, module) or (module), got a callable with "
-            f"{len(positional)} required positional parameters."
+    if filter is None:
+        warnings.warn(
+            "to_low_rank(filter=None) selects every convertible layer here, but None selects "
+            "nothing in flax's filter language; pass `filter=...` (the default) instead.",
+            DeprecationWarning,
+            stacklevel=3,
         )
-    raise TypeError(
-        "`filter` must be None, a flax filter (a type such as nnx.Linear, a path pattern (str), "
-        "nnx.PathContains(...), nnx.Any(...) / nnx.All(...) / nnx.Not(...), a list of filters, "
-        f"True, ...) or a predicate (path, module) -> bool, got {type(filter).__name__}."
-    )
+        filter = ...
+    flax_filter = (str, type, bool, list, tuple, type(...), nnx.filterlib.WithTag)
+    flax_filter += (nnx.filterlib.Any, nnx.filterlib.All, nnx.filterlib.Not, nnx.filterlib.OfType)
+    if isinstance(filter, flax_filter):
+        return _for_layers(nnx.filterlib.to_predicate(filter))
+    if not callable(filter):
+        raise TypeError(
+            "`filter` must be a flax filter (a type such as nnx.Linear or nnx.Param, a path "
+            "pattern (str), nnx.PathContains(...), nnx.Any(...) / nnx.All(...) / nnx.Not(...), a "
+            "list of filters, True, ...) or a predicate (path, module) -> bool, got "
+            f"{type(filter).__name__}."
+        )
+    try:
+        params = inspect.signature(filter).parameters.values()
+    except (TypeError, ValueError):
+        return filter  # a builtin or C callable: take it as flax does, (path, module) -> bool
+    required = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(required) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return lambda path, module: filter(module)
+    return filter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1025,27 +682,16 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-def _dense_matrix(node: nnx.Linear | nnx.Conv) -> jax.Array:
-    """``W`` (out x in) of an ``nnx.Linear`` or ``nnx.Conv``: the kernel reshaped, transposed."""
-    kernel = jnp.asarray(node.kernel[...])
-    return kernel.reshape(-1, kernel.shape[-1]).T
-
-
-def _own_params(node: Any) -> list[str]:
-    """Names of the ``nnx.Param`` attributes a module holds itself (not through submodules)."""
-    return [k for k, v in vars(node).items() if isinstance(v, nnx.Param)]
-
-
 def _skip_reason(node: Any) -> str | None:
     """Why ``to_low_rank`` leaves a module with parameters alone (``None``: no parameters)."""
-    if isinstance(node, LowRankLinear | LowRankConv):
+    if isinstance(node, _LowRankLayer):
         return "already a low-rank layer"
     if not isinstance(node, nnx.Module):
         return None
-    names = _own_params(node)
+    names = sorted(k for k, v in vars(node).items() if isinstance(v, nnx.Param))
     if not names:
         return None
-    return f"has parameters ({', '.join(sorted(names))}); no converter for {type(node).__name__}"
+    return f"has parameters ({', '.join(names)}); no converter for {type(node).__name__}"
 
 
 class _Request(NamedTuple):
@@ -1066,68 +712,29 @@ class _Converted(NamedTuple):
     fit: _Fit
 
 
-def _choose(W: jax.Array, request: _Request, where: str) -> _Fit:
-    """The rank and capacity of the new factor of ``W`` (``rel_error`` ``None`` if random)."""
-    if request.init == "svd":
-        return _fit_rank(W, request.rank, request.tol, request.capacity, where)
-    r, c = _resolve_rank_capacity(request.rank, request.capacity, W.shape, where)
-    return _Fit(r, c, None)
+def _dense_kernel_converter(cls: type, base: type):
+    """The converter of ``base`` (``nnx.Linear`` / ``nnx.Conv``) to ``cls``."""
 
+    def convert(node: Any, request: _Request, where: str) -> _Converted:
+        _check_supported(node, base, where)
+        W = _dense_matrix(node)
+        if request.init == "svd":
+            fit = _fit_rank(W, request.rank, request.tol, request.capacity, where)
+            return _Converted(_low_rank_layer(cls, node, W, fit, None), W.shape, fit)
+        r, c = _layers.rank_capacity(request.rank, request.capacity, W.shape, where)
+        fit = _Fit(r, c, None)
+        return _Converted(_low_rank_layer(cls, node, W, fit, request.rngs), W.shape, fit)
 
-def _convert_linear(node: nnx.Linear, request: _Request, where: str) -> _Converted:
-    _check_linear_supported(node, where)
-    W = _dense_matrix(node)
-    fit = _choose(W, request, where)
-    if request.init == "svd":
-        new = LowRankLinear.from_linear(node, rank=fit.rank, capacity=fit.capacity)
-    else:
-        new = LowRankLinear(
-            node.in_features,
-            node.out_features,
-            rank=fit.rank,
-            capacity=fit.capacity,
-            use_bias=node.bias is not None,
-            dtype=node.dtype,
-            param_dtype=node.param_dtype,
-            precision=node.precision,
-            rngs=request.rngs,
-        )
-    return _Converted(new, W.shape, fit)
-
-
-def _convert_conv(node: nnx.Conv, request: _Request, where: str) -> _Converted:
-    _check_conv_supported(node, where)
-    W = _dense_matrix(node)
-    fit = _choose(W, request, where)
-    if request.init == "svd":
-        new = LowRankConv.from_conv(node, rank=fit.rank, capacity=fit.capacity)
-    else:
-        new = LowRankConv(
-            node.in_features,
-            node.out_features,
-            node.kernel_size,
-            node.strides,
-            padding=node.padding,
-            input_dilation=node.input_dilation,
-            kernel_dilation=node.kernel_dilation,
-            rank=fit.rank,
-            capacity=fit.capacity,
-            use_bias=node.bias is not None,
-            dtype=node.dtype,
-            param_dtype=node.param_dtype,
-            precision=node.precision,
-            rngs=request.rngs,
-        )
-    return _Converted(new, W.shape, fit)
+    return convert
 
 
 #: The layer types :func:`to_low_rank` converts, each with its converter
-#: ``converter(layer, request, where) -> _Converted`` (``where`` prefixes error messages). A layer
-#: is converted by the first entry it is an instance of; a converter raises ``TypeError`` /
+#: ``converter(layer, request, where) -> _Converted`` (``where`` starts its error messages). A
+#: layer is converted by the first entry it is an instance of; a converter raises ``TypeError`` /
 #: ``ValueError`` for a configuration it cannot represent.
 _CONVERTERS: dict[type, Callable[[Any, _Request, str], _Converted]] = {
-    nnx.Linear: _convert_linear,
-    nnx.Conv: _convert_conv,
+    nnx.Linear: _dense_kernel_converter(LowRankLinear, nnx.Linear),
+    nnx.Conv: _dense_kernel_converter(LowRankConv, nnx.Conv),
 }
 
 
@@ -1136,7 +743,7 @@ def _kinds() -> str:
 
 
 def _converter_for(node: Any) -> Callable[[Any, _Request, str], _Converted] | None:
-    if isinstance(node, LowRankLinear | LowRankConv):
+    if isinstance(node, _LowRankLayer):
         return None
     return next((f for t, f in _CONVERTERS.items() if isinstance(node, t)), None)
 
@@ -1144,7 +751,7 @@ def _converter_for(node: Any) -> Callable[[Any, _Request, str], _Converted] | No
 def to_low_rank(
     model: Any,
     *,
-    filter: Any = None,
+    filter: Any = ...,
     rank: int | None = None,
     tol: float | None = None,
     capacity: int | None = None,
@@ -1158,23 +765,27 @@ def to_low_rank(
     ``model`` itself is not modified, and the layers that are not replaced are copies (new
     ``Variable`` objects, shared immutable arrays). Shared layers stay shared.
 
-    **Which layers.** Only ``nnx.Linear`` and ``nnx.Conv`` are converted; ``filter`` chooses
-    among them, in flax's filter language (``nnx.filterlib``) applied to ``(path, module)``:
+    **Which layers.** The layer types in the converter table (``nnx.Linear`` and ``nnx.Conv``) are
+    converted; ``filter`` chooses among them, in flax's filter language (``nnx.filterlib``)
+    applied to ``(path, layer)``:
 
-    * a type (``nnx.Conv``) selects its instances; ``nnx.PathContains('block')``,
-      ``nnx.Any(...)``, ``nnx.All(...)``, ``nnx.Not(...)``, a list or tuple (any of), ``True`` /
-      ``...`` (all) and a predicate ``filter(path, module) -> bool`` mean what they mean in flax;
+    * ``...`` / ``True`` (the default: all), a module type (``nnx.Conv``),
+      ``nnx.PathContains('block')``, ``nnx.Any(...)``, ``nnx.All(...)``, ``nnx.Not(...)``, a list
+      or tuple (any of) and a predicate ``filter(path, layer) -> bool`` mean what they mean in
+      flax; a ``Variable`` type (``nnx.Param``, a subtype) selects the layers whose ``kernel`` is
+      one;
     * a string is a regular expression that must fully match one element of the path or the
       ``/``-joined path: ``'fc1'`` matches ``('fc1',)`` and ``('block', 'fc1')`` (not ``fc10``),
       ``'fc[12]'`` both ``fc1`` and ``fc2``, ``'layers/[01]'`` the first two entries of
-      ``layers``. (In flax a string is a ``Variable`` tag, which modules do not have; strings
-      inside ``nnx.Any`` / ``nnx.All`` / ``nnx.Not`` and lists are read as path patterns too.)
-    * ``None`` (the default) selects every ``nnx.Linear`` / ``nnx.Conv``; note that in flax
-      ``None`` selects nothing. A one-argument callable ``filter(module)`` is also accepted.
+      ``layers``. (In flax a string is a ``Variable`` tag, which layers do not have; strings
+      inside ``nnx.Any`` / ``nnx.All`` / ``nnx.Not`` and lists are path patterns too.)
+    * ``None`` selected every layer in earlier versions and still does, with a
+      ``DeprecationWarning`` (in flax ``None`` selects nothing): pass ``...``. A one-argument
+      callable ``filter(layer)`` is also accepted.
 
-    Every other module with parameters (``nnx.Embed``, ``nnx.LayerNorm``, ``nnx.LinearGeneral``,
-    ``nnx.Einsum``, a custom module, ...) and every ``Linear`` / ``Conv`` the filter leaves out is
-    kept as it is and listed in the summary as *skipped*, with the reason.
+    Every other module with parameters (``nnx.Embed``, ``nnx.LayerNorm``, a custom module, ...)
+    and every convertible layer the filter leaves out is kept as it is and listed in the summary
+    as *skipped*, with the reason.
 
     **Which rank.** With ``init='svd'`` each selected layer's matrix ``W`` (out x in; a
     convolution kernel matricised as in :class:`LowRankConv`) is replaced by its truncated SVD
@@ -1199,7 +810,7 @@ def to_low_rank(
 
     Args:
         model: an NNX module (or graph of modules).
-        filter: which ``nnx.Linear`` / ``nnx.Conv`` layers to replace (see above).
+        filter: which convertible layers to replace (see above).
         rank: rank of every new factor (at most one of ``rank`` and ``tol``).
         tol: relative weight error bound of the truncated SVD (``init='svd'`` only).
         capacity: capacity of every new factor; default ``max(floor(min(n, m) / 2), rank)`` per
@@ -1465,13 +1076,15 @@ def train_step(
 ) -> jax.Array:
     """One training step of ``model`` through ``optimizer``; returns the loss before the step.
 
-    Computes the loss and gradient with ``nnx.value_and_grad`` over ``optimizer.wrt`` and calls
-    ``optimizer.update(model, grads, grad_fn=...)`` with :func:`make_grad_fn`'s ``grad_fn`` when
-    ``optimizer.tx`` accepts extra arguments (every DLRT transform does; :func:`dlrt_jax.bug` and
-    :func:`dlrt_jax.projector_splitting` need it, :func:`dlrt_jax.parallel_bug` ignores it), plain
-    ``optimizer.update(model, grads)`` otherwise. Works eagerly and under ``nnx.jit`` (make
-    ``loss_fn`` static or bind it with ``functools.partial``). Rank changes within the capacity
-    keep all shapes, so the jitted step compiles once per set of capacities.
+    The functional step :func:`dlrt_jax.make_train_step` on the pure state: ``model`` is split
+    into the trained variables (``optimizer.wrt``) and the rest, the loss and gradient are taken
+    with respect to the former, ``optimizer.tx.update`` gets ``grad_fn=`` (the gradient at other
+    points, with the rest as it was before the step: every evaluation sees the same dropout masks;
+    the one-pass integrators never call it, plain optax optimisers ignore it), and the new
+    parameters, the rest as the loss left it (batch statistics, RNG counters), the optimiser state
+    and ``optimizer.step`` are written back, as ``optimizer.update`` does. Works eagerly and under
+    ``nnx.jit`` (make ``loss_fn`` static or bind it with ``functools.partial``). Rank changes
+    within the capacity keep all shapes, so the jitted step compiles once per set of capacities.
 
     Under ``nnx.jit`` the traced computation is the functional step's (``dlrt_jax.train_mnist``
     ``make_step``: the same XLA program, plus the step counter); what ``nnx.jit`` adds per call is
@@ -1497,13 +1110,18 @@ def train_step(
         (True, True)
     """
     _check_optimizer(optimizer, "train_step")
-    wrt = optimizer.wrt
-    grad_fn = make_grad_fn(model, loss_fn, batch, wrt=wrt)
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model, batch)
-    if isinstance(optimizer.tx, optax.GradientTransformationExtraArgs):
-        optimizer.update(model, grads, grad_fn=grad_fn)
-    else:
-        optimizer.update(model, grads)
+    graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
+
+    def pure_loss(p: Any, rest: Any, batch: Any) -> tuple[jax.Array, Any]:
+        m = nnx.merge(graphdef, p, rest)
+        return loss_fn(m, batch), nnx.state(m, nnx.Not(optimizer.wrt))
+
+    step = make_train_step(pure_loss, optimizer.tx, jit=False, has_aux=True)
+    params, opt_state = nnx.as_pure(params), nnx.as_pure(optimizer.opt_state)
+    new_params, new_opt_state, (loss, new_rest) = step(params, opt_state, rest, batch)
+    nnx.update(model, new_rest)
+    _write_back(model, optimizer, new_params, new_opt_state)
+    optimizer.step[...] += 1
     return loss
 
 
@@ -1594,13 +1212,13 @@ def apply_capacity_policy(
             "`policy` must be a dlrt_jax.CapacityPolicy or a callable (step, params, opt_state) "
             f"-> (params, opt_state, resized), got {type(policy).__name__}."
         )
-    if not _is_int(step):
+    if not _layers.is_int(step):
         try:
             step = int(step)  # e.g. a concrete jax scalar such as optimizer.step[...]
         except TypeError as e:
             raise TypeError(f"`step` must be an integer, got {type(step).__name__}.") from e
     every = getattr(policy, "every", None)
-    if _is_int(every) and every >= 1 and step % every:
+    if _layers.is_int(every) and every >= 1 and step % every:
         return False  # nothing to read on this step (CapacityPolicy returns unchanged here)
     _check_optimizer(optimizer, "apply_capacity_policy")
     params, opt_state = _pure_states(model, optimizer)
@@ -1609,3 +1227,8 @@ def apply_capacity_policy(
         return False
     _write_back(model, optimizer, new_params, new_opt_state)
     return True
+
+
+# nnx.LinearGeneral / nnx.Einsum (attention projections): their converters live in
+# dlrt_jax.transformer, which adds them to _CONVERTERS when imported
+from dlrt_jax import transformer as _transformer  # noqa: E402, F401

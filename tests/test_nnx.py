@@ -183,10 +183,10 @@ def test_linear_dtype_and_precision():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(rank=0), ValueError, "`rank` must be None or an integer in"),
+        (dict(rank=0), ValueError, "`rank` must be .*>= 1"),
         (dict(rank=7), ValueError, r"\[1, min\(n, m\)=6\]"),
-        (dict(rank=4, capacity=3), ValueError, "exceeds `capacity`"),
-        (dict(capacity=7), ValueError, "`capacity` must be None or an integer"),
+        (dict(rank=4, capacity=3), ValueError, "exceeds the capacity 3.*`capacity=`"),
+        (dict(capacity=7), ValueError, r"`capacity` must be an integer in \[1, min\(n, m\)=6\]"),
         (dict(rank=2.5), ValueError, "`rank`"),
         (dict(kernel_init="orthogonal"), TypeError, "`kernel_init` must be None"),
         (dict(kernel_init=-1.0), ValueError, "must be > 0"),
@@ -404,7 +404,6 @@ def _kinds(model):
         (nnx.Linear, {"fc1", "fc2", "head"}),
         ("fc1", {"fc1"}),
         (nnx.PathContains("block"), {"fc2"}),
-        (None, {"conv", "fc1", "fc2", "head"}),
     ],
 )
 def test_to_low_rank_replaces_exactly_the_matched_layers(filter, converted):
@@ -503,6 +502,25 @@ def test_to_low_rank_takes_flax_filters(filter, converted):
     assert got == converted
     excluded = {r.path.split("/")[-1] for r in summary.skipped if "filter" in r.note}
     assert excluded == {"conv", "fc1", "fc2", "head"} - converted
+
+
+def test_to_low_rank_variable_type_filters_select_by_kernel_and_none_is_deprecated():
+    model = _Net(nnx.Rngs(0))
+    everything = {"conv", "fc1", "fc2", "head"}
+    for filter, converted in [
+        (nnx.Param, everything),  # every kernel is an nnx.Param
+        (nnx.All(nnx.Param, "fc1"), {"fc1"}),
+        (nnx.Not(nnx.Param), set()),
+    ]:
+        if not converted:
+            with pytest.raises(ValueError, match="matched no convertible layer"):
+                to_low_rank(model, filter=filter, rank=3, capacity=3)
+            continue
+        kinds = _kinds(to_low_rank(model, filter=filter, rank=3, capacity=3))
+        assert {name for name, kind in kinds.items() if kind.startswith("LowRank")} == converted
+    with pytest.warns(DeprecationWarning, match="pass `filter=...`"):
+        kinds = _kinds(to_low_rank(model, filter=None, rank=3, capacity=3))
+    assert {name for name, kind in kinds.items() if kind.startswith("LowRank")} == everything
 
 
 def test_to_low_rank_filter_errors():
