@@ -147,25 +147,16 @@ class FileSpec:
 
     def __post_init__(self) -> None:
         name, size = self.filename, self.bytes
-        if (
-            not isinstance(name, str)
-            or name in ("", "..")
-            or Path(name).name != name
-            or "\\" in name
-        ):
+        if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
             raise ValueError(f"FileSpec.filename must be a plain file name, got {name!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if type(size) is not int or size < 0:
             raise ValueError(f"FileSpec.bytes must be an int >= 0 (the exact size), got {size!r}")
         for field, digits in (("md5", 32), ("sha256", 64)):
             value = getattr(self, field)
-            if value is None and field == "sha256":
-                continue
-            if not isinstance(value, str) or not re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", value):
-                raise ValueError(
-                    f"FileSpec.{field} must be {digits} hexadecimal digits, got {value!r} "
-                    f"for {name}"
-                )
-            object.__setattr__(self, field, value.lower())
+            if value is not None or field == "md5":
+                if not re.fullmatch(f"[0-9a-fA-F]{{{digits}}}", str(value)):
+                    raise ValueError(f"FileSpec.{field} of {name} must be {digits} hex digits")
+                object.__setattr__(self, field, value.lower())
 
     @property
     def known_hash(self) -> str:
@@ -194,38 +185,28 @@ class IDXDataset:
     shape: tuple[int, ...] = (28, 28)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", self.name):
-            raise ValueError(
-                "IDXDataset.name must be letters, digits, '_', '-', '.' (it becomes a directory "
-                f"name), got {self.name!r}"
-            )
-        files = dict(self.files) if isinstance(self.files, Mapping) else {}
-        if set(files) != set(ROLES) or not all(isinstance(f, FileSpec) for f in files.values()):
-            raise ValueError(
-                f"IDXDataset.files of {self.name!r} must map exactly the roles {list(ROLES)} to "
-                f"FileSpecs, got {sorted(files)}"
-            )
+        name, files, mirrors = self.name, self.files, self.mirrors
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", name):
+            raise ValueError(f"IDXDataset.name must be a plain directory name, got {name!r}")
+        if not isinstance(files, Mapping) or set(files) != set(ROLES):
+            raise ValueError(f"IDXDataset.files of {name!r} must map the roles {ROLES}")
+        if not all(isinstance(f, FileSpec) for f in files.values()):
+            raise ValueError(f"IDXDataset.files of {name!r} must hold FileSpecs")
         if len({f.filename for f in files.values()}) != len(ROLES):
-            raise ValueError(f"IDXDataset {self.name!r} uses the same filename for two roles")
-        mirrors = () if isinstance(self.mirrors, str) else tuple(self.mirrors)
-        if isinstance(self.mirrors, str) or not all(
+            raise ValueError(f"IDXDataset {name!r} uses the same filename for two roles")
+        if isinstance(mirrors, str) or not all(
             isinstance(m, str) and urllib.parse.urlsplit(m).scheme in _URL_SCHEMES for m in mirrors
         ):
-            raise ValueError(
-                f"IDXDataset.mirrors of {self.name!r} must be a sequence of http, https or file "
-                f"URL strings, got {self.mirrors!r}"
-            )
-        for v in (self.n_train, self.n_test):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"IDXDataset.n_train/n_test must be ints >= 0, got {v!r}")
+            raise ValueError(f"IDXDataset.mirrors of {name!r} must be http(s) or file URLs")
         try:
             shape = tuple(operator.index(d) for d in self.shape)
         except TypeError:
             shape = ()
-        if not shape or min(shape) < 1:
-            raise ValueError(f"IDXDataset.shape must be a tuple of positive ints, not {self.shape}")
+        sizes = (self.n_train, self.n_test)
+        if not shape or min(shape) < 1 or any(type(v) is not int or v < 0 for v in sizes):
+            raise ValueError(f"IDXDataset {name!r}: bad sizes {sizes} or image shape {self.shape}")
         object.__setattr__(self, "files", types.MappingProxyType({r: files[r] for r in ROLES}))
-        object.__setattr__(self, "mirrors", mirrors)
+        object.__setattr__(self, "mirrors", tuple(mirrors))
         object.__setattr__(self, "shape", shape)
 
 
