@@ -31,7 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -42,6 +41,7 @@ import numpy as np
 import optax
 
 from dlrt_jax import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
+from dlrt_jax._layers import ConvPhi
 
 __all__ = [
     "Factorized",
@@ -94,27 +94,9 @@ class Factorized(NamedTuple):
 # ---- layers -------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _ConvPhi:
-    """``phi(x, V)``: a VALID, stride-1 NHWC convolution with the columns of ``V`` as filters.
-
-    ``V`` is ``(kh * kw * in, c)`` and is reshaped to the HWIO kernel ``(kh, kw, in, c)``. Instances
-    are hashable and compare by value, so :func:`dlrt_jax.lowrank_map` (which takes ``phi`` as a
-    static argument) does not retrace.
-    """
-
-    kh: int
-    kw: int
-
-    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
-        cin = x.shape[-1]
-        kernel = V.reshape(self.kh, self.kw, cin, V.shape[-1])
-        return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-
-
-_CONV5 = _ConvPhi(5, 5)
+#: ``phi(x, V)`` of the paper's 5x5 convolutions: VALID, stride 1, NHWC, the columns of ``V``
+#: (``(5 * 5 * in, c)``) reshaped to HWIO filters; the same map as ``dlrt_jax.nnx.LowRankConv``.
+_CONV5 = ConvPhi.make((5, 5), padding="VALID")
 
 
 def _weight_shape(w: Any) -> tuple[int, int]:
@@ -132,7 +114,7 @@ def _linear(w: Any, x: jax.Array) -> jax.Array:
     return x @ w.T
 
 
-def _conv(w: Any, x: jax.Array, phi: _ConvPhi) -> jax.Array:
+def _conv(w: Any, x: jax.Array, phi: ConvPhi) -> jax.Array:
     """Convolution with the matricised kernel ``W`` (``out x kh kw in``) for any weight kind."""
     if isinstance(w, LowRank):
         return lowrank_map(w, x, phi)

@@ -122,7 +122,10 @@ def build_transform(
     other_optimizer: optax.GradientTransformation | float | None = None,
     truncate_every: int = 1,
 ) -> tuple[optax.GradientTransformationExtraArgs, bool]:
-    """The DLRT transform named ``integrator`` and whether it needs ``grad_fn``.
+    """The DLRT transform named ``integrator`` and whether it evaluates ``grad_fn``.
+
+    The flag is informational (kept for compatibility): :func:`make_step` /
+    :func:`dlrt_jax.make_train_step` always pass ``grad_fn``.
 
     ``optimizer`` trains ``K``, ``L``, ``S``; ``other_optimizer`` (default: ``optimizer``) the
     biases and the dense classifier. ``tau`` and ``truncate_every`` are used by the rank-adaptive
@@ -188,37 +191,24 @@ def make_step(
     loss_fn: Callable[[Any, Any], jax.Array],
     tx: optax.GradientTransformation,
     *,
-    needs_grad_fn: bool,
+    needs_grad_fn: bool | None = None,
 ) -> Callable:
     """A jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
 
-    With ``needs_grad_fn`` the transform gets ``grad_fn = lambda p: grad(loss_fn)(p, batch)`` (the
-    same batch), as ``dlrt_jax.bug`` and ``projector_splitting`` require. ``jit`` traces once per
-    set of parameter shapes (i.e. once per set of capacities).
+    :func:`dlrt_jax.make_train_step` for ``loss_fn(params, batch)``: the transform always gets
+    ``grad_fn = lambda p: grad(loss_fn)(p, batch)`` (the same batch) and uses it only when its
+    integrator needs it, so ``needs_grad_fn`` (kept for compatibility) is ignored. ``jit`` traces
+    once per set of parameter shapes (i.e. once per set of capacities).
 
-    Example:
-        >>> import jax, optax
+    Examples:
+        >>> import optax
         >>> from dlrt_jax.mnist import models
-        >>> step = make_step(models.cross_entropy_loss(models.mlp_apply), optax.sgd(0.1),
-        ...                  needs_grad_fn=False)
+        >>> step = make_step(models.cross_entropy_loss(models.mlp_apply), optax.sgd(0.1))
         >>> callable(step)
         True
     """
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        if needs_grad_fn:
-
-            def grad_fn(p):
-                return jax.grad(loss_fn)(p, batch)
-
-            updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
-        else:
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
+    del needs_grad_fn
+    return dlrt_jax.make_train_step(loss_fn, tx)
 
 
 _EVAL_FNS: dict[Callable, Callable] = {}
@@ -322,6 +312,7 @@ def train(
     (:class:`dlrt_jax.CapacityPolicy`) the capacities follow the ranks during the epoch: the policy
     reads the ranks every ``policy.every`` steps and resizes when a capacity leaves its band
     (``history`` then records the number of resizes and of compiled step variants).
+    ``needs_grad_fn`` is ignored (kept for compatibility; the step always passes ``grad_fn``).
     """
     from tqdm.auto import tqdm
 
@@ -336,7 +327,7 @@ def train(
             f"`fit_capacity_after_steps` must be an integer >= 0, got {fit_capacity_after_steps!r}."
         )
     loss_fn = models.cross_entropy_loss(apply_fn)
-    step = make_step(loss_fn, tx, needs_grad_fn=needs_grad_fn)
+    step = make_step(loss_fn, tx)
     if opt_state is None:
         opt_state = tx.init(params)
     xtr, ytr = data[0], data[1]
@@ -704,7 +695,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_rank=args.max_rank,
         scale=args.init_scale,
     )
-    tx, needs_grad_fn = build_transform(
+    tx, _ = build_transform(
         args.integrator,
         inner_optimizer(args.inner, args.factor_lr),
         tau=args.tau if adaptive else None,
@@ -725,7 +716,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
-        needs_grad_fn=needs_grad_fn,
         fit_capacity_every=args.fit_capacity_every if adaptive else 0,
         fit_capacity_after_steps=args.fit_capacity_after_steps if adaptive else 0,
         max_capacity=args.max_rank,
