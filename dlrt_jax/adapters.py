@@ -1,0 +1,768 @@
+r"""Rank-adaptive low-rank adapters (GeoLoRA-style) for pretrained Flax NNX models.
+
+An adapted layer computes
+
+.. math::
+
+    y = W_0 x + \frac{\alpha}{r} U S V^T x,
+
+with the pretrained ``W0`` (and bias) frozen and the adapter ``U S V^T`` a
+:class:`~dlrt_jax.LowRank` trained by the DLRT integrators: the parallel rank-adaptive BUG by
+default (one gradient evaluation and one small SVD per step, no ``S^{-1}``), as in GeoLoRA.
+``S = 0`` at the start, so the adapted model is the pretrained one at step 0; the first step's
+augmentation puts the gradient's directions ``G V0`` and ``G^T U0`` into the bases (a randomised
+range finder of the gradient), and the truncation picks each layer's rank.
+
+* :func:`to_adapters`: wrap chosen ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``
+  (matrix-product) layers of a model in :class:`LowRankAdapter` and freeze everything else
+  (:class:`FrozenParam`, not an ``nnx.Param``: the optimiser's ``wrt=nnx.Param`` sees only the
+  adapters).
+* :func:`geolora`: the default transform, ``parallel_bug`` with Adam inside, optionally with a
+  global parameter budget (:func:`with_rank_budget`).
+* :func:`merge_adapters`: fold the adapters into dense weights; :func:`adapter_ranks`: the ranks.
+* :func:`export_peft` / :func:`import_peft`: the PEFT LoRA layout (``adapter_config.json`` and
+  ``adapter_model.safetensors``), so adapters trained here load in Python's LoRA tooling.
+
+**What ``r`` in ``alpha / r`` is.** The rank is traced and changes every step, so ``r`` is *not*
+the current rank: it is the fixed ``rank`` hyperparameter the adapter was built with (PEFT's
+``r``). Were it the current rank, every rank change (say 8 -> 9) would rescale all directions
+already learnt by 8/9, a jump in the weights that no integrator step accounts for; with a fixed
+``r`` the scale ``alpha / r`` is a constant and rank changes only add or drop directions.
+Default ``alpha = r``: scale 1. :func:`export_peft` writes for each module its current rank
+``k`` as ``rank_pattern`` and ``alpha_k = (alpha / r) k`` as ``alpha_pattern``, so PEFT's
+``W0 + (alpha_k / k) B A`` is this layer exactly (``B A = U S V^T``).
+
+Examples:
+    >>> import functools, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from dlrt_jax import adapters
+    >>> from dlrt_jax.nnx import DLRTOptimizer, train_step
+    >>> pretrained = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                             nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+    >>> model = adapters.to_adapters(pretrained, rank=2)  # S = 0: same outputs
+    >>> x = jnp.ones((3, 8))
+    >>> bool(jnp.allclose(model(x), pretrained(x)))
+    True
+    >>> optimizer = DLRTOptimizer(model, adapters.geolora(1e-2, tau=0.1))
+    >>> loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+    >>> step = nnx.jit(functools.partial(train_step, loss_fn=loss_fn))
+    >>> loss = step(model, optimizer, batch=(x, jnp.zeros((3, 4))))
+    >>> sorted(adapters.adapter_ranks(model))
+    ['layers/0', 'layers/2']
+    >>> merged = adapters.merge_adapters(model)  # plain nnx.Linear layers again
+    >>> bool(jnp.allclose(merged(x), model(x), atol=1e-5))
+    True
+
+References:
+    Schotthöfer, Zangrando, Ceruti, Tudisco, Kusch, "GeoLoRA: geometric integration for
+    parameter efficient fine-tuning", ICLR 2025 (arXiv 2410.18720); Hu et al., "LoRA: low-rank
+    adaptation of large language models", ICLR 2022.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dlrt_jax._budget import RankBudgetState, budget_cost, with_rank_budget
+from dlrt_jax._factors import LowRank
+from dlrt_jax._transforms import parallel_bug
+from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam
+from dlrt_jax.transformer import NotConvertible, matricise, not_a_matrix_reason
+
+__all__ = [
+    "AdapterSummary",
+    "FrozenParam",
+    "LowRankAdapter",
+    "RankBudgetState",
+    "adapter_parameters",
+    "adapter_ranks",
+    "budget_cost",
+    "export_peft",
+    "geolora",
+    "import_peft",
+    "merge_adapters",
+    "to_adapters",
+    "with_rank_budget",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class FrozenParam(nnx.Variable):
+    """A pretrained weight held fixed: an ``nnx.Variable`` that is *not* an ``nnx.Param``.
+
+    ``nnx.state(model, nnx.Param)``, ``nnx.Optimizer(..., wrt=nnx.Param)`` and ``nnx.grad`` over
+    ``nnx.Param`` leave it out, so an adapted model trains only its adapters. The layers read it
+    as they read a ``Param`` (``kernel[...]``). :func:`merge_adapters` turns it back into an
+    ``nnx.Param``.
+    """
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _module_name(path: tuple) -> str:
+    """The torch-style module name of an NNX path: its parts joined by ``.``."""
+    return ".".join(str(p) for p in path)
+
+
+def _freeze_variable(v: nnx.Variable) -> nnx.Variable:
+    return FrozenParam(v.get_value()) if isinstance(v, nnx.Param) else v
+
+
+def _unfreeze_variable(v: nnx.Variable) -> nnx.Variable:
+    if type(v) is FrozenParam:
+        value = v.get_value()
+        return LowRankParam(value) if isinstance(value, LowRank) else nnx.Param(value)
+    return v
+
+
+def _freeze_module(module: nnx.Module) -> None:
+    """Re-type the module's own ``nnx.Param`` attributes as :class:`FrozenParam`, in place."""
+    for name, v in list(vars(module).items()):
+        if isinstance(v, nnx.Param):
+            setattr(module, name, _freeze_variable(v))
+
+
+def _orthonormal(rng: np.random.Generator, shape: tuple[int, int], dtype: Any) -> jax.Array:
+    """A random ``n x c`` matrix with orthonormal columns (NumPy: no compile per shape)."""
+    q, _ = np.linalg.qr(rng.standard_normal(shape))
+    return jnp.asarray(q, dtype)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _adapter_capacity(rank: int, capacity: int | None, shape: tuple[int, int], where: str) -> int:
+    n, m = shape
+    limit = min(n, m)
+    if not (_is_int(rank) and 1 <= rank <= limit):
+        raise ValueError(
+            f"{where}: `rank` must be an integer in [1, min(n, m)={limit}] for the {n} x {m} "
+            f"matrix W, got {rank!r}."
+        )
+    if capacity is None:
+        return max(int(rank), min(2 * int(rank), limit // 2))
+    if not (_is_int(capacity) and rank <= capacity <= limit):
+        raise ValueError(
+            f"{where}: `capacity` must be an integer in [rank={rank}, min(n, m)={limit}], got "
+            f"{capacity!r}."
+        )
+    return int(capacity)
+
+
+class LowRankAdapter(nnx.Module):
+    r"""A frozen layer plus a rank-adaptive low-rank adapter: ``y = base(x) + (alpha/r) U S V^T x``.
+
+    ``base`` is an ``nnx.Linear``, ``nnx.LinearGeneral`` (no ``batch_axis``) or an
+    ``nnx.Einsum`` that is a matrix product; its parameters are re-typed as :class:`FrozenParam`
+    (in place) and its call is unchanged. The adapter ``lora`` is a
+    :class:`~dlrt_jax.nnx.LowRankParam` holding a :class:`~dlrt_jax.LowRank` of the shape of the
+    base's matricised kernel ``W0`` (``n x m``, out x in; see
+    :class:`~dlrt_jax.transformer.Matricisation`), with random orthonormal ``U``, ``V``, ``S = 0``
+    and active rank ``rank``: the layer computes what ``base`` computes until it is trained.
+
+    ``alpha / r`` is a constant: ``r`` is the ``rank`` given here (PEFT's ``r``), not the traced
+    current rank (see :mod:`dlrt_jax.adapters`).
+
+    Args:
+        base: the pretrained layer.
+        rank: the initial rank and the ``r`` of ``alpha / r`` (default 8, as PEFT).
+        capacity: the static capacity (the largest rank); default ``max(rank, min(2 rank,
+            floor(min(n, m) / 2)))``, room to grow while the rank-adaptive integrators'
+            ``2 * capacity <= min(n, m)`` holds.
+        alpha: the scale numerator; default ``rank`` (scale 1).
+        rngs: ``nnx.Rngs`` for ``U`` and ``V`` (default ``nnx.Rngs(0)``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import FrozenParam, LowRankAdapter
+        >>> base = nnx.LinearGeneral(16, (2, 8), rngs=nnx.Rngs(0))  # an attention projection
+        >>> x = jnp.ones((3, 16))
+        >>> y0 = base(x)
+        >>> layer = LowRankAdapter(base, rank=2, alpha=4.0)
+        >>> layer.lora.get_value(), layer.scale, isinstance(layer.base.kernel, FrozenParam)
+        (LowRank(shape=(16, 16), capacity=4, rank=2, dtype=float32), 2.0, True)
+        >>> bool(jnp.allclose(layer(x), y0))  # S = 0
+        True
+        >>> list(nnx.state(layer, nnx.Param).keys())  # what an optimiser trains
+        ['lora']
+    """
+
+    def __init__(
+        self,
+        base: nnx.Module,
+        *,
+        rank: int = 8,
+        capacity: int | None = None,
+        alpha: float | None = None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        mat = matricise(base)
+        capacity = _adapter_capacity(rank, capacity, mat.shape, "LowRankAdapter")
+        if alpha is None:
+            alpha = rank
+        if not (isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) and alpha > 0):
+            raise ValueError(f"`alpha` must be a number > 0, got {alpha!r}.")
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        kernel = base.kernel[...]
+        dtype = jnp.asarray(kernel).dtype
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(rngs.params())).ravel())
+        n, m = mat.shape
+        factor = LowRank(
+            _orthonormal(rng, (n, capacity), dtype),
+            jnp.zeros((capacity, capacity), dtype),
+            _orthonormal(rng, (m, capacity), dtype),
+            rank,
+        )
+        _freeze_module(base)
+        self.base = base
+        self.lora = LowRankParam(factor)
+        self.r = int(rank)
+        self.alpha = float(alpha)
+        self.matricisation = mat
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r`` (a constant; ``r`` is the ``rank`` hyperparameter)."""
+        return self.alpha / self.r
+
+    @property
+    def factor(self) -> LowRank:
+        """The adapter ``U S V^T`` (``n x m``)."""
+        return self.lora.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The adapter's current (traced) rank."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        return self.factor.capacity
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        """``base(inputs, ...) + (alpha / r) U S V^T inputs`` (matricised over the base's axes)."""
+        y = self.base(inputs, *args, **kwargs)
+        lr = self.factor
+        if lr.dtype != y.dtype:
+            U, S, V, rank = jax.tree.leaves(lr)
+            lr = jax.tree.unflatten(
+                jax.tree.structure(lr),
+                [U.astype(y.dtype), S.astype(y.dtype), V.astype(y.dtype), rank],
+            )
+        precision = getattr(self.base, "precision", None)
+        delta = self.matricisation.apply(lr, jnp.asarray(inputs).astype(y.dtype), precision)
+        return y + jnp.asarray(self.scale, y.dtype) * delta
+
+    def merged_matrix(self) -> jax.Array:
+        """``W0 + (alpha / r) U S V^T`` (``n x m``), the merged weight matrix."""
+        W0 = self.matricisation.to_matrix(self.base.kernel[...])
+        return W0 + self.scale * self.factor.to_dense().astype(W0.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSummary(ConversionSummary):
+    """What :func:`to_adapters` did, layer by layer (``rank``/``capacity`` of each adapter)."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        head, _, rest = text.partition("\n")
+        return (
+            f"to_adapters: {len(self.converted)} adapter(s), {len(self.skipped)} layer(s) "
+            f"without\n{rest}"
+        )
+
+
+def _to_predicate(filter: Any):
+    from dlrt_jax import nnx as dnnx  # the flax filter language of to_low_rank
+
+    return dnnx._to_predicate(filter)
+
+
+_CANDIDATES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def to_adapters(
+    model: Any,
+    *,
+    filter: Any = ...,
+    rank: int = 8,
+    alpha: float | None = None,
+    capacity: int | None = None,
+    rngs: nnx.Rngs | None = None,
+    freeze: bool = True,
+    report: bool = False,
+) -> Any:
+    r"""Put rank-adaptive adapters on chosen layers of a pretrained model; freeze the rest.
+
+    Returns a **new** model (``model`` is not modified): every selected ``nnx.Linear``,
+    ``nnx.LinearGeneral`` and matrix-product ``nnx.Einsum`` is wrapped in a
+    :class:`LowRankAdapter` (``S = 0``: the new model computes what ``model`` computes), and, with
+    ``freeze=True``, every other ``nnx.Param`` of the model (embeddings, norms, layers left out)
+    becomes a :class:`FrozenParam`, so ``nnx.Param`` selects the adapters only. Train with
+    ``dlrt_jax.nnx.DLRTOptimizer(model, geolora(...))`` and ``dlrt_jax.nnx.train_step``.
+
+    ``filter`` chooses among the candidate layers in the filter language of
+    :func:`dlrt_jax.nnx.to_low_rank` (a type, a path regex such as ``'query|value'``,
+    ``nnx.PathContains(...)``, ``nnx.Any``/``All``/``Not``, a predicate ``(path, module)``);
+    ``...`` (the default) selects them all. The summary (:class:`AdapterSummary`, logged at
+    ``INFO`` on the ``'dlrt_jax.adapters'`` logger and returned with ``report=True``) lists each
+    adapter and each
+    layer with parameters that got none, with the reason (an embedding, a norm, excluded by the
+    filter, not a matrix product).
+
+    Args:
+        model: the pretrained NNX model.
+        filter: which layers get adapters.
+        rank: the initial rank and the ``r`` of ``alpha / r`` (see :class:`LowRankAdapter`).
+        alpha: the scale numerator (default ``rank``).
+        capacity: the capacity of every adapter (default per :class:`LowRankAdapter`).
+        rngs: ``nnx.Rngs`` for the adapters' random bases (default ``nnx.Rngs(0)``).
+        freeze: freeze every parameter that is not an adapter (default ``True``).
+        report: also return the summary.
+
+    Returns:
+        The adapted model; with ``report=True``, ``(model, summary)``.
+
+    Raises:
+        ValueError: when the filter selects no layer that can take an adapter.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import to_adapters
+        >>> class Block(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.attn = nnx.MultiHeadAttention(2, 16, decode=False, rngs=rngs)
+        ...         self.norm = nnx.LayerNorm(16, rngs=rngs)
+        ...         self.mlp = nnx.Linear(16, 16, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return x + self.mlp(self.norm(x + self.attn(x)))
+        >>> block = Block(nnx.Rngs(0))
+        >>> adapted, summary = to_adapters(block, filter="query|value", rank=2, report=True)
+        >>> [r.path for r in summary.converted]
+        ['attn/query', 'attn/value']
+        >>> [path for path, _ in nnx.to_flat_state(nnx.state(adapted, nnx.Param))]  # trained
+        [('attn', 'query', 'lora'), ('attn', 'value', 'lora')]
+        >>> x = jnp.ones((1, 5, 16))
+        >>> bool(jnp.allclose(adapted(x), block(x)))
+        True
+    """
+    if not isinstance(report, bool) or not isinstance(freeze, bool):
+        raise TypeError("`report` and `freeze` must be bools.")
+    predicate = _to_predicate(filter)
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    records: list[LayerConversion] = []
+
+    def convert(path, node):
+        if not isinstance(node, nnx.Module):
+            return node
+        where = f"to_adapters at {_path_str(path)!r}"
+        own = [k for k, v in vars(node).items() if isinstance(v, nnx.Variable)]
+        if isinstance(node, LowRankAdapter):
+            records.append(
+                LayerConversion(_path_str(path), "LowRankAdapter", False, note="already an adapter")
+            )
+            return node
+        if not isinstance(node, _CANDIDATES):
+            if own and any(isinstance(getattr(node, k), nnx.Param | FrozenParam) for k in own):
+                reason = not_a_matrix_reason(node) or (
+                    f"{type(node).__name__} is not an nnx.Linear / LinearGeneral / Einsum"
+                )
+                records.append(
+                    LayerConversion(
+                        _path_str(path),
+                        type(node).__name__,
+                        False,
+                        note=reason + (" (frozen)" if freeze else ""),
+                    )
+                )
+            return node
+        if not predicate(path, node):
+            records.append(
+                LayerConversion(
+                    _path_str(path),
+                    type(node).__name__,
+                    False,
+                    note="excluded by `filter`" + (" (frozen)" if freeze else ""),
+                )
+            )
+            return node
+        try:
+            mat = matricise(node)
+        except NotConvertible as e:
+            records.append(
+                LayerConversion(
+                    _path_str(path), type(node).__name__, False, note=f"not convertible: {e}"
+                )
+            )
+            return node
+        c = _adapter_capacity(rank, capacity, mat.shape, where)
+        new = LowRankAdapter(node, rank=rank, capacity=c, alpha=alpha, rngs=rngs)
+        note = (
+            ""
+            if 2 * c <= min(mat.shape)
+            else ("capacity > floor(min(n, m) / 2): fixed-rank integrators only")
+        )
+        records.append(
+            LayerConversion(
+                _path_str(path), type(node).__name__, True, mat.shape, int(rank), c, None, note
+            )
+        )
+        return new
+
+    new_model = nnx.recursive_map(convert, nnx.clone(model))
+    if freeze:
+        for _, node in nnx.iter_graph(new_model):
+            if isinstance(node, nnx.Module) and not isinstance(node, LowRankAdapter):
+                _freeze_module(node)
+    summary = AdapterSummary(tuple(records))
+    if not summary.converted:
+        raise ValueError(
+            "to_adapters: `filter` selected no nnx.Linear / LinearGeneral / Einsum layer that can "
+            f"take an adapter.\n{summary}"
+        )
+    _LOGGER.info("%s", summary)
+    return (new_model, summary) if report else new_model
+
+
+def merge_adapters(model: Any, *, unfreeze: bool = True) -> Any:
+    """A new model with every :class:`LowRankAdapter` folded into its base layer.
+
+    Each adapter becomes its base layer (``nnx.Linear``, ...) with the kernel of
+    ``W0 + (alpha / r) U S V^T``: the merged model computes what the adapted one computes, at the
+    dense layer's cost. With ``unfreeze=True`` every :class:`FrozenParam` becomes an
+    ``nnx.Param`` again (a plain model to fine-tune or save); ``model`` is not modified.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import merge_adapters, to_adapters
+        >>> model = to_adapters(nnx.Linear(6, 4, rngs=nnx.Rngs(0)), rank=2)
+        >>> type(merge_adapters(model)).__name__
+        'Linear'
+    """
+
+    def merge(path, node):
+        if not isinstance(node, LowRankAdapter):
+            return node
+        base = node.base
+        kernel = node.matricisation.to_kernel(node.merged_matrix())
+        base.kernel = FrozenParam(kernel.astype(jnp.asarray(base.kernel[...]).dtype))
+        return base
+
+    new_model = nnx.recursive_map(merge, nnx.clone(model))
+    if unfreeze:
+        for _, node in nnx.iter_graph(new_model):
+            if isinstance(node, nnx.Module):
+                for name, v in list(vars(node).items()):
+                    if type(v) is FrozenParam:
+                        setattr(node, name, _unfreeze_variable(v))
+    return new_model
+
+
+def _adapters(model: Any) -> list[tuple[tuple, LowRankAdapter]]:
+    return [
+        (tuple(path), node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, LowRankAdapter)
+    ]
+
+
+def adapter_ranks(model: Any) -> dict[str, int]:
+    """``{path: current rank}`` of every :class:`LowRankAdapter` (reads the ranks: outside jit).
+
+    Examples:
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import adapter_ranks, to_adapters
+        >>> adapter_ranks(to_adapters(nnx.Linear(6, 4, rngs=nnx.Rngs(0)), rank=2))
+        {'<root>': 2}
+    """
+    return {_path_str(p): int(a.rank) for p, a in _adapters(model)}
+
+
+def adapter_parameters(model: Any) -> int:
+    """The adapters' trainable parameters in the LoRA layout, ``sum_l r_l (n_l + m_l)``."""
+    return budget_cost([a.factor for _, a in _adapters(model)])
+
+
+def geolora(
+    learning_rate: Any = 1e-3,
+    *,
+    tau: Any = 0.1,
+    budget: int | None = None,
+    min_rank: int = 1,
+    optimizer: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """The default adapter transform: :func:`dlrt_jax.parallel_bug` (GeoLoRA's integrator).
+
+    ``parallel_bug(optimizer, tau=tau, min_rank=min_rank)`` with ``optimizer`` defaulting to
+    ``optax.adam(learning_rate)``: one gradient evaluation and one SVD of a ``2c x 2c`` matrix
+    per adapter and step, ranks chosen by the relative tolerance ``tau`` per layer. With
+    ``budget`` (parameters, ``sum_l r_l (n_l + m_l)``), wrapped in :func:`with_rank_budget`:
+    the ranks are then also allocated globally. Use with
+    ``dlrt_jax.nnx.DLRTOptimizer(model, geolora(...))``.
+
+    Examples:
+        >>> from dlrt_jax.adapters import geolora
+        >>> tx = geolora(1e-3, tau=0.05, budget=10_000)
+    """
+    inner = optax.adam(learning_rate) if optimizer is None else optimizer
+    tx = parallel_bug(inner, tau=tau, min_rank=min_rank)
+    return tx if budget is None else with_rank_budget(tx, budget, min_rank=min_rank)
+
+
+# ---- PEFT LoRA layout ----------------------------------------------------------------------------
+
+
+def _json_number(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
+
+
+def export_peft(
+    model: Any,
+    directory: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    dtype: Any = np.float32,
+) -> dict[str, Any]:
+    r"""Write the adapters in PEFT's LoRA layout: ``adapter_config.json`` + safetensors weights.
+
+    For each :class:`LowRankAdapter` at module path ``p`` (the path's parts joined by ``.``, as
+    torch names modules) with current rank ``k`` (the active block only):
+
+    * ``base_model.model.<p>.lora_A.weight`` = ``V[:, :k]^T`` (``k x m``, torch's ``(out, in)``
+      layout of a ``Linear(m, k)``) and ``base_model.model.<p>.lora_B.weight`` =
+      ``U[:, :k] S[:k, :k]`` (``n x k``), so ``B A = U S V^T``;
+    * ``rank_pattern[p] = k`` and ``alpha_pattern[p] = (alpha / r) k``, so that PEFT's
+      ``W0 + (alpha_pattern / rank_pattern) B A`` is exactly this layer.
+
+    ``m`` and ``n`` are the matricised sizes: an attention projection ``in -> (heads, head_dim)``
+    exports as a ``Linear(in, heads * head_dim)`` with the heads-major flattening of
+    ``reshape``. The config has ``peft_type 'LORA'``, ``target_modules`` (the paths),
+    ``r``/``lora_alpha`` (the adapters' common ``r`` and ``alpha``, the largest if they differ),
+    ``rank_pattern``, ``alpha_pattern``, ``bias 'none'``, ``fan_in_fan_out false``,
+    ``use_rslora false``, ``lora_dropout 0``. Needs the ``safetensors`` package
+    (``pip install "dlrt-jax[peft]"``); reads the ranks, so call it outside ``jit``.
+
+    Args:
+        model: the adapted model.
+        directory: where to write the two files (created if missing).
+        base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
+        dtype: the dtype of the stored tensors (default float32).
+
+    Returns:
+        The config written.
+    """
+    from safetensors.numpy import save_file
+
+    found = _adapters(model)
+    if not found:
+        raise ValueError("export_peft: the model has no LowRankAdapter (see to_adapters).")
+    tensors: dict[str, np.ndarray] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, int | float] = {}
+    for path, a in found:
+        name = _module_name(path)
+        U, S, V = (np.asarray(t, np.float64) for t in a.factor.masked())
+        k = int(a.rank)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
+            V[:, :k].T.astype(dtype)
+        )
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(
+            (U[:, :k] @ S[:k, :k]).astype(dtype)
+        )
+        rank_pattern[name] = k
+        alpha_pattern[name] = _json_number(a.scale * k)
+    r = max(a.r for _, a in found)
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": _json_number(max(a.scale for _, a in found) * r),
+        "target_modules": sorted(rank_pattern),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    return config
+
+
+def _factor_from_lora(
+    B: np.ndarray, A: np.ndarray, mult: float, capacity: int, dtype: Any, seed: int
+) -> LowRank:
+    """``mult * B A`` as a ``LowRank`` of rank ``k`` (``B`` ``n x k``, ``A`` ``k x m``) in
+    ``capacity`` columns, the inactive ones an orthonormal completion."""
+    n, k = B.shape
+    m = A.shape[1]
+    Qb, Rb = np.linalg.qr(B)
+    Qa, Ra = np.linalg.qr(A.T)
+    P, sigma, Qt = np.linalg.svd(mult * Rb @ Ra.T)
+    U, V = Qb @ P, Qa @ Qt.T
+    rng = np.random.default_rng(seed)
+
+    def complete(Q, rows):
+        X = rng.standard_normal((rows, capacity - k))
+        X -= Q @ (Q.T @ X)
+        X -= Q @ (Q.T @ X)
+        return np.concatenate([Q, np.linalg.qr(X)[0]], axis=1)
+
+    S = np.zeros((capacity, capacity))
+    S[np.arange(k), np.arange(k)] = sigma
+    return LowRank(
+        jnp.asarray(complete(U, n), dtype),
+        jnp.asarray(S, dtype),
+        jnp.asarray(complete(V, m), dtype),
+        k,
+    )
+
+
+def import_peft(
+    model: Any,
+    directory: str | os.PathLike,
+    *,
+    capacity: int | None = None,
+    freeze: bool = True,
+) -> Any:
+    r"""Load a PEFT LoRA adapter (:func:`export_peft`'s layout) into a model; returns a new model.
+
+    ``model`` is the pretrained model (its layers at the adapter's module paths are wrapped in
+    :class:`LowRankAdapter`, ``r`` and ``alpha`` from the config, the rest frozen as by
+    :func:`to_adapters`) or an adapted one (its adapters keep their ``r`` and ``alpha``). Each
+    module's ``scaling * B A`` (PEFT's ``scaling = alpha_pattern / rank_pattern``, or
+    ``/ sqrt(rank)`` with ``use_rslora``; the global ``r``/``lora_alpha`` where a pattern has no
+    entry) becomes ``(alpha / r) U S V^T`` with ``U``, ``V`` orthonormal and ``S`` diagonal of
+    the file's rank ``k`` (QR of ``B`` and ``A^T`` and an SVD of the small core), in a capacity
+    ``max(capacity, k)`` (default capacity as :class:`LowRankAdapter`).
+
+    Raises:
+        ValueError: for a config that is not LoRA, options this layout cannot represent
+            (``fan_in_fan_out``, ``use_dora``, a trained ``bias``), a module path the model
+            lacks, or tensors whose shapes do not match the layer.
+
+    Examples:
+        >>> import tempfile, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import export_peft, import_peft, to_adapters
+        >>> pretrained = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+        >>> model = to_adapters(pretrained, rank=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     config = export_peft(model, d)
+        ...     loaded = import_peft(pretrained, d)
+        >>> config["rank_pattern"], type(loaded).__name__
+        ({'': 2}, 'LowRankAdapter')
+    """
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(directory, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"import_peft: not a LoRA adapter (peft_type {config.get('peft_type')!r})."
+        )
+    for key, bad in (("fan_in_fan_out", True), ("use_dora", True)):
+        if config.get(key) == bad:
+            raise ValueError(f"import_peft: `{key}: {bad}` adapters are not supported.")
+    if config.get("bias", "none") != "none":
+        raise ValueError(
+            "import_peft: adapters with trained biases (bias != 'none') are not supported."
+        )
+    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
+    names = sorted(
+        {
+            k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0]
+            for k in tensors
+            if k.startswith(PEFT_PREFIX) and ".lora_" in k
+        }
+    )
+    if not names:
+        raise ValueError(f"import_peft: no '{PEFT_PREFIX}<module>.lora_A.weight' tensors found.")
+    r_global, alpha_global = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+
+    paths = {_module_name(tuple(p)) for p, _ in nnx.iter_graph(model)}
+    missing = [nm for nm in names if nm not in paths]
+    if missing:
+        raise ValueError(f"import_peft: the model has no module at {missing}.")
+    if not _adapters(model):
+        wanted = set(names)
+        model = to_adapters(
+            model,
+            filter=lambda path, _m: _module_name(tuple(path)) in wanted,
+            rank=int(r_global),
+            alpha=float(alpha_global),
+            capacity=None,
+            freeze=freeze,
+        )
+    else:
+        model = nnx.clone(model)
+    by_name = {_module_name(p): a for p, a in _adapters(model)}
+    for i, nm in enumerate(names):
+        if nm not in by_name:
+            raise ValueError(f"import_peft: module {nm!r} has no LowRankAdapter to load into.")
+        a = by_name[nm]
+        A = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_A.weight"], np.float64)
+        B = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_B.weight"], np.float64)
+        n, m = a.matricisation.shape
+        k = A.shape[0]
+        if A.shape != (k, m) or B.shape != (n, k):
+            raise ValueError(
+                f"import_peft: {nm!r} has lora_A {A.shape}, lora_B {B.shape}; this layer needs "
+                f"({k}, {m}) and ({n}, {k}) (torch's (out, in) layout of W: {n} x {m})."
+            )
+        r_m = _pattern(rank_pattern, nm, r_global)
+        alpha_m = _pattern(alpha_pattern, nm, alpha_global)
+        scaling = alpha_m / (math.sqrt(r_m) if rslora else r_m)
+        c = max(k, a.capacity if capacity is None else int(capacity))
+        if c > min(n, m):
+            raise ValueError(f"import_peft: rank {k} of {nm!r} exceeds min(n, m) = {min(n, m)}.")
+        a.lora = LowRankParam(_factor_from_lora(B, A, scaling / a.scale, c, a.factor.dtype, seed=i))
+    return model
+
+
+def _pattern(pattern: dict, name: str, default: Any) -> float:
+    """PEFT's per-module value: an exact key, else a key matching the end of the module name."""
+    if name in pattern:
+        return float(pattern[name])
+    for key, value in pattern.items():
+        if name.endswith("." + key):
+            return float(value)
+    return float(default)

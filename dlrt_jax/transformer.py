@@ -1,0 +1,843 @@
+"""Low-rank ``nnx.LinearGeneral`` and ``nnx.Einsum``: the projections of a Flax transformer.
+
+A general linear layer contracts a group of input axes with a kernel and produces a group of
+output axes. Read as a matrix it is ``W`` (``n x m``, out x in) with ``m`` the product of the
+contracted sizes and ``n`` the product of the output sizes (the *matricisation*); the kernel is
+``W^T`` reshaped (for ``nnx.Einsum`` after moving the contracted kernel axes first). The layers
+here store ``W`` as one :class:`~dlrt_jax.LowRank` in a :class:`~dlrt_jax.nnx.LowRankParam` and
+apply it through :func:`~dlrt_jax.lowrank_map`: the input's contracted axes are flattened to one
+axis of size ``m``, the factor is applied (``W`` never formed) and the result is reshaped to the
+output axes. The custom VJP of the factor is kept, so ``jax.grad`` gives the integrators the
+projected gradients ``G V``, ``U^T G V``, ``G^T U`` of the matricised ``G = dL/dW``.
+
+* :class:`LowRankLinearGeneral`: drop-in for ``nnx.LinearGeneral`` (no ``batch_axis``); the
+  ``query`` / ``key`` / ``value`` (``in -> (heads, head_dim)``) and ``out``
+  (``(heads, head_dim) -> out``, ``axis=(-2, -1)``) projections of ``nnx.MultiHeadAttention``.
+* :class:`LowRankEinsum`: drop-in for an ``nnx.Einsum`` whose equation is a matrix product (every
+  kernel axis is either contracted with the input or kept in the output).
+* :func:`matricise` says whether and how a layer is a matrix (or why not):
+  :func:`dlrt_jax.nnx.to_low_rank` uses it to convert these layers and to name the layers it
+  leaves alone, and :mod:`dlrt_jax.adapters` to put adapters on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dlrt_jax import nnx as _dnnx
+from dlrt_jax._factors import LowRank, default_capacity, lowrank_map
+from dlrt_jax.nnx import LowRankParam
+
+__all__ = [
+    "LowRankEinsum",
+    "LowRankLinearGeneral",
+    "Matricisation",
+    "NotConvertible",
+    "matricise",
+]
+
+
+# ---- matricisations ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _MatmulPhi:
+    """``phi(x, V) = x @ V`` at a matmul precision (hashable, equal by value)."""
+
+    precision: Any = None
+
+    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
+        return jnp.matmul(x, V, precision=self.precision)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EinsumPhi:
+    """``phi(x, V) = einsum(lhs, x, V reshaped to (*contracted dims, c))`` (hashable)."""
+
+    equation: str
+    contracted_dims: tuple[int, ...]
+    precision: Any = None
+
+    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
+        kernel = V.reshape(*self.contracted_dims, V.shape[-1])
+        return jnp.einsum(self.equation, x, kernel, precision=self.precision)
+
+
+def _hashable(x: Any) -> Any:
+    if isinstance(x, list | tuple):
+        return tuple(_hashable(a) for a in x)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Matricisation:
+    """How a general linear layer's kernel is a matrix ``W`` (``n x m``, out x in).
+
+    Built by :func:`matricise`. ``to_matrix(kernel)`` gives ``W``, ``to_kernel(W)`` the kernel
+    back, ``apply(factor, x)`` the layer's output without bias for ``W`` given as a
+    :class:`~dlrt_jax.LowRank` (through :func:`~dlrt_jax.lowrank_map`, ``W`` never formed) and
+    ``apply_dense(W, x)`` the same for a dense ``W``.
+
+    Attributes:
+        kind: ``'axes'`` (``nnx.Linear`` / ``nnx.LinearGeneral``: contracted axes ``axis`` of the
+            input, kernel ``(*in_features, *out_features)``) or ``'einsum'``.
+        kernel_shape: the dense kernel's shape.
+        n: rows of ``W`` (product of the output feature sizes).
+        m: columns of ``W`` (product of the contracted sizes).
+    """
+
+    kind: str
+    kernel_shape: tuple[int, ...]
+    n: int
+    m: int
+    axis: tuple[int, ...] = ()  # 'axes': the contracted input axes, in kernel order
+    in_features: tuple[int, ...] = ()
+    out_features: tuple[int, ...] = ()
+    perm: tuple[int, ...] = ()  # 'einsum': kernel axes, contracted first, then kept
+    phi_equation: str = ""  # 'einsum': input x kernel(contracted, Z) -> free + Z
+    out_equation: str = ""  # 'einsum': free + kept -> output order
+    kept_dims: tuple[int, ...] = ()
+    contracted_dims: tuple[int, ...] = ()
+    bias_dims: tuple[Any, ...] = ()  # 'einsum': output tokens ('...' or the kernel dim or 1)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n, m)``."""
+        return (self.n, self.m)
+
+    def to_matrix(self, kernel: jax.Array) -> jax.Array:
+        """``W`` (``n x m``) of a dense kernel."""
+        kernel = jnp.asarray(kernel)
+        if self.kind == "einsum":
+            kernel = jnp.transpose(kernel, self.perm)
+        return kernel.reshape(self.m, self.n).T
+
+    def to_kernel(self, W: jax.Array) -> jax.Array:
+        """The dense kernel of ``W`` (inverse of :meth:`to_matrix`)."""
+        W = jnp.asarray(W)
+        if self.kind == "einsum":
+            k = W.T.reshape(*self.contracted_dims, *self.kept_dims)
+            return jnp.transpose(k, np.argsort(self.perm))
+        return W.T.reshape(self.kernel_shape)
+
+    def _flatten(self, x: jax.Array) -> jax.Array:
+        """``x`` with the contracted axes moved last and flattened (``'axes'`` only)."""
+        nd = x.ndim
+        axis = tuple(a % nd for a in self.axis)
+        sizes = tuple(x.shape[a] for a in axis)
+        if nd < len(axis) or sizes != self.in_features:
+            raise ValueError(
+                f"Input axes {self.axis} must have sizes in_features={self.in_features}, got input "
+                f"shape {x.shape}."
+            )
+        k = len(axis)
+        x = jnp.moveaxis(x, axis, tuple(range(nd - k, nd)))
+        return x.reshape(*x.shape[: nd - k], self.m)
+
+    def apply(self, factor: LowRank, x: jax.Array, precision: Any = None) -> jax.Array:
+        """``x`` times ``W^T`` in the layer's layout, ``W = U S V^T`` (no bias)."""
+        if self.kind == "einsum":
+            phi = _EinsumPhi(self.phi_equation, self.contracted_dims, _hashable(precision))
+            y = lowrank_map(factor, x, phi)
+            return self._unflatten_einsum(y)
+        y = lowrank_map(factor, self._flatten(x), _MatmulPhi(_hashable(precision)))
+        return y.reshape(*y.shape[:-1], *self.out_features)
+
+    def apply_dense(self, W: jax.Array, x: jax.Array, precision: Any = None) -> jax.Array:
+        """``x`` times a dense ``W^T`` in the layer's layout (no bias)."""
+        if self.kind == "einsum":
+            kernel = W.T.reshape(*self.contracted_dims, W.shape[0])
+            z = jnp.einsum(self.phi_equation, x, kernel, precision=precision)
+            return self._unflatten_einsum(z)
+        y = jnp.matmul(self._flatten(x), W.T, precision=precision)
+        return y.reshape(*y.shape[:-1], *self.out_features)
+
+    def _unflatten_einsum(self, y: jax.Array) -> jax.Array:
+        y = y.reshape(*y.shape[:-1], *self.kept_dims)
+        return jnp.einsum(self.out_equation, y)
+
+    def bias_shape(self, out_ndim: int) -> tuple[int, ...]:
+        """The shape that broadcasts an ``nnx.Einsum`` bias over an output of ``out_ndim`` axes."""
+        shape: list[int] = []
+        for d in self.bias_dims:
+            if d == "...":
+                shape.extend([1] * (out_ndim - (len(self.bias_dims) - 1)))
+            else:
+                shape.append(d)
+        return tuple(shape)
+
+
+class NotConvertible(ValueError):
+    """Raised by :func:`matricise` for a layer that is not one matrix product; says why."""
+
+
+def _tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, Sequence) and not isinstance(x, str) else (x,)
+
+
+def _axes_matricisation(in_features, out_features, axis) -> Matricisation:
+    in_features = tuple(int(a) for a in _tuple(in_features))
+    out_features = tuple(int(a) for a in _tuple(out_features))
+    axis = tuple(int(a) for a in _tuple(axis))
+    if len(axis) != len(in_features):
+        raise ValueError(f"`axis` {axis} must have one entry per input feature axis {in_features}.")
+    if not all(a >= 1 for a in (*in_features, *out_features)):
+        raise ValueError(
+            f"Feature sizes must be positive, got in {in_features} and out {out_features}."
+        )
+    return Matricisation(
+        "axes",
+        (*in_features, *out_features),
+        math.prod(out_features),
+        math.prod(in_features),
+        axis=axis,
+        in_features=in_features,
+        out_features=out_features,
+    )
+
+
+def _tokens(spec: str) -> list[str]:
+    out, i = [], 0
+    while i < len(spec):
+        if spec.startswith("...", i):
+            out.append("...")
+            i += 3
+        else:
+            out.append(spec[i])
+            i += 1
+    return out
+
+
+def _einsum_matricisation(equation: str, kernel_shape: tuple[int, ...]) -> Matricisation:
+    """The matricisation of ``einsum(equation, x, kernel)``, or :class:`NotConvertible`."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or eq.count(",") != 1:
+        raise NotConvertible(f"einsum {equation!r} is not an explicit two-operand equation")
+    operands, out = eq.split("->")
+    lhs, rhs = (_tokens(s) for s in operands.split(","))
+    out_t = _tokens(out)
+    if "..." in rhs:
+        raise NotConvertible(f"einsum {equation!r}: the kernel has an ellipsis")
+    for name, toks in (("input", lhs), ("kernel", rhs), ("output", out_t)):
+        letters = [t for t in toks if t != "..."]
+        if len(set(letters)) != len(letters):
+            raise NotConvertible(f"einsum {equation!r}: repeated index in the {name} (a trace)")
+    if len(rhs) != len(kernel_shape):
+        raise NotConvertible(
+            f"einsum {equation!r}: the kernel has {len(kernel_shape)} axes, the equation {len(rhs)}"
+        )
+    batched = [t for t in rhs if t in lhs and t in out_t]
+    if batched:
+        raise NotConvertible(
+            f"einsum {equation!r}: kernel index {''.join(batched)!r} is in the input and the "
+            "output (a batch of matrices, one per index, not one matrix)"
+        )
+    summed = [t for t in rhs if t not in lhs and t not in out_t]
+    if summed:
+        raise NotConvertible(f"einsum {equation!r}: kernel index {''.join(summed)!r} is summed")
+    dropped = [t for t in lhs if t != "..." and t not in rhs and t not in out_t]
+    if dropped:
+        raise NotConvertible(f"einsum {equation!r}: input index {''.join(dropped)!r} is summed")
+    contracted = [t for t in rhs if t in lhs]
+    kept = [t for t in rhs if t not in lhs]
+    if not contracted or not kept:
+        raise NotConvertible(
+            f"einsum {equation!r}: needs both contracted and output kernel axes to be a matrix"
+        )
+    dims = dict(zip(rhs, kernel_shape, strict=True))
+    free = [t for t in lhs if t not in contracted]
+    used = set("".join(t for t in (*lhs, *rhs, *out_t) if t != "..."))
+    z = next(ch for ch in "ZYXWVzyxwvQRSTqrst" if ch not in used)
+    free_s = "".join(free)
+    bias_dims = tuple("..." if t == "..." else dims.get(t, 1) for t in out_t)
+    return Matricisation(
+        "einsum",
+        tuple(int(d) for d in kernel_shape),
+        math.prod(dims[t] for t in kept),
+        math.prod(dims[t] for t in contracted),
+        perm=tuple(rhs.index(t) for t in (*contracted, *kept)),
+        phi_equation=f"{''.join(lhs)},{''.join(contracted)}{z}->{free_s}{z}",
+        out_equation=f"{free_s}{''.join(kept)}->{''.join(out_t)}",
+        kept_dims=tuple(int(dims[t]) for t in kept),
+        contracted_dims=tuple(int(dims[t]) for t in contracted),
+        bias_dims=bias_dims,
+    )
+
+
+def _check_plain(layer: Any, cls: type, name: str) -> None:
+    if type(layer) is not cls:
+        raise NotConvertible(
+            f"a subclass of nnx.{name} ({type(layer).__name__}); its call may differ from the "
+            "plain layer's"
+        )
+    if getattr(layer, "dot_general", None) not in (None, jax.lax.dot_general):
+        raise NotConvertible(f"nnx.{name} with a custom `dot_general`")
+    for attr in ("dot_general_cls", "preferred_element_type"):
+        if getattr(layer, attr, None) is not None:
+            raise NotConvertible(f"nnx.{name} with a custom `{attr}`")
+    if getattr(layer, "einsum_op", jnp.einsum) is not jnp.einsum:
+        raise NotConvertible(f"nnx.{name} with a custom `einsum_op`")
+    promote = getattr(layer, "promote_dtype", None)
+    if promote is not None and promote is not nnx.nn.dtypes.promote_dtype:
+        raise NotConvertible(f"nnx.{name} with a custom `promote_dtype`")
+
+
+_NOT_MATRICES = {
+    "Embed": "an embedding is a table lookup, not a matrix product (kept dense)",
+    "LayerNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
+    "RMSNorm": "a normalisation layer (elementwise scale, kept dense)",
+    "BatchNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
+    "GroupNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
+    "InstanceNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
+}
+
+
+def not_a_matrix_reason(layer: Any) -> str | None:
+    """Why a common Flax layer with parameters is not a matrix product, or ``None``."""
+    return (
+        _NOT_MATRICES.get(type(layer).__name__)
+        if type(layer).__module__.startswith("flax.")
+        else None
+    )
+
+
+def matricise(layer: Any) -> Matricisation:
+    """The :class:`Matricisation` of an ``nnx.Linear``, ``nnx.LinearGeneral`` or ``nnx.Einsum``.
+
+    Raises :class:`NotConvertible` (a ``ValueError``) with the reason for a layer that is not one
+    matrix product: an ``nnx.LinearGeneral`` with ``batch_axis`` (one matrix per batch index), an
+    ``nnx.Einsum`` whose equation keeps a kernel index in the output *and* the input (per-head
+    matrices), sums a kernel index, or comes only at call time; custom ``dot_general`` /
+    ``einsum_op`` / ``promote_dtype`` / ``preferred_element_type``; subclasses; and every other
+    layer type (``nnx.Embed``, norms, ...).
+
+    Examples:
+        >>> from flax import nnx
+        >>> from dlrt_jax.transformer import matricise
+        >>> q = nnx.LinearGeneral(16, (2, 8), rngs=nnx.Rngs(0))  # a query projection
+        >>> matricise(q).shape  # W is (2 * 8) x 16
+        (16, 16)
+        >>> o = nnx.LinearGeneral((2, 8), 12, axis=(-2, -1), rngs=nnx.Rngs(0))
+        >>> matricise(o).shape
+        (12, 16)
+        >>> e = nnx.Einsum("btd,ndh->btnh", (2, 16, 8), rngs=nnx.Rngs(0))
+        >>> matricise(e).shape
+        (16, 16)
+    """
+    if isinstance(layer, nnx.Linear):
+        _check_plain(layer, nnx.Linear, "Linear")
+        return _axes_matricisation(layer.in_features, layer.out_features, -1)
+    if isinstance(layer, nnx.LinearGeneral):
+        _check_plain(layer, nnx.LinearGeneral, "LinearGeneral")
+        if layer.batch_axis:
+            raise NotConvertible(
+                "nnx.LinearGeneral with `batch_axis` (one kernel matrix per batch index, not one "
+                "matrix)"
+            )
+        return _axes_matricisation(layer.in_features, layer.out_features, layer.axis)
+    if isinstance(layer, nnx.Einsum):
+        _check_plain(layer, nnx.Einsum, "Einsum")
+        if layer.einsum_str is None:
+            raise NotConvertible("nnx.Einsum whose equation is given only at call time")
+        return _einsum_matricisation(layer.einsum_str, tuple(layer.kernel_shape))
+    reason = not_a_matrix_reason(layer)
+    raise NotConvertible(reason or f"{type(layer).__name__} is not a (general) linear layer")
+
+
+# ---- layers --------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _resolve(rank: Any, capacity: Any, shape: tuple[int, int], where: str) -> tuple[int, int]:
+    """``(rank, capacity)``: the rule of :class:`dlrt_jax.nnx.LowRankLinear`."""
+    n, m = shape
+    limit = min(n, m)
+    for name, v in (("rank", rank), ("capacity", capacity)):
+        if v is not None and not (_is_int(v) and 1 <= v <= limit):
+            raise ValueError(
+                f"{where}: `{name}` must be None or an integer in [1, min(n, m)={limit}] for the "
+                f"{n} x {m} matrix W, got {v!r}."
+            )
+    if capacity is None:
+        capacity = max(default_capacity(shape), rank or 0)
+    if rank is None:
+        rank = capacity
+    if rank > capacity:
+        raise ValueError(
+            f"{where}: `rank`={rank} exceeds `capacity`={capacity}; pass a larger `capacity=` or "
+            "a smaller `rank=`."
+        )
+    return int(rank), int(capacity)
+
+
+def _cast(lr: LowRank, dtype: Any) -> LowRank:
+    if lr.dtype == jnp.dtype(dtype):
+        return lr
+    U, S, V, rank = jax.tree.leaves(lr)
+    return jax.tree.unflatten(
+        jax.tree.structure(lr), [U.astype(dtype), S.astype(dtype), V.astype(dtype), rank]
+    )
+
+
+def _init_factor(kernel_init, key, mat: Matricisation, rank, capacity, param_dtype) -> LowRank:
+    n, m = mat.shape
+    if kernel_init is None or (
+        isinstance(kernel_init, numbers.Real) and not isinstance(kernel_init, bool)
+    ):
+        scale = 1.0 if kernel_init is None else float(kernel_init)
+        if not scale > 0:
+            raise ValueError(f"`kernel_init` as a scale must be > 0, got {kernel_init}.")
+        return LowRank.random(key, (n, m), rank, capacity=capacity, scale=scale, dtype=param_dtype)
+    if not callable(kernel_init):
+        raise TypeError(
+            "`kernel_init` must be None, a positive float or a callable init(key, shape, dtype) "
+            f"returning the dense kernel or a LowRank, got {type(kernel_init).__name__}."
+        )
+    out = kernel_init(key, mat.kernel_shape, param_dtype)
+    if isinstance(out, LowRank):
+        if out.shape != (n, m) or out.capacity != capacity:
+            raise ValueError(
+                f"`kernel_init` returned a LowRank of shape {out.shape} and capacity "
+                f"{out.capacity}; this layer needs shape {(n, m)} (out x in) and capacity "
+                f"{capacity}."
+            )
+        return _cast(out, param_dtype)
+    out = jnp.asarray(out)
+    if out.shape != mat.kernel_shape:
+        raise ValueError(
+            f"`kernel_init` returned an array of shape {out.shape}; expected the dense kernel "
+            f"shape {mat.kernel_shape} (or a LowRank)."
+        )
+    return _cast(LowRank.from_dense(mat.to_matrix(out), rank=rank, capacity=capacity), param_dtype)
+
+
+def _promote(x, lr, bias, dtype):
+    x = jnp.asarray(x)
+    if dtype is None:
+        dtype = jnp.result_type(x.dtype, lr.dtype, *(() if bias is None else (bias.dtype,)))
+    return x.astype(dtype), _cast(lr, dtype), None if bias is None else bias.astype(dtype)
+
+
+def _constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
+
+
+class _Accessors:
+    @property
+    def factor(self) -> LowRank:
+        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` (out x in, matricised)."""
+        return self.kernel.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The active rank (int32 scalar array)."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``c``."""
+        return self.factor.capacity
+
+
+_ZEROS = nnx.initializers.zeros_init()
+
+
+class LowRankLinearGeneral(_Accessors, nnx.Module):
+    r"""A low-rank drop-in for ``nnx.LinearGeneral`` (without ``batch_axis``).
+
+    The kernel ``(*in_features, *out_features)`` is the matrix ``W^T`` reshaped, ``W`` being
+    ``prod(out_features) x prod(in_features)``, stored as a :class:`~dlrt_jax.LowRank` in the
+    :class:`~dlrt_jax.nnx.LowRankParam` ``kernel``. The call moves the input's ``axis`` to the end,
+    flattens them, applies ``U (S (V^T x))`` and reshapes to ``out_features``: the output layout of
+    ``nnx.LinearGeneral`` (the input's other axes in order, then ``out_features``). Train it with
+    the DLRT transforms as :class:`dlrt_jax.nnx.LowRankLinear`.
+
+    Args:
+        in_features: an int or a tuple, the sizes of the contracted input axes.
+        out_features: an int or a tuple.
+        axis: the contracted input axes (as ``nnx.LinearGeneral``; default ``-1``).
+        rank, capacity, use_bias, dtype, param_dtype, precision, bias_init, rngs: as
+            :class:`dlrt_jax.nnx.LowRankLinear`, with ``n = prod(out_features)`` and
+            ``m = prod(in_features)``.
+        kernel_init: ``None`` (paper initialisation), a positive float (scale of the singular
+            values), or a callable ``init(key, shape, dtype)`` returning the dense kernel of
+            shape ``(*in_features, *out_features)`` (truncated by SVD to ``rank``) or a
+            ``LowRank`` of shape ``(n, m)`` and the layer's capacity.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.transformer import LowRankLinearGeneral
+        >>> q = LowRankLinearGeneral(16, (2, 8), rank=4, rngs=nnx.Rngs(0))  # in -> (heads, dim)
+        >>> w = q.kernel.get_value()  # W is 16 x 16
+        >>> w.U.shape, w.V.shape, q.bias.shape, q.capacity
+        ((16, 8), (16, 8), (2, 8), 8)
+        >>> q(jnp.ones((3, 5, 16))).shape
+        (3, 5, 2, 8)
+        >>> out = LowRankLinearGeneral((2, 8), 12, axis=(-2, -1), rank=4, rngs=nnx.Rngs(0))
+        >>> out(jnp.ones((3, 5, 2, 8))).shape
+        (3, 5, 12)
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        axis: int | Sequence[int] = -1,
+        rank: int | None = None,
+        capacity: int | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = None,
+        bias_init: Callable = _ZEROS,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        mat = _axes_matricisation(in_features, out_features, axis)
+        rank, capacity = _resolve(rank, capacity, mat.shape, "LowRankLinearGeneral")
+        self.kernel = LowRankParam(
+            _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
+        )
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), mat.out_features, param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = mat.in_features
+        self.out_features = mat.out_features
+        self.axis = mat.axis
+        self.use_bias = bool(use_bias)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.matricisation = mat
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """The layer applied to ``inputs`` (contracted axes ``self.axis``).
+
+        ``out_sharding`` (as ``nnx.LinearGeneral``; ``nnx.MultiHeadAttention`` passes it) is
+        applied to the output as a sharding constraint.
+        """
+        bias = self.bias[...] if self.bias is not None else None
+        x, lr, bias = _promote(inputs, self.factor, bias, self.dtype)
+        y = self.matricisation.apply(lr, x, self.precision)
+        return _constrain(y if bias is None else y + bias, out_sharding)
+
+    @classmethod
+    def from_linear_general(
+        cls,
+        layer: nnx.LinearGeneral,
+        *,
+        rank: int | None = None,
+        tol: float | None = None,
+        capacity: int | None = None,
+    ) -> LowRankLinearGeneral:
+        """A :class:`LowRankLinearGeneral` from the truncated SVD of ``layer``'s matricised kernel.
+
+        Rank rules as :meth:`dlrt_jax.nnx.LowRankLinear.from_linear` (``rank``, or the smallest
+        rank within the relative weight error ``tol``, or the capacity). Bias, dtypes and precision
+        are copied. Raises :class:`NotConvertible` for a layer :func:`matricise` rejects.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from dlrt_jax.transformer import LowRankLinearGeneral
+            >>> dense = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=nnx.Rngs(0))
+            >>> low = LowRankLinearGeneral.from_linear_general(dense, rank=4, capacity=4)
+            >>> x = jnp.ones((5, 2, 3))
+            >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
+            True
+        """
+        if not isinstance(layer, nnx.LinearGeneral):
+            raise TypeError(f"`layer` must be an nnx.LinearGeneral, got {type(layer).__name__}.")
+        mat = matricise(layer)
+        lr = factor_from_dense(
+            mat.to_matrix(layer.kernel[...]),
+            rank=rank,
+            tol=tol,
+            capacity=capacity,
+            where="from_linear_general",
+        )
+        bias = None if layer.bias is None else layer.bias[...]
+        return cls(
+            layer.in_features,
+            layer.out_features,
+            axis=layer.axis,
+            rank=int(lr.rank),
+            capacity=lr.capacity,
+            use_bias=bias is not None,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            kernel_init=lambda _k, _s, _d: lr,
+            bias_init=lambda _k, _s, dtype: jnp.asarray(bias, dtype),
+            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
+        )
+
+
+class LowRankEinsum(_Accessors, nnx.Module):
+    r"""A low-rank drop-in for an ``nnx.Einsum`` whose equation is a matrix product.
+
+    The kernel's axes split into *contracted* ones (also in the input) and *kept* ones (in the
+    output); ``W`` is ``prod(kept) x prod(contracted)`` and is stored as a
+    :class:`~dlrt_jax.LowRank`. The call contracts the input with the ``c`` columns of ``V``
+    reshaped to ``(*contracted dims, c)``, applies ``S^T U^T`` and reshapes the ``n`` outputs to
+    the kept axes, in the equation's output order. Equations with a kernel index in both the
+    input and the output (a batch of matrices) or a summed kernel index are refused (see
+    :func:`matricise`). The equation is fixed at construction.
+
+    Args:
+        einsum_str: the equation ``'<input>,<kernel>-><output>'`` (ellipsis allowed in the input
+            and output).
+        kernel_shape: the dense kernel's shape.
+        bias_shape: the bias's shape, or ``None`` for no bias (as ``nnx.Einsum``).
+        rank, capacity, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as
+            :class:`LowRankLinearGeneral`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from dlrt_jax.transformer import LowRankEinsum
+        >>> layer = LowRankEinsum("btd,ndh->btnh", (2, 16, 8), rank=4, rngs=nnx.Rngs(0))
+        >>> layer.kernel.get_value().shape  # (2 * 8) x 16
+        (16, 16)
+        >>> layer(jnp.ones((3, 5, 16))).shape
+        (3, 5, 2, 8)
+    """
+
+    def __init__(
+        self,
+        einsum_str: str,
+        kernel_shape: Sequence[int],
+        bias_shape: Sequence[int] | None = None,
+        *,
+        rank: int | None = None,
+        capacity: int | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = None,
+        bias_init: Callable = _ZEROS,
+        rngs: nnx.Rngs,
+    ):
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
+        if not isinstance(einsum_str, str):
+            raise TypeError(f"`einsum_str` must be a string, got {type(einsum_str).__name__}.")
+        einsum_str = einsum_str.replace(" ", "")
+        kernel_shape = tuple(int(d) for d in kernel_shape)
+        mat = _einsum_matricisation(einsum_str, kernel_shape)
+        rank, capacity = _resolve(rank, capacity, mat.shape, "LowRankEinsum")
+        self.kernel = LowRankParam(
+            _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
+        )
+        if bias_shape is not None:
+            self.bias = nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype))
+        else:
+            self.bias = nnx.data(None)
+        self.einsum_str = einsum_str
+        self.kernel_shape = kernel_shape
+        self.bias_shape = None if bias_shape is None else tuple(bias_shape)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.matricisation = mat
+
+    def __call__(
+        self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: Any = None
+    ) -> jax.Array:
+        """The layer applied to ``inputs``; ``einsum_str``, if given, must be the layer's own;
+        ``out_sharding`` is applied to the output as a sharding constraint."""
+        if einsum_str is not None and einsum_str.replace(" ", "") != self.einsum_str:
+            raise ValueError(
+                f"LowRankEinsum's equation is fixed at construction ({self.einsum_str!r}); got "
+                f"{einsum_str!r} at call time."
+            )
+        bias = self.bias[...] if self.bias is not None else None
+        x, lr, bias = _promote(inputs, self.factor, bias, self.dtype)
+        y = self.matricisation.apply(lr, x, self.precision)
+        if bias is not None:
+            y = y + bias.reshape(self.matricisation.bias_shape(y.ndim))
+        return _constrain(y, out_sharding)
+
+    @classmethod
+    def from_einsum(
+        cls,
+        layer: nnx.Einsum,
+        *,
+        rank: int | None = None,
+        tol: float | None = None,
+        capacity: int | None = None,
+    ) -> LowRankEinsum:
+        """A :class:`LowRankEinsum` from the truncated SVD of ``layer``'s matricised kernel.
+
+        Rank rules as :meth:`LowRankLinearGeneral.from_linear_general`; raises
+        :class:`NotConvertible` when the equation is not a matrix product.
+
+        Examples:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from dlrt_jax.transformer import LowRankEinsum
+            >>> dense = nnx.Einsum("bd,ndh->bnh", (2, 6, 3), (2, 3), rngs=nnx.Rngs(0))
+            >>> low = LowRankEinsum.from_einsum(dense, rank=6, capacity=6)  # W is 6 x 6: exact
+            >>> x = jnp.ones((4, 6))
+            >>> bool(jnp.allclose(low(x), dense(x), atol=1e-5))
+            True
+        """
+        if not isinstance(layer, nnx.Einsum):
+            raise TypeError(f"`layer` must be an nnx.Einsum, got {type(layer).__name__}.")
+        mat = matricise(layer)
+        lr = factor_from_dense(
+            mat.to_matrix(layer.kernel[...]),
+            rank=rank,
+            tol=tol,
+            capacity=capacity,
+            where="from_einsum",
+        )
+        bias = None if layer.bias is None else layer.bias[...]
+        return cls(
+            layer.einsum_str,
+            layer.kernel_shape,
+            None if bias is None else bias.shape,
+            rank=int(lr.rank),
+            capacity=lr.capacity,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            kernel_init=lambda _k, _s, _d: lr,
+            bias_init=lambda _k, _s, dtype: jnp.asarray(bias, dtype),
+            rngs=nnx.Rngs(0),
+        )
+
+
+# ---- conversion ----------------------------------------------------------------------------------
+
+
+def fit_rank(W: jax.Array, *, rank=None, tol=None, capacity=None, where: str = "") -> tuple:
+    """``(rank, capacity, rel_error)`` of the truncated SVD of ``W`` (the to_low_rank rule).
+
+    ``tol``: the smallest rank whose relative tail norm is ``<= tol``, capacity
+    ``max(floor(min(n, m) / 2), rank)`` (an explicit smaller ``capacity`` raises); ``rank``: that
+    rank; neither: the capacity.
+    """
+    if rank is not None and tol is not None:
+        raise ValueError(f"{where}: give at most one of `rank` and `tol`, got both.")
+    n, m = W.shape
+    if not bool(jnp.all(jnp.isfinite(W))):
+        raise ValueError(f"{where}: the dense kernel contains NaN or Inf; cannot take its SVD.")
+    Wf = W if W.dtype == jnp.float64 else W.astype(jnp.float32)
+    sigma = np.asarray(jnp.linalg.svd(Wf, compute_uv=False), np.float64)
+    tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0)
+    norm = tails[0]
+    if tol is None:
+        rank, capacity = _resolve(rank, capacity, (n, m), where)
+    else:
+        if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < np.inf):
+            raise ValueError(f"{where}: `tol` must be a number >= 0, got {tol!r}.")
+        ok = np.nonzero(tails[1:] <= float(tol) * norm)[0]
+        rank = int(ok[0]) + 1 if ok.size else min(n, m)
+        _resolve(None, capacity, (n, m), where)
+        if capacity is None:
+            capacity = max(default_capacity((n, m)), rank)
+        elif rank > capacity:
+            raise ValueError(
+                f"{where}: `tol`={tol:g} needs rank {rank} for this {n} x {m} matrix W, above "
+                f"`capacity`={capacity}; pass `capacity=` >= {rank} (or leave it out), or a "
+                "larger `tol=`."
+            )
+    rel_error = float(tails[rank] / norm) if norm > 0 else 0.0
+    return int(rank), int(capacity), rel_error
+
+
+def factor_from_dense(W, *, rank=None, tol=None, capacity=None, where="") -> LowRank:
+    """The truncated SVD of ``W`` as a ``LowRank``, rank and capacity by :func:`fit_rank`."""
+    r, c, _ = fit_rank(W, rank=rank, tol=tol, capacity=capacity, where=where)
+    return LowRank.from_dense(W, rank=r, capacity=c)
+
+
+def convert(
+    layer: Any, *, rank=None, tol=None, capacity=None, init="svd", rngs=None, where: str = ""
+) -> tuple[Any, tuple[int, int], int, int, float | None]:
+    """A low-rank replacement of an ``nnx.LinearGeneral`` / ``nnx.Einsum`` for ``to_low_rank``.
+
+    Returns ``(new_layer, (n, m), rank, capacity, rel_error)`` (``rel_error`` ``None`` for
+    ``init='random'``). Raises :class:`NotConvertible` with the reason for a layer that is not one
+    matrix product.
+    """
+    mat = matricise(layer)
+    if init == "svd":
+        W = mat.to_matrix(layer.kernel[...])
+        r, c, err = fit_rank(W, rank=rank, tol=tol, capacity=capacity, where=where)
+        if isinstance(layer, nnx.LinearGeneral):
+            new = LowRankLinearGeneral.from_linear_general(layer, rank=r, capacity=c)
+        else:
+            new = LowRankEinsum.from_einsum(layer, rank=r, capacity=c)
+        return new, mat.shape, r, c, err
+    r, c = _resolve(rank, capacity, mat.shape, where)
+    if isinstance(layer, nnx.LinearGeneral):
+        new = LowRankLinearGeneral(
+            layer.in_features,
+            layer.out_features,
+            axis=layer.axis,
+            rank=r,
+            capacity=c,
+            use_bias=layer.bias is not None,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            rngs=rngs,
+        )
+    else:
+        new = LowRankEinsum(
+            layer.einsum_str,
+            layer.kernel_shape,
+            None if layer.bias is None else layer.bias[...].shape,
+            rank=r,
+            capacity=c,
+            dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            rngs=rngs,
+        )
+    return new, mat.shape, r, c, None
+
+
+class _Fit(NamedTuple):
+    rank: int
+    capacity: int
+    rel_error: float | None
+
+
+def _to_low_rank_converter(node: Any, request: Any, where: str) -> tuple[Any, tuple, _Fit]:
+    """``dlrt_jax.nnx.to_low_rank``'s converter of ``nnx.LinearGeneral`` / ``nnx.Einsum``."""
+    new, shape, r, c, err = convert(
+        node,
+        rank=request.rank,
+        tol=request.tol,
+        capacity=request.capacity,
+        init=request.init,
+        rngs=request.rngs,
+        where=where,
+    )
+    return new, shape, _Fit(r, c, err)
+
+
+# dlrt_jax.nnx imports this module at its end; its converter table (by layer type) gets the
+# general linear layers here, whichever of the two modules is imported first
+for _type in (nnx.LinearGeneral, nnx.Einsum):
+    _dnnx._CONVERTERS.setdefault(_type, _to_low_rank_converter)
