@@ -5,7 +5,8 @@ A training state is any pytree: typically a :class:`TrainState` holding the para
 optimiser's ``K``/``L``/``S`` moments inside :class:`dlrt_jax.DLRTState`, the step count and the
 skipped-step count), a PRNG key and the data position (epoch, batch index). A run interrupted at
 step ``k`` and resumed from its checkpoint computes bit-identical parameters on the CPU, provided
-the step function and the batch order are the same (see ``docs/reliability.md``).
+the step function and the batch order are the same (see ``docs/reliability.md``; plain orbax
+without the checks below: ``docs/recipes.md``).
 
 Each checkpoint stores, next to the arrays, a JSON description of the state: every leaf's path,
 shape and dtype, each ``LowRank``'s shape, capacity and rank, and the caller's ``metadata`` (say

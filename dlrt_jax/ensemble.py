@@ -5,7 +5,8 @@
 vmapped step trains all members: each keeps its own rank (ranks are data, capacities are shared
 static shapes), its own optimiser state and its own hyperparameters. Hyperparameters that the
 transforms accept as traced values (``tau``, learning rates) can differ per member: the step
-builds the transform from each member's hyperparameters inside ``vmap``.
+builds the transform from each member's hyperparameters inside ``vmap``. The same in plain JAX
+(``vmap`` of :func:`dlrt_jax.make_train_step`) and what this module adds: ``docs/recipes.md``.
 
 Examples:
     >>> import jax, jax.numpy as jnp, optax, dlrt_jax

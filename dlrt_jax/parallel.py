@@ -15,7 +15,8 @@ Multi-host use: call ``jax.distributed.initialize()`` in every process first, bu
 ``jax.devices()`` (all hosts' devices), give every process its own slice of the batch through
 :func:`shard_batch` (it assembles the global batch with
 ``jax.make_array_from_process_local_data``), and run the same step in every process; see
-``docs/reliability.md``.
+``docs/reliability.md``. The one-host data-parallel step in plain JAX, and what this module adds
+to it, are in ``docs/recipes.md``.
 
 Examples:
     >>> import jax, jax.numpy as jnp, optax, dlrt_jax
