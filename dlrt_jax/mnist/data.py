@@ -395,10 +395,10 @@ def _download(spec: FileSpec, mirrors: Sequence[str], directory: Path) -> list[s
                 downloader=_copy_from_file_url if url.startswith("file:") else None,
             )
             return []
-        except ValueError as e:  # pooch: checksum mismatch, download deleted
-            errors.append(f"{url}: failed verification: {e}")
         except OSError as e:  # unreachable, HTTP error (requests' errors are OSErrors), no dir
             errors.append(f"{url}: {type(e).__name__}: {e}")
+        except ValueError as e:  # pooch: checksum mismatch, download deleted
+            errors.append(f"{url}: failed verification: {e}")
         logger.warning("download failed: %s", errors[-1])
     return errors or ["no download mirrors are registered for this dataset"]
 
