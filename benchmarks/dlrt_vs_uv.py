@@ -64,10 +64,10 @@ def _run(args, data, method: str, d: float, seed: int) -> dict:
     decay = None if d == 1 else d
     if method == "dlrt":
         params = models.init_lenet5(key, rank=args.rank, decay=decay)
-        tx, needs_grad_fn = build_transform(args.integrator, optax.sgd(args.lr))
+        tx, _ = build_transform(args.integrator, optax.sgd(args.lr))
     else:
         params = models.init_lenet5(key, rank=args.rank, decay=decay, uv=True)
-        tx, needs_grad_fn = optax.sgd(args.lr), False
+        tx = optax.sgd(args.lr)
     t0 = time.perf_counter()
     result = train(
         params,
@@ -77,7 +77,6 @@ def _run(args, data, method: str, d: float, seed: int) -> dict:
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=seed,
-        needs_grad_fn=needs_grad_fn,
         progress=False,
         desc=f"{method} d={d:g} seed {seed}",
         log=print,

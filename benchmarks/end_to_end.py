@@ -105,7 +105,7 @@ def parse_variant(spec: str, args) -> dict:
 
 
 def build(v: dict, args):
-    """``(params, tx, needs_grad_fn)`` of one variant."""
+    """``(params, tx, evaluates_grad_fn)`` of one variant."""
     key = jax.random.key(v["seed"])
     if v["integrator"] == "dense":
         params = models.init_mlp(key, args.width, dense=True)
@@ -161,8 +161,8 @@ def run(args) -> list[dict]:
     loss_fn = models.cross_entropy_loss(models.mlp_apply)
     runs = []
     for v in variants:
-        params, tx, needs = build(v, args)
-        step = make_step(loss_fn, tx, needs_grad_fn=needs)
+        params, tx, _ = build(v, args)
+        step = make_step(loss_fn, tx)
         # with truncate_every = k the ranks sit at the capacity between truncations: the policy
         # must read them right after a truncation step
         every = v["every"] if v["every"] > 1 else args.check_every
@@ -243,12 +243,12 @@ def speed_at_ranks(args) -> list[dict]:
     runs = {}
     for spec in args.variants:
         v = parse_variant(spec, args)
-        params, tx, needs = build(v, args)
+        params, tx, _ = build(v, args)
         if v["integrator"] != "dense":
             for layer, r in zip(params[:-1], args.speed_ranks, strict=True):
                 layer["w"] = layer["w"].replace(rank=r)
             params, _ = dlrt_jax.resize_capacity(params, None, policy.target)
-        step = make_step(loss_fn, tx, needs_grad_fn=needs)
+        step = make_step(loss_fn, tx)
         state = tx.init(params)
         jax.block_until_ready(step(params, state, batch))
         runs[spec] = (step, params, state, [])

@@ -132,11 +132,7 @@ def run(args) -> dict:
 
     @jax.jit
     def single_step(p, s, tau):
-        tx = make_tx({"tau": tau})
-        grad_fn = lambda q: jax.grad(_loss)(q, batch)
-        loss, g = jax.value_and_grad(_loss)(p, batch)
-        u, s = tx.update(g, s, p, grad_fn=grad_fn)
-        return optax.apply_updates(p, u), s, loss
+        return dlrt_jax.make_train_step(_loss, make_tx({"tau": tau}), jit=False)(p, s, batch)
 
     strategies = list(args.strategies)
     skipped = {}

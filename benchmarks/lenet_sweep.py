@@ -147,10 +147,10 @@ def _split(data, seed: int):
     return (xtr[~is_val], ytr[~is_val], xte, yte), (xtr[is_val], ytr[is_val])
 
 
-def _train_with_validation(args, params, tx, needs_grad_fn, data, val, seed, factored, label):
+def _train_with_validation(args, params, tx, data, val, seed, factored, label):
     """As ``train`` (same batches, same capacity handling) plus validation loss/acc per epoch."""
     apply_fn = models.lenet5_apply
-    step = make_step(models.cross_entropy_loss(apply_fn), tx, needs_grad_fn=needs_grad_fn)
+    step = make_step(models.cross_entropy_loss(apply_fn), tx)
     opt_state = tx.init(params)
     policy = dlrt_jax.CapacityPolicy() if factored and args.capacity == "policy" else None
     refit = factored and args.capacity == "refit"
@@ -231,23 +231,18 @@ def _run(args, data, tau: float | None, seed: int) -> dict:
     if tau is None:
         params = models.init_lenet5(key, dense=True)
         tx = optax.sgd(args.lr) if paper else optax.adam(args.lr)
-        needs_grad_fn = False
     else:
         params = models.init_lenet5(key, scale=setting["init_scale"])
         if paper:
             inner, other = optax.sgd(args.lr), None
         else:
             inner, other = optax.adam(FACTOR_LR_SCALE * args.lr), optax.adam(args.lr)
-        tx, needs_grad_fn = build_transform(
-            setting["integrator"], inner, tau=tau, other_optimizer=other
-        )
+        tx, _ = build_transform(setting["integrator"], inner, tau=tau, other_optimizer=other)
     label = ("dense" if tau is None else f"tau={tau:g}") + f" seed {seed}"
     t0 = time.perf_counter()
     if args.protocol == "paper":
         run_data, val = _split(data, seed)
-        h = _train_with_validation(
-            args, params, tx, needs_grad_fn, run_data, val, seed, tau is not None, label
-        )
+        h = _train_with_validation(args, params, tx, run_data, val, seed, tau is not None, label)
     else:
         factored = tau is not None
         h = train(
@@ -258,7 +253,6 @@ def _run(args, data, tau: float | None, seed: int) -> dict:
             epochs=args.epochs,
             batch_size=args.batch_size,
             seed=seed,
-            needs_grad_fn=needs_grad_fn,
             fit_capacity_every=1 if factored and args.capacity == "refit" else 0,
             fit_capacity_after_steps=25 if factored and args.capacity == "refit" else 0,
             capacity_policy=(

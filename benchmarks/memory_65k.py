@@ -27,7 +27,6 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 import dlrt_jax  # noqa: E402
 
@@ -70,14 +69,7 @@ def run(n: int, rank: int, batch: int, steps: int, integrator: str, lr: float, s
     tx = INTEGRATORS[integrator](lr)
     state = tx.init(params)
 
-    @jax.jit
-    def step(p, s, x):
-        def grad_fn(q):
-            return jax.grad(loss_fn)(q, x)
-
-        value, grads = jax.value_and_grad(loss_fn)(p, x)
-        updates, s = tx.update(grads, s, p, grad_fn=grad_fn)
-        return optax.apply_updates(p, updates), s, value
+    step = dlrt_jax.make_train_step(loss_fn, tx)
 
     x = jax.random.normal(kx, (batch, n), jnp.float32)  # one fixed batch: the loss must drop
     losses, times = [], []

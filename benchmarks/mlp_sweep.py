@@ -155,10 +155,10 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
             glorot = jax.nn.initializers.glorot_uniform()
             for i, k in enumerate(jax.random.split(jax.random.fold_in(key, 1), len(params) - 1)):
                 params[i]["w"] = glorot(k, params[i]["w"].shape, jnp.float32)
-        tx, needs_grad_fn = optax.adam(args.lr), False
+        tx = optax.adam(args.lr)
     else:
         params = models.init_mlp(key, width, scale=args.init_scale)
-        tx, needs_grad_fn = build_transform(
+        tx, _ = build_transform(
             args.integrator,
             inner_optimizer(args.inner, args.factor_lr),
             tau=tau,
@@ -177,7 +177,6 @@ def _run(args, data, width: int, tau: float | None, epochs: int) -> dict:
         epochs=epochs,
         batch_size=args.batch_size,
         seed=args.seed,
-        needs_grad_fn=needs_grad_fn,
         fit_capacity_every=1 if refit else 0,
         fit_capacity_after_steps=25 if refit else 0,
         capacity_policy=dlrt_jax.CapacityPolicy() if policy else None,

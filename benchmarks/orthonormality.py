@@ -74,12 +74,10 @@ def run(name: str, tx, X, Y, steps: int, seed: int) -> dict:
     def loss_fn(p):
         return 0.5 * jnp.sum((dlrt_jax.lowrank_apply(p["w"], Xj) - Yj) ** 2)
 
-    grad_fn = jax.grad(loss_fn)
+    step = dlrt_jax.make_train_step(loss_fn, tx, jit=False)  # jitted with the scan
 
     def body(carry, _):
-        p, s = carry
-        updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
-        p = optax.apply_updates(p, updates)
+        p, s, _ = step(*carry)
         eu, ev = orth_errors(p["w"])
         return (p, s), (eu, ev, p["w"].rank)
 

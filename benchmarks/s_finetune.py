@@ -108,7 +108,6 @@ def main(argv=None) -> None:
         dlrt_jax.bug(inner, tau=args.tau),
         epochs=args.search_epochs,
         seed=args.seed,
-        needs_grad_fn=True,
         fit_capacity_every=1,
         fit_capacity_after_steps=25,
         desc=f"search tau={args.tau:g}",
@@ -123,7 +122,6 @@ def main(argv=None) -> None:
         dlrt_jax.s_only(inner),
         epochs=args.finetune_epochs,
         seed=args.seed + 1000,  # a different batch order from the search epochs
-        needs_grad_fn=False,
         desc="S only",
         **common,
     )

@@ -344,31 +344,6 @@ def _loss(apply):
     return loss
 
 
-def optax_step(loss, opt):
-    """A jittable ``step(params, state, batch)`` of a plain optax optimiser."""
-
-    def step(params, state, batch):
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    return step
-
-
-def dlrt_step(loss, tx):
-    """A jittable ``step(params, state, batch)`` of a DLRT transform."""
-
-    def step(params, state, batch):
-        def grad_fn(p):
-            return jax.grad(loss)(p, batch)
-
-        value, grads = jax.value_and_grad(loss)(params, batch)
-        updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state, value
-
-    return step
-
-
 def _ranks_of(params) -> list[int] | None:
     leaves = jax.tree_util.tree_leaves(params, is_leaf=dlrt_jax.is_lowrank)
     ranks = [int(w.rank) for w in leaves if dlrt_jax.is_lowrank(w)]
@@ -390,10 +365,9 @@ def _build(net: str, width, method: str, rank: int | None, args):
     loss = _loss(apply_fn(net, variant))
     if method in BASE_METHODS:
         opt = optax.adam(args.adam_lr) if method == "dense_adam" else optax.sgd(args.lr)
-        step = optax_step(loss, opt)
     else:
         opt = dlrt_transform(method, args.lr, args.tau)
-        step = dlrt_step(loss, opt)
+    step = dlrt_jax.make_train_step(loss, opt, jit=False)  # jitted by the runner
     return params, opt, loss, step, ranks
 
 
