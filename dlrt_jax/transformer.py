@@ -468,9 +468,15 @@ class LowRankLinearGeneral(_Accessors, nnx.Module):
         in_features: an int or a tuple, the sizes of the contracted input axes.
         out_features: an int or a tuple.
         axis: the contracted input axes (as ``nnx.LinearGeneral``; default ``-1``).
-        rank, capacity, use_bias, dtype, param_dtype, precision, bias_init, rngs: as
-            :class:`dlrt_jax.nnx.LowRankLinear`, with ``n = prod(out_features)`` and
+        rank: as :class:`dlrt_jax.nnx.LowRankLinear`, with ``n = prod(out_features)`` and
             ``m = prod(in_features)``.
+        capacity: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        use_bias: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        dtype: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        param_dtype: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        precision: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        bias_init: as :class:`dlrt_jax.nnx.LowRankLinear`.
+        rngs: as :class:`dlrt_jax.nnx.LowRankLinear`.
         kernel_init: ``None`` (paper initialisation), a positive float (scale of the singular
             values), or a callable ``init(key, shape, dtype)`` returning the dense kernel of
             shape ``(*in_features, *out_features)`` (truncated by SVD to ``rank``) or a
@@ -606,8 +612,14 @@ class LowRankEinsum(_Accessors, nnx.Module):
             and output).
         kernel_shape: the dense kernel's shape.
         bias_shape: the bias's shape, or ``None`` for no bias (as ``nnx.Einsum``).
-        rank, capacity, dtype, param_dtype, precision, kernel_init, bias_init, rngs: as
-            :class:`LowRankLinearGeneral`.
+        rank: as :class:`LowRankLinearGeneral`.
+        capacity: as :class:`LowRankLinearGeneral`.
+        dtype: as :class:`LowRankLinearGeneral`.
+        param_dtype: as :class:`LowRankLinearGeneral`.
+        precision: as :class:`LowRankLinearGeneral`.
+        kernel_init: as :class:`LowRankLinearGeneral`.
+        bias_init: as :class:`LowRankLinearGeneral`.
+        rngs: as :class:`LowRankLinearGeneral`.
 
     Examples:
         >>> import jax.numpy as jnp
