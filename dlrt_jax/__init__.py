@@ -26,7 +26,18 @@ from dlrt_jax._truncation import tail_norms, truncation_rank
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "data", "ensemble", "linen", "models", "nnx", "parallel", "precision")
+_SUBMODULES = (
+    "adapters",
+    "checkpoint",
+    "data",
+    "ensemble",
+    "linen",
+    "models",
+    "nnx",
+    "parallel",
+    "precision",
+    "transformer",
+)
 
 
 def __getattr__(name):  # lazy submodules: `dlrt_jax.nnx` without importing flax up front
