@@ -14,9 +14,11 @@ At the end it prints a table (test accuracy, ranks, parameters and compression a
 in training, wall time, time per step) and writes ``mnist_<integrator>_tau<tau>_w<width>.json`` and
 ``.png`` (accuracy and ranks per epoch) to ``--out``.
 
-Example:
-    $ OPENBLAS_NUM_THREADS=1 python -m dlrt_jax.train_mnist --epochs 10 --tau 0.09
-    $ dlrt-mnist --subset 2048 --epochs 1 --width 64 --out /tmp/run   # a quick run
+Examples:
+    ```bash
+    OPENBLAS_NUM_THREADS=1 python -m dlrt_jax.train_mnist --epochs 10 --tau 0.09
+    dlrt-mnist --subset 2048 --epochs 1 --width 64 --out /tmp/run   # a quick run
+    ```
 
 The helpers :func:`load_mnist`, :func:`make_step`, :func:`evaluate`, :func:`train` and
 :func:`environment` are reused by the scripts in ``benchmarks/``.
@@ -98,7 +100,7 @@ INIT_SCALE = 0.1
 def inner_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
     """The inner optimiser named ``name`` (a key of :data:`INNER`) at ``learning_rate``.
 
-    Example:
+    Examples:
         >>> type(inner_optimizer("reference", 1e-3)).__name__
         'GradientTransformation'
     """
@@ -131,7 +133,7 @@ def build_transform(
     biases and the dense classifier. ``tau`` and ``truncate_every`` are used by the rank-adaptive
     integrators (``bug``, ``parallel_bug``) only.
 
-    Example:
+    Examples:
         >>> import optax
         >>> tx, needs_grad_fn = build_transform("bug", optax.adam(1e-3), tau=0.09)
         >>> needs_grad_fn
