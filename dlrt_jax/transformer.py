@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dlrt_jax import _layers
 from dlrt_jax import nnx as _dnnx
-from dlrt_jax._factors import LowRank, default_capacity, lowrank_map
+from dlrt_jax._factors import LowRank, lowrank_map
 from dlrt_jax.nnx import LowRankParam
 
 __all__ = [
@@ -356,78 +356,35 @@ def matricise(layer: Any) -> Matricisation:
 # ---- layers --------------------------------------------------------------------------------------
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _resolve(rank: Any, capacity: Any, shape: tuple[int, int], where: str) -> tuple[int, int]:
-    """``(rank, capacity)``: the rule of :class:`dlrt_jax.nnx.LowRankLinear`."""
-    n, m = shape
-    limit = min(n, m)
-    for name, v in (("rank", rank), ("capacity", capacity)):
-        if v is not None and not (_is_int(v) and 1 <= v <= limit):
-            raise ValueError(
-                f"{where}: `{name}` must be None or an integer in [1, min(n, m)={limit}] for the "
-                f"{n} x {m} matrix W, got {v!r}."
-            )
-    if capacity is None:
-        capacity = max(default_capacity(shape), rank or 0)
-    if rank is None:
-        rank = capacity
-    if rank > capacity:
-        raise ValueError(
-            f"{where}: `rank`={rank} exceeds `capacity`={capacity}; pass a larger `capacity=` or "
-            "a smaller `rank=`."
-        )
-    return int(rank), int(capacity)
-
-
-def _cast(lr: LowRank, dtype: Any) -> LowRank:
-    if lr.dtype == jnp.dtype(dtype):
-        return lr
-    U, S, V, rank = jax.tree.leaves(lr)
-    return jax.tree.unflatten(
-        jax.tree.structure(lr), [U.astype(dtype), S.astype(dtype), V.astype(dtype), rank]
-    )
-
-
 def _init_factor(kernel_init, key, mat: Matricisation, rank, capacity, param_dtype) -> LowRank:
-    n, m = mat.shape
-    if kernel_init is None or (
-        isinstance(kernel_init, numbers.Real) and not isinstance(kernel_init, bool)
-    ):
-        scale = 1.0 if kernel_init is None else float(kernel_init)
-        if not scale > 0:
-            raise ValueError(f"`kernel_init` as a scale must be > 0, got {kernel_init}.")
-        return LowRank.random(key, (n, m), rank, capacity=capacity, scale=scale, dtype=param_dtype)
-    if not callable(kernel_init):
-        raise TypeError(
-            "`kernel_init` must be None, a positive float or a callable init(key, shape, dtype) "
-            f"returning the dense kernel or a LowRank, got {type(kernel_init).__name__}."
-        )
-    out = kernel_init(key, mat.kernel_shape, param_dtype)
-    if isinstance(out, LowRank):
-        if out.shape != (n, m) or out.capacity != capacity:
-            raise ValueError(
-                f"`kernel_init` returned a LowRank of shape {out.shape} and capacity "
-                f"{out.capacity}; this layer needs shape {(n, m)} (out x in) and capacity "
-                f"{capacity}."
-            )
-        return _cast(out, param_dtype)
-    out = jnp.asarray(out)
-    if out.shape != mat.kernel_shape:
-        raise ValueError(
-            f"`kernel_init` returned an array of shape {out.shape}; expected the dense kernel "
-            f"shape {mat.kernel_shape} (or a LowRank)."
-        )
-    return _cast(LowRank.from_dense(mat.to_matrix(out), rank=rank, capacity=capacity), param_dtype)
+    """The layers' initialiser (:func:`dlrt_jax._layers.init_factor`) on the matricised kernel.
+
+    A callable ``kernel_init`` is called with the general kernel shape and its result matricised.
+    """
+    _layers.check_kernel_init(kernel_init)
+    init = kernel_init
+    if callable(kernel_init):
+
+        def init(key, _shape, dtype):
+            out = kernel_init(key, mat.kernel_shape, dtype)
+            if isinstance(out, LowRank):
+                return out
+            out = jnp.asarray(out)
+            if out.shape != mat.kernel_shape:
+                raise ValueError(
+                    f"`kernel_init` returned an array of shape {out.shape}; expected the dense "
+                    f"kernel shape {mat.kernel_shape} (or a LowRank)."
+                )
+            return mat.to_matrix(out).T
+
+    return _layers.init_factor(init, key, (mat.m, mat.n), rank, capacity, param_dtype)
 
 
 def _promote(x, lr, bias, dtype):
     x = jnp.asarray(x)
     if dtype is None:
         dtype = jnp.result_type(x.dtype, lr.dtype, *(() if bias is None else (bias.dtype,)))
-    return x.astype(dtype), _cast(lr, dtype), None if bias is None else bias.astype(dtype)
+    return x.astype(dtype), _layers.cast(lr, dtype), None if bias is None else bias.astype(dtype)
 
 
 def _constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
@@ -516,7 +473,7 @@ class LowRankLinearGeneral(_Accessors, nnx.Module):
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
         mat = _axes_matricisation(in_features, out_features, axis)
-        rank, capacity = _resolve(rank, capacity, mat.shape, "LowRankLinearGeneral")
+        rank, capacity = _layers.rank_capacity(rank, capacity, mat.shape, "LowRankLinearGeneral")
         self.kernel = LowRankParam(
             _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
         )
@@ -654,7 +611,7 @@ class LowRankEinsum(_Accessors, nnx.Module):
         einsum_str = einsum_str.replace(" ", "")
         kernel_shape = tuple(int(d) for d in kernel_shape)
         mat = _einsum_matricisation(einsum_str, kernel_shape)
-        rank, capacity = _resolve(rank, capacity, mat.shape, "LowRankEinsum")
+        rank, capacity = _layers.rank_capacity(rank, capacity, mat.shape, "LowRankEinsum")
         self.kernel = LowRankParam(
             _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
         )
@@ -740,46 +697,10 @@ class LowRankEinsum(_Accessors, nnx.Module):
 # ---- conversion ----------------------------------------------------------------------------------
 
 
-def fit_rank(W: jax.Array, *, rank=None, tol=None, capacity=None, where: str = "") -> tuple:
-    """``(rank, capacity, rel_error)`` of the truncated SVD of ``W`` (the to_low_rank rule).
-
-    ``tol``: the smallest rank whose relative tail norm is ``<= tol``, capacity
-    ``max(floor(min(n, m) / 2), rank)`` (an explicit smaller ``capacity`` raises); ``rank``: that
-    rank; neither: the capacity.
-    """
-    if rank is not None and tol is not None:
-        raise ValueError(f"{where}: give at most one of `rank` and `tol`, got both.")
-    n, m = W.shape
-    if not bool(jnp.all(jnp.isfinite(W))):
-        raise ValueError(f"{where}: the dense kernel contains NaN or Inf; cannot take its SVD.")
-    Wf = W if W.dtype == jnp.float64 else W.astype(jnp.float32)
-    sigma = np.asarray(jnp.linalg.svd(Wf, compute_uv=False), np.float64)
-    tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0)
-    norm = tails[0]
-    if tol is None:
-        rank, capacity = _resolve(rank, capacity, (n, m), where)
-    else:
-        if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 <= tol < np.inf):
-            raise ValueError(f"{where}: `tol` must be a number >= 0, got {tol!r}.")
-        ok = np.nonzero(tails[1:] <= float(tol) * norm)[0]
-        rank = int(ok[0]) + 1 if ok.size else min(n, m)
-        _resolve(None, capacity, (n, m), where)
-        if capacity is None:
-            capacity = max(default_capacity((n, m)), rank)
-        elif rank > capacity:
-            raise ValueError(
-                f"{where}: `tol`={tol:g} needs rank {rank} for this {n} x {m} matrix W, above "
-                f"`capacity`={capacity}; pass `capacity=` >= {rank} (or leave it out), or a "
-                "larger `tol=`."
-            )
-    rel_error = float(tails[rank] / norm) if norm > 0 else 0.0
-    return int(rank), int(capacity), rel_error
-
-
 def factor_from_dense(W, *, rank=None, tol=None, capacity=None, where="") -> LowRank:
-    """The truncated SVD of ``W`` as a ``LowRank``, rank and capacity by :func:`fit_rank`."""
-    r, c, _ = fit_rank(W, rank=rank, tol=tol, capacity=capacity, where=where)
-    return LowRank.from_dense(W, rank=r, capacity=c)
+    """The truncated SVD of ``W`` as a ``LowRank``, rank and capacity by to_low_rank's rule."""
+    fit = _dnnx._fit_rank(W, rank, tol, capacity, where)
+    return LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
 
 
 def convert(
@@ -794,13 +715,13 @@ def convert(
     mat = matricise(layer)
     if init == "svd":
         W = mat.to_matrix(layer.kernel[...])
-        r, c, err = fit_rank(W, rank=rank, tol=tol, capacity=capacity, where=where)
+        r, c, err = _dnnx._fit_rank(W, rank, tol, capacity, where)
         if isinstance(layer, nnx.LinearGeneral):
             new = LowRankLinearGeneral.from_linear_general(layer, rank=r, capacity=c)
         else:
             new = LowRankEinsum.from_einsum(layer, rank=r, capacity=c)
         return new, mat.shape, r, c, err
-    r, c = _resolve(rank, capacity, mat.shape, where)
+    r, c = _layers.rank_capacity(rank, capacity, mat.shape, where)
     if isinstance(layer, nnx.LinearGeneral):
         new = LowRankLinearGeneral(
             layer.in_features,
@@ -829,13 +750,7 @@ def convert(
     return new, mat.shape, r, c, None
 
 
-class _Fit(NamedTuple):
-    rank: int
-    capacity: int
-    rel_error: float | None
-
-
-def _to_low_rank_converter(node: Any, request: Any, where: str) -> tuple[Any, tuple, _Fit]:
+def _to_low_rank_converter(node: Any, request: Any, where: str) -> Any:
     """``dlrt_jax.nnx.to_low_rank``'s converter of ``nnx.LinearGeneral`` / ``nnx.Einsum``."""
     new, shape, r, c, err = convert(
         node,
@@ -846,7 +761,7 @@ def _to_low_rank_converter(node: Any, request: Any, where: str) -> tuple[Any, tu
         rngs=request.rngs,
         where=where,
     )
-    return new, shape, _Fit(r, c, err)
+    return _dnnx._Converted(new, shape, _dnnx._Fit(r, c, err))
 
 
 # dlrt_jax.nnx imports this module at its end; its converter table (by layer type) gets the
