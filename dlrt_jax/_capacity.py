@@ -15,35 +15,41 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dlrt_jax._factors import LowRank, default_capacity, is_lowrank
+from dlrt_jax._factors import (
+    LowRank,
+    _check_int,
+    _check_rank_value,
+    _resolve_capacity,
+    default_capacity,
+    is_lowrank,
+)
 from dlrt_jax._integrators import FactorState
-from dlrt_jax._linalg import mm, tmm
+from dlrt_jax._linalg import full_precision
 from dlrt_jax._transforms import DLRTState
 
 __all__ = ["CapacityPolicy", "fit_capacity", "resize_capacity"]
 
 
 def _resize_factor(x: LowRank, c1: int, path: str) -> LowRank:
-    n, m = x.shape
     c0 = x.capacity
-    rank = int(x.rank)
-    if not isinstance(c1, int | np.integer) or not rank <= c1 <= min(n, m):
+    try:  # the capacity and rank rules of LowRank
+        c1 = _resolve_capacity(c1, x.shape)
+        _check_rank_value(x.rank, c1)
+    except ValueError as e:
         raise ValueError(
-            f"{path}: new capacity must be an integer in [rank={rank}, min(n, m)={min(n, m)}], "
-            f"got {c1!r}."
-        )
-    c1 = int(c1)
+            f"{path}: cannot resize to capacity {c1!r} at rank={int(x.rank)}: {e}"
+        ) from None
     if c1 <= c0:
         return LowRank(x.U[:, :c1], x.S[:c1, :c1], x.V[:, :c1], x.rank)
 
     def complete(B, key):  # c1 - c0 orthonormal columns orthogonal to all columns of B
         A = jax.random.normal(key, (B.shape[0], c1 - c0), jnp.float32).astype(B.dtype)
-        for _ in range(2):
-            A = A - mm(B, tmm(B, A))
-        q = jnp.linalg.qr(A)[0]
-        q = q - mm(B, tmm(B, q))
+        with full_precision():
+            for _ in range(2):
+                A = A - B @ (B.T @ A)
+            q = jnp.linalg.qr(A)[0]
+            q = q - B @ (B.T @ q)
         return jnp.concatenate([B, jnp.linalg.qr(q)[0]], axis=1)
 
     ku, kv = jax.random.split(jax.random.key(c1 * 7919 + c0))
@@ -151,12 +157,7 @@ def fit_capacity(
     Returns:
         ``(new_params, new_opt_state)``, as :func:`resize_capacity`.
     """
-    if not headroom >= 1:
-        raise ValueError(f"`headroom` must be >= 1, got {headroom}.")
-    if not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"`multiple` must be an integer >= 1, got {multiple!r}.")
-
-    # the capacity rule is CapacityPolicy's, without its free-column minimum
+    # the capacity rule is CapacityPolicy's (which validates), without its free-column minimum
     rule = CapacityPolicy(
         headroom=headroom, min_free=0, multiple=multiple, max_capacity=max_capacity
     )
@@ -224,26 +225,11 @@ class CapacityPolicy:
     _previous: list = dataclasses.field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(
-                f"CapacityPolicy: `every` must be an integer >= 1, got {self.every!r}."
-            )
+        for name, low in (("every", 1), ("min_free", 0), ("multiple", 1), ("max_capacity", 1)):
+            if getattr(self, name) is not None or name != "max_capacity":
+                setattr(self, name, _check_int(getattr(self, name), name, low))
         if not self.headroom >= 1:
-            raise ValueError(f"CapacityPolicy: `headroom` must be >= 1, got {self.headroom!r}.")
-        for name in ("min_free", "multiple"):
-            v = getattr(self, name)
-            low = 0 if name == "min_free" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(
-                    f"CapacityPolicy: `{name}` must be an integer >= {low}, got {v!r}."
-                )
-        if self.max_capacity is not None and (
-            not isinstance(self.max_capacity, int) or self.max_capacity < 1
-        ):
-            raise ValueError(
-                f"CapacityPolicy: `max_capacity` must be None or an integer >= 1, got "
-                f"{self.max_capacity!r}."
-            )
+            raise ValueError(f"`headroom` must be >= 1, got {self.headroom!r}.")
 
     def _limit(self, x: LowRank) -> int:
         limit = default_capacity(x.shape) if self.max_capacity is None else self.max_capacity

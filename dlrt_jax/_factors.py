@@ -32,31 +32,53 @@ def default_capacity(shape: Sequence[int]) -> int:
     return max(1, min(n, m) // 2)
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _is_traced(x: Any) -> bool:
+    """The one "is it traced" test: validation skips traced values (they were checked, or are
+    checked, where they are concrete)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_int(
+    value: Any, name: str, low: int, high: int | None = None, *, upper: str = "", fix: str = ""
+) -> Any:
+    """The one integer check: ``value`` (an int, a whole float or a 0-d array of one) is a whole
+    number in ``[low, high]``; returns it as an ``int`` (a traced value: unchecked, unchanged).
+
+    The message names the argument and its bounds (``upper`` describes ``high``), then ``fix``.
+    """
+    if _is_traced(value):
+        return value
+    v = np.asarray(value)
+    if v.shape == () and np.issubdtype(v.dtype, np.number) and float(v).is_integer():
+        if low <= int(v) and (high is None or int(v) <= high):
+            return int(v)
+    got = v.item() if v.shape == () else value
+    bounds = f">= {low}" if high is None else f"in [{low}, {upper or high}]"
+    raise ValueError(f"`{name}` must be an integer {bounds}, got {got!r}.{fix}")
 
 
 def _check_rank_value(rank: Any, capacity: int, name: str = "rank") -> None:
-    """Validate a concrete rank against ``[1, capacity]``; traced ranks are not checked."""
-    if not _is_concrete(rank):
-        return
-    r = np.asarray(rank)
-    if r.shape != ():
-        raise ValueError(f"`{name}` must be a scalar, got shape {r.shape}.")
-    if not float(r).is_integer():
-        raise ValueError(f"`{name}` must be a whole number, got {float(r)}.")
-    if int(r) < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {int(r)}.")
-    if int(r) > capacity:
+    """The rank rule: a whole number in ``[1, capacity]`` (traced ranks are not checked)."""
+    r = _check_int(rank, name, 1)
+    if not _is_traced(r) and r > capacity:
         raise ValueError(
-            f"`{name}`={int(r)} exceeds the capacity {capacity} (the number of columns of U and "
-            f"V; `{name}` must be in [1, capacity]); pass a larger `capacity=` or a smaller "
+            f"`{name}`={r} exceeds the capacity {capacity} (the number of columns of U and V; "
+            f"`{name}` must be in [1, capacity]); pass a larger `capacity=` or a smaller "
             f"`{name}=`."
         )
 
 
-def _check_arrays(U: jax.Array, S: jax.Array, V: jax.Array) -> int:
-    """Validate the shapes and dtypes of ``U``, ``S``, ``V``; return the capacity ``c``."""
+def _resolve_capacity(capacity: int | None, shape: Sequence[int]) -> int:
+    """The capacity rule: :func:`default_capacity` or an integer in ``[1, min(n, m)]``."""
+    n, m = shape
+    if capacity is None:
+        return default_capacity(shape)
+    bound = f"min(n, m)={min(n, m)}"
+    return _check_int(capacity, "capacity", 1, min(n, m), upper=bound, fix=f" ({n} x {m} matrix)")
+
+
+def _check_arrays(U: jax.Array, S: jax.Array, V: jax.Array, finite: bool = True) -> int:
+    """Validate shapes, dtypes and (concrete arrays, with ``finite``) finiteness; return ``c``."""
     for name, a in (("U", U), ("S", S), ("V", V)):
         if a.ndim != 2:
             raise ValueError(f"`{name}` must be a 2-D array, got shape {a.shape}.")
@@ -65,8 +87,7 @@ def _check_arrays(U: jax.Array, S: jax.Array, V: jax.Array) -> int:
                 f"`{name}` must have a floating dtype (float32, float64, bfloat16, ...), got "
                 f"{a.dtype}. Cast it first, e.g. `{name}.astype(jnp.float32)`."
             )
-    n, c = U.shape
-    m = V.shape[0]
+    (n, c), m = U.shape, V.shape[0]
     if V.shape[1] != c or S.shape != (c, c):
         raise ValueError(
             f"Inconsistent factor shapes U {U.shape}, S {S.shape}, V {V.shape}: expected "
@@ -78,13 +99,8 @@ def _check_arrays(U: jax.Array, S: jax.Array, V: jax.Array) -> int:
         raise ValueError(
             f"capacity c={c} must be <= min(n, m) = {min(n, m)} for an {n} x {m} factor."
         )
-    return c
-
-
-def _check_finite(U: jax.Array, S: jax.Array, V: jax.Array) -> None:
-    """Reject NaN / Inf in concrete factors (traced ones, under ``jit``, are not checked)."""
-    for name, a in (("U", U), ("S", S), ("V", V)):
-        if not _is_concrete(a):
+    for name, a in (("U", U), ("S", S), ("V", V)) if finite else ():
+        if _is_traced(a):
             continue
         with jax.ensure_compile_time_eval():  # concrete inside a traced function, too
             bad = int(jnp.sum(~jnp.isfinite(a)))
@@ -95,11 +111,7 @@ def _check_finite(U: jax.Array, S: jax.Array, V: jax.Array) -> None:
                 f"arrays you pass (e.g. `jnp.isfinite({name}).all()`) or rebuild the factor with "
                 "LowRank.from_dense / LowRank.random."
             )
-
-
-def _is_cotangent_rank(rank: Any) -> bool:
-    """``True`` for the concrete rank slot 0 of a gradient (cotangent) ``LowRank``."""
-    return _is_concrete(rank) and np.ndim(rank) == 0 and float(rank) == 0.0
+    return c
 
 
 @jax.tree_util.register_pytree_node_class
@@ -155,7 +167,6 @@ class LowRank:
     def __init__(self, U: jax.Array, S: jax.Array, V: jax.Array, rank: Any = None):
         U, S, V = jnp.asarray(U), jnp.asarray(S), jnp.asarray(V)
         c = _check_arrays(U, S, V)
-        _check_finite(U, S, V)
         if rank is None:
             rank = c
         _check_rank_value(rank, c)
@@ -248,9 +259,14 @@ class LowRank:
         if unknown:
             raise TypeError(f"LowRank.replace got unknown fields {sorted(unknown)}.")
         fields.update(changes)
-        if "rank" not in changes and _is_cotangent_rank(self.rank):
+        if (
+            "rank" not in changes
+            and not _is_traced(self.rank)
+            and np.ndim(self.rank) == 0
+            and float(self.rank) == 0
+        ):
             U, S, V = (jnp.asarray(fields[k]) for k in ("U", "S", "V"))
-            _check_arrays(U, S, V)
+            _check_arrays(U, S, V, finite=False)  # a cotangent (rank slot 0): NaN are skipped
             return LowRank._unchecked(U, S, V, self.rank)
         return LowRank(**fields)
 
@@ -272,18 +288,16 @@ class LowRank:
             >>> int(w.truncate(1e-3).active_rank), int(w.truncate(0.6).active_rank)
             (2, 1)
         """
-        U, S, V = self.masked()
-        P, sigma, Qt = _linalg.svd(S)
+        P, sigma, Qt = _linalg.svd(self.masked()[1])
         c = self.capacity
         r1 = truncation_rank(
             sigma, tau, absolute=absolute, min_rank=min(int(min_rank), c), max_rank=c
         )
         r1 = jnp.minimum(r1, self.active_rank)
-        keep = _linalg.column_mask(c, r1)
-        S1 = jnp.diag(jnp.where(keep, sigma, 0.0)).astype(self.dtype)
-        return LowRank._unchecked(
-            _linalg.mm(self.U, P), S1, _linalg.mm(self.V, Qt.T), r1.astype(jnp.float32)
-        )
+        S1 = jnp.diag(jnp.where(_linalg.column_mask(c, r1), sigma, 0.0)).astype(self.dtype)
+        with _linalg.full_precision():
+            U1, V1 = self.U @ P, self.V @ Qt.T
+        return LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
 
     # -- use ------------------------------------------------------------------------------------
     def to_dense(self) -> jax.Array:
@@ -327,7 +341,10 @@ class LowRank:
             >>> int(w.active_rank), w.capacity
             (2, 3)
         """
-        n, m = _check_shape(shape)
+        shape = tuple(shape)
+        if len(shape) != 2:
+            raise ValueError(f"`shape` must be (n, m) with positive integers, got {shape}.")
+        n, m = (_check_int(d, "shape", 1) for d in shape)
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise TypeError(f"`dtype` must be a floating dtype, got {jnp.dtype(dtype)}.")
         c = _resolve_capacity(capacity, (n, m))
@@ -341,7 +358,7 @@ class LowRank:
             s = jnp.sort(jnp.abs(jax.random.normal(ks, (c,), jnp.float32)))[::-1]
         else:
             s = jnp.asarray(singular_values, jnp.float32).reshape(-1)
-            if _is_concrete(rank) and s.shape[0] != int(rank):
+            if not _is_traced(rank) and s.shape[0] != int(rank):
                 raise ValueError(
                     f"`singular_values` must have `rank`={int(rank)} entries, got {s.shape[0]}."
                 )
@@ -384,13 +401,12 @@ class LowRank:
         if (rank is None) == (tol is None):
             raise ValueError("Give exactly one of `rank` (fixed rank) or `tol` (truncation).")
         c = _resolve_capacity(capacity, W.shape)
-        if not 1 <= min_rank <= c:
-            raise ValueError(f"`min_rank` must be in [1, capacity={c}], got {min_rank}.")
-        if _is_concrete(W) and not bool(jnp.all(jnp.isfinite(W))):
+        _check_int(min_rank, "min_rank", 1, c, upper=f"capacity={c}")
+        if not _is_traced(W) and not bool(jnp.all(jnp.isfinite(W))):
             raise ValueError("`W` contains NaN or Inf; cannot take its SVD.")
         P, sigma, Qt = _linalg.svd(W)
         if rank is None:
-            if _is_concrete(tol) and float(tol) < 0:
+            if not _is_traced(tol) and float(tol) < 0:
                 raise ValueError(f"`tol` must be >= 0, got {tol}.")
             rank = truncation_rank(
                 sigma, tol, absolute=not relative, min_rank=min_rank, max_rank=c
@@ -405,25 +421,6 @@ class LowRank:
 def is_lowrank(x: Any) -> bool:
     """``True`` for a :class:`LowRank` (use as ``is_leaf`` in tree maps)."""
     return isinstance(x, LowRank)
-
-
-def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
-    shape = tuple(shape)
-    if len(shape) != 2 or not all(isinstance(d, int | np.integer) and d >= 1 for d in shape):
-        raise ValueError(f"`shape` must be (n, m) with positive integers, got {shape}.")
-    return int(shape[0]), int(shape[1])
-
-
-def _resolve_capacity(capacity: int | None, shape: Sequence[int]) -> int:
-    n, m = shape
-    if capacity is None:
-        return default_capacity(shape)
-    if not isinstance(capacity, int | np.integer) or not 1 <= capacity <= min(n, m):
-        raise ValueError(
-            f"`capacity` must be an integer in [1, min(n, m)={min(n, m)}] for an {n} x {m} "
-            f"matrix, got {capacity}."
-        )
-    return int(capacity)
 
 
 # ---- application with DLRT gradients ------------------------------------------------------------

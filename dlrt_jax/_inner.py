@@ -22,17 +22,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dlrt_jax._factors import _is_traced
+
 __all__ = ["isotropic_adam", "reference_adam", "scale_by_isotropic_adam"]
 
 
 def _check(learning_rate, b1, b2, eps, name):
-    if not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer):
+    if not callable(learning_rate) and not _is_traced(learning_rate):
         if not float(learning_rate) > 0:
             raise ValueError(f"{name}: `learning_rate` must be > 0, got {learning_rate!r}.")
     for label, v in (("b1", b1), ("b2", b2)):
-        if not isinstance(v, jax.core.Tracer) and not 0 <= float(v) < 1:
+        if not _is_traced(v) and not 0 <= float(v) < 1:
             raise ValueError(f"{name}: `{label}` must be in [0, 1), got {v!r}.")
-    if not isinstance(eps, jax.core.Tracer) and not float(eps) >= 0:
+    if not _is_traced(eps) and not float(eps) >= 0:
         raise ValueError(f"{name}: `eps` must be >= 0, got {eps!r}.")
 
 

@@ -1,10 +1,12 @@
 """The DLRT integrators, written per factor as in ``docs/method.md``, "The integrators".
 
-Each integrator is a sequence of *phases*. A phase works on one factor: it takes the carry of the
-previous phase and the projected gradients of the factor at the last evaluation point (the slots
-of a ``LowRank`` cotangent: ``g.U = G V``, ``g.S = U^T G V``, ``g.V = G^T U``) and returns the next
-carry and the point where the next gradient must be evaluated. Between phases the driver in
-``_transforms.py`` evaluates the gradient of the whole model once, at all factors' points together.
+Each integrator is a sequence of *phases*. A phase works on one factor: it takes the :class:`Carry`
+of the previous phase and the projected gradients of the factor at the last evaluation point (the
+slots of a ``LowRank`` cotangent: ``g.U = G V``, ``g.S = U^T G V``, ``g.V = G^T U``) and returns
+the next :class:`Carry`, whose ``point`` is where the next gradient must be evaluated, or, last,
+the :class:`Result`. Between phases the driver in ``_transforms.py`` evaluates the gradient of the
+whole model once, at all factors' points together, and it runs every phase under
+:func:`~dlrt_jax._linalg.full_precision`, so the products below are all at HIGHEST precision.
 
 Every substep ("integrate") is one step of an inner optax transform on that factor (plain SGD
 ``x - h g`` by default). The inner optimiser state of ``K``, ``L`` and ``S`` is carried across basis
@@ -26,14 +28,11 @@ from dlrt_jax._linalg import (
     column_mask,
     mask_block,
     mask_cols,
-    mm,
-    mmt,
     orth_complement,
     orth_span,
     orthonormal_basis,
     qr_fast,
     svd,
-    tmm,
 )
 from dlrt_jax._truncation import truncation_rank
 
@@ -56,19 +55,52 @@ class Config(NamedTuple):
     tx: optax.GradientTransformation
     tau: Any  # None: fixed rank
     absolute: bool
-    min_rank: int
-    max_rank: int | None
-    truncate_every: int = 1  # truncate with `tau` every k-th step; keep up to capacity between
+    min_rank: Any
+    max_rank: Any
+    truncate_every: Any = 1  # truncate with `tau` every k-th step; keep up to capacity between
+
+
+class Carry(NamedTuple):
+    """What one phase hands the next.
+
+    Attributes:
+        x: the factor at the start of the step.
+        state: the inner optimiser states, advanced by the substeps so far.
+        point: where the next gradient is evaluated (new bases, Galerkin starting ``S``).
+        M: the map ``U_new^T U0`` from the old ``U`` into ``point.U`` (rows: new, columns: old).
+        N: ``V_new^T V0``, likewise.
+        rows: the rows of ``point.S`` the Galerkin S-step updates (BUG).
+        cols: its columns.
+    """
+
+    x: LowRank
+    state: FactorState
+    point: LowRank | None = None
+    M: jax.Array | None = None
+    N: jax.Array | None = None
+    rows: jax.Array | None = None
+    cols: jax.Array | None = None
+
+
+class Result(NamedTuple):
+    """The factor after one step and its inner optimiser states, transported into its bases."""
+
+    factor: LowRank
+    state: FactorState
+
+
+Phase = Callable[[Config, Carry, LowRank], "Carry | Result"]
 
 
 class Integrator(NamedTuple):
     name: str
-    phases: tuple[Callable, ...]
+    phases: tuple[Phase, ...]
     augments: Callable[[Config], bool]  # builds 2c-column bases, so needs 2c <= min(n, m)
     # the gradient slots ("U": G V, "S": U^T G V, "V": G^T U) each phase reads. Only these are
     # checked for finiteness, so that under jit XLA drops the products of the others (the
     # S-step's evaluation then costs two of the three backward products of a layer less)
     reads: tuple[frozenset[str], ...]
+    moves_bases: bool = True  # False: U and V stay as given (only S is trained)
 
     @property
     def num_evals(self) -> int:
@@ -77,7 +109,7 @@ class Integrator(NamedTuple):
 
 def init_factor_state(tx: optax.GradientTransformation, x: LowRank) -> FactorState:
     U, S, V = x.masked()
-    return FactorState(K=tx.init(mm(U, S)), L=tx.init(mmt(V, S)), S=tx.init(S))
+    return FactorState(K=tx.init(U @ S), L=tx.init(V @ S.T), S=tx.init(S))
 
 
 def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
@@ -100,11 +132,9 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
         quadratic = any(getattr(k, "name", None) in SECOND_MOMENT_FIELDS for k in path)
         out = leaf
         if left is not None:
-            a = jnp.square(left) if quadratic else left
-            out = mm(a.astype(leaf.dtype), out)
+            out = (jnp.square(left) if quadratic else left).astype(leaf.dtype) @ out
         if right is not None:
-            b = jnp.square(right) if quadratic else right
-            out = mmt(out, b.astype(leaf.dtype))
+            out = out @ (jnp.square(right) if quadratic else right).astype(leaf.dtype).T
         return out
 
     return jax.tree_util.tree_map_with_path(move, state)
@@ -127,9 +157,9 @@ def _kl_steps(cfg: Config, x: LowRank, st: FactorState, g: LowRank):
     """K- and L-steps from one gradient: ``K1 = U0 S0 - h G V0``, ``L1 = V0 S0^T - h G^T U0``."""
     m = x.mask
     U0, S0, V0 = x.U, _masked_s(x), x.V
-    K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
-    L1, st_l = _inner_step(cfg.tx, mmt(V0, S0), mask_cols(g.V, m), st.L)
-    return mask_cols(K1, m), mask_cols(L1, m), st_k, st_l
+    K1, st_k = _inner_step(cfg.tx, U0 @ S0, mask_cols(g.U, m), st.K)
+    L1, st_l = _inner_step(cfg.tx, V0 @ S0.T, mask_cols(g.V, m), st.L)
+    return mask_cols(K1, m), mask_cols(L1, m), st._replace(K=st_k, L=st_l)
 
 
 def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
@@ -152,77 +182,73 @@ def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
     return P, S1, Qt, r1
 
 
-def _finish(x: LowRank, new: LowRank, st_k, st_l, st_s, maps) -> tuple[LowRank, FactorState]:
+def _finish(x: LowRank, new: LowRank, st: FactorState, M, N) -> Result:
     """Transport the K- and L-states (which live in the old bases) into the new ones.
 
-    ``maps`` = ``(M, N)``, ``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns
-    (rows: the new rank, columns: the old one).
+    ``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns (rows: the new rank,
+    columns: the old one).
     """
-    M, N = maps
-    st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
-    st_l = transport(st_l, (x.shape[1], x.capacity), right=M)
-    return new, FactorState(st_k, st_l, st_s)
+    st_k = transport(st.K, (x.shape[0], x.capacity), right=N)
+    st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
+    return Result(new, FactorState(st_k, st_l, st.S))
 
 
 # ---- basis-update & Galerkin (unconventional KLS), fixed rank and rank-adaptive -----------------
 
 
-def _bug_basis_update(cfg: Config, carry, g):
-    """K- and L-steps, new (or augmented) bases, Galerkin starting point of the S-step."""
+def _bug_basis_update(cfg: Config, carry: Carry, g: LowRank) -> Carry:
+    """K- and L-steps, new bases ``U1 = orth(K1)``, ``V1 = orth(L1)``, ``S~ = M S0 N^T``."""
     if cfg.tau is not None:
         return _bug_augment(cfg, carry, g)
-    # fixed rank: U1 = orth(K1), V1 = orth(L1), S~ = M S0 N^T
-    x, st = carry
+    x = carry.x
     m = x.mask
-    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    K1, L1, st = _kl_steps(cfg, x, carry.state, g)
     U1, V1 = qr_fast(K1, m)[0], qr_fast(L1, m)[0]
     # x.U, x.V unmasked: their inactive columns only reach entries that mask_block zeroes
-    M = mask_block(tmm(U1, x.U), m, m)
-    N = mask_block(tmm(V1, x.V), m, m)
-    point = LowRank._unchecked(U1, mm(mm(M, _masked_s(x)), N.T), V1, x.rank)
-    st_s = transport(st.S, (x.capacity, x.capacity), left=M, right=N)
-    return (x, st_k, st_l, st_s, point, m, (M, N)), point
+    M = mask_block(U1.T @ x.U, m, m)
+    N = mask_block(V1.T @ x.V, m, m)
+    point = LowRank._unchecked(U1, (M @ _masked_s(x)) @ N.T, V1, x.rank)
+    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N))
+    return Carry(x, st, point, M, N, rows=m, cols=m)
 
 
-def _bug_augment(cfg: Config, carry, g):
+def _bug_augment(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     """Rank-adaptive: ``U^ = orth([K1 | U0])``, ``V^ = orth([L1 | V0])``,
-    ``S^0 = (U^^T U0) S0 (V0^T V^)``."""
-    x, st = carry
+    ``S~ = (U^^T U0) S0 (V0^T V^)``."""
+    x = carry.x
     c = x.capacity
-    K1, L1, st_k, st_l = _kl_steps(cfg, x, st, g)
+    K1, L1, st = _kl_steps(cfg, x, carry.state, g)
     U0, S0, V0 = x.masked()
     m, m2 = x.mask, column_mask(2 * c, 2 * x.rank)
     Uh, in_u = orth_span(active_first_concat(K1, U0, x.rank))
     Vh, in_v = orth_span(active_first_concat(L1, V0, x.rank))
-    UhU0, VhV0 = tmm(Uh, U0), tmm(Vh, V0)
-    M = mask_block(UhU0, m2, m)
-    N = mask_block(VhV0, m2, m)
-    point = LowRank._unchecked(Uh, mm(mm(M, S0), N.T), Vh, 2 * x.rank)
-    # Only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update.
-    st_s = transport(st.S, (c, c), left=M, right=N)
-    return (x, st_k, st_l, st_s, point, (in_u & m2, in_v & m2), (UhU0, VhV0)), point
+    UhU0, VhV0 = Uh.T @ U0, Vh.T @ V0
+    M, N = mask_block(UhU0, m2, m), mask_block(VhV0, m2, m)
+    point = LowRank._unchecked(Uh, (M @ S0) @ N.T, Vh, 2 * x.rank)
+    st = st._replace(S=transport(st.S, (c, c), left=M, right=N))
+    # only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update
+    return Carry(x, st, point, UhU0, VhV0, rows=in_u & m2, cols=in_v & m2)
 
 
-def _bug_galerkin(cfg: Config, carry, g):
+def _bug_galerkin(cfg: Config, carry: Carry, g: LowRank) -> Result:
     """S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases, then truncation (adaptive)."""
-    x, st_k, st_l, st_s, point, m, maps = carry
-    rows, cols = (m, m) if cfg.tau is None else m
-    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, rows, cols), st_s)
-    S1 = mask_block(S1, rows, cols)
+    x, st, point = carry.x, carry.state, carry.point
+    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, carry.rows, carry.cols), st.S)
+    S1 = mask_block(S1, carry.rows, carry.cols)
     if cfg.tau is None:  # the maps M = U1^T U0, N = V1^T V0 are those of the basis update
         new = LowRank._unchecked(point.U, S1, point.V, x.rank)
-        return _finish(x, new, st_k, st_l, st_s, maps=maps), None
+        return _finish(x, new, st._replace(S=st_s), carry.M, carry.N)
     # U1 = U^ P[:, :c], V1 = V^ Q[:, :c] with U^, V^ orthonormal: every map into the new basis
     # is a small product (U1^T U^ = P[:, :c]^T, U1^T U0 = P[:, :c]^T (U^T U0)), none of size n
     P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank)
     Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
-    new = LowRank._unchecked(mm(point.U, Pc), S1, mm(point.V, Qc), r1.astype(jnp.float32))
+    new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))
     rows = new.mask[:, None]
     left, right = jnp.where(rows, Pc.T, 0.0), jnp.where(rows, Qc.T, 0.0)
     st_s = transport(st_s, point.S.shape, left=left, right=right)
-    M = mask_block(mm(Pc.T, maps[0]), new.mask, x.mask)
-    N = mask_block(mm(Qc.T, maps[1]), new.mask, x.mask)
-    return _finish(x, new, st_k, st_l, st_s, maps=(M, N)), None
+    M = mask_block(Pc.T @ carry.M, new.mask, x.mask)
+    N = mask_block(Qc.T @ carry.N, new.mask, x.mask)
+    return _finish(x, new, st._replace(S=st_s), M, N)
 
 
 BUG = Integrator(
@@ -236,7 +262,7 @@ BUG = Integrator(
 # ---- parallel rank-adaptive BUG (one gradient evaluation) --------------------------------------
 
 
-def _parallel_step(cfg: Config, carry, g):
+def _parallel_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     """All substeps from ``(U0, S0, V0)`` and one gradient, then augmentation and truncation.
 
     ``K1``, ``L1``, ``S_ = S0 - h U0^T G0 V0``; ``U~ = orth((I - U0 U0^T) K1)``,
@@ -257,14 +283,14 @@ def _parallel_step(cfg: Config, carry, g):
     ``U`` and ``V`` are re-orthonormalised (Cholesky-QR, folded into ``c x c`` factors) at the
     start of every step, so that roundoff in the bases cannot accumulate.
     """
-    x, st = carry
+    x, st = carry.x, carry.state
     c = x.capacity
     m = x.mask
     U0, S0, V0 = x.U, _masked_s(x), x.V
     # K1 = U0 S0 + dK, L1 = V0 S0^T + dL: the augmentation uses the steps dK, dL themselves,
     # (I - U U^T) K1 = (I - U U^T) dK, which keeps full relative accuracy however small they are
-    dK, st_k = cfg.tx.update(mask_cols(g.U, m), st.K, mm(U0, S0))
-    dL, st_l = cfg.tx.update(mask_cols(g.V, m), st.L, mmt(V0, S0))
+    dK, st_k = cfg.tx.update(mask_cols(g.U, m), st.K, U0 @ S0)
+    dL, st_l = cfg.tx.update(mask_cols(g.V, m), st.L, V0 @ S0.T)
     S_, st_s = _inner_step(cfg.tx, S0, mask_block(g.S, m, m), st.S)
     S_ = mask_block(S_, m, m)
 
@@ -272,26 +298,24 @@ def _parallel_step(cfg: Config, carry, g):
     # it cannot drift (folded into the small factors, never formed)
     Ub, LUinv = orthonormal_basis(x.U)
     Vb, LVinv = orthonormal_basis(x.V)
-    # Q = Ub FU + BU GU, P = Vb FV + BV GV (factored: see orth_complement)
-    AU, BU, FU, GU, CU = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # Uc^T dK, Q^T dK
-    AV, BV, FV, GV, CV = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)
+    Q = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # U^ = [Uc | Q]
+    P = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)  # V^ = [Vc | P]
     inactive = ~m
-    top = S_ + mask_block(AU, inactive, m) + mask_block(AV, inactive, m).T
-    Sh = jnp.block([[top, CV.T], [CU, jnp.zeros_like(CU)]])
+    top = S_ + mask_block(Q.UcD, inactive, m) + mask_block(P.UcD, inactive, m).T
+    Sh = jnp.block([[top, P.QD.T], [Q.QD, jnp.zeros_like(Q.QD)]])
     m2 = column_mask(2 * c, c + x.rank)
     Sh = mask_block(Sh, m2, m2)
     Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank)
-    Pv = Pvt[:c, :].T
-    # U1 = [Uc | Q] Pu[:, :c], V1 = [Vc | P] Pv: two n x c x c products each
-    U1 = mm(Ub, tmm(LUinv, Pu[:c, :c]) + mm(FU, Pu[c:, :c])) + mm(BU, mm(GU, Pu[c:, :c]))
-    V1 = mm(Vb, tmm(LVinv, Pv[:c, :]) + mm(FV, Pv[c:, :])) + mm(BV, mm(GV, Pv[c:, :]))
-    new = LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
+    Pu, Pv = Pu[:, :c], Pvt[:c, :].T
+    new = LowRank._unchecked(
+        Q.basis_times(Ub, LUinv, Pu), S1, P.basis_times(Vb, LVinv, Pv), r1.astype(jnp.float32)
+    )
     # M = U1^T U0 = Pu[:c, :c]^T (U^T U0) with U^T U0 = [diag(m); 0]; N likewise.
     m1 = column_mask(c, r1)
-    M = mask_block(Pu[:c, :c].T, m1, m)
-    N = mask_block(Pv[:c, :].T, m1, m)
+    M = mask_block(Pu[:c].T, m1, m)
+    N = mask_block(Pv[:c].T, m1, m)
     st_s = transport(st_s, (c, c), left=M, right=N)
-    return _finish(x, new, st_k, st_l, st_s, maps=(M, N)), None
+    return _finish(x, new, FactorState(st_k, st_l, st_s), M, N)
 
 
 PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True, (frozenset("USV"),))
@@ -300,41 +324,41 @@ PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True, (froz
 # ---- projector-splitting KSL (Lie-Trotter) -------------------------------------------------------
 
 
-def _ksl_k(cfg: Config, carry, g):
+def _ksl_k(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     """K-step ``K1 = U0 S0 - h G(U0 S0 V0^T) V0``, ``(U1, S^) = qr(K1)``."""
-    x, st = carry
+    x, st = carry.x, carry.state
     m = x.mask
     U0, S0, V0 = x.U, _masked_s(x), x.V
-    K1, st_k = _inner_step(cfg.tx, mm(U0, S0), mask_cols(g.U, m), st.K)
+    K1, st_k = _inner_step(cfg.tx, U0 @ S0, mask_cols(g.U, m), st.K)
     U1, R = qr_fast(mask_cols(K1, m), m)
-    M = mask_block(tmm(U1, U0), m, m)
+    M = mask_block(U1.T @ U0, m, m)
     point = LowRank._unchecked(U1, mask_block(R, m, m), V0, x.rank)
-    return (x, st, st_k, M, point), point
+    return Carry(x, st._replace(K=st_k), point, M=M)
 
 
-def _ksl_s(cfg: Config, carry, g):
+def _ksl_s(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     """Backward S-step ``S~ = S^ + h U1^T G(U1 S^ V0^T) V0``."""
-    x, st, st_k, M, point = carry
+    x, st, point = carry.x, carry.state, carry.point
     m = x.mask
-    st_s = transport(st.S, point.S.shape, left=M)
+    st_s = transport(st.S, point.S.shape, left=carry.M)
     update, st_s = cfg.tx.update(mask_block(g.S, m, m), st_s, point.S)
     St = mask_block(point.S - update.astype(point.S.dtype), m, m)
     point = LowRank._unchecked(point.U, St, point.V, x.rank)
-    return (x, st, st_k, st_s, M, point), point
+    return carry._replace(state=st._replace(S=st_s), point=point)
 
 
-def _ksl_l(cfg: Config, carry, g):
+def _ksl_l(cfg: Config, carry: Carry, g: LowRank) -> Result:
     """L-step ``L1 = V0 S~^T - h G(U1 S~ V0^T)^T U1``, ``(V1, S1^T) = qr(L1)``."""
-    x, st, st_k, st_s, M, point = carry
+    x, st, point = carry.x, carry.state, carry.point
     m = x.mask
-    st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
-    L1, st_l = _inner_step(cfg.tx, mmt(point.V, point.S), mask_cols(g.V, m), st_l)
+    st_l = transport(st.L, (x.shape[1], x.capacity), right=carry.M)
+    L1, st_l = _inner_step(cfg.tx, point.V @ point.S.T, mask_cols(g.V, m), st_l)
     V1, R = qr_fast(mask_cols(L1, m), m)
     new = LowRank._unchecked(point.U, mask_block(R.T, m, m), V1, x.rank)
-    N = mask_block(tmm(V1, point.V), m, m)
-    st_s = transport(st_s, point.S.shape, right=N)
-    st_k = transport(st_k, (x.shape[0], x.capacity), right=N)
-    return (new, FactorState(st_k, st_l, st_s)), None
+    N = mask_block(V1.T @ point.V, m, m)
+    st_s = transport(st.S, point.S.shape, right=N)
+    st_k = transport(st.K, (x.shape[0], x.capacity), right=N)
+    return Result(new, FactorState(st_k, st_l, st_s))
 
 
 KSL = Integrator(
@@ -348,13 +372,15 @@ KSL = Integrator(
 # ---- S-only fine-tuning --------------------------------------------------------------------------
 
 
-def _s_only_step(cfg: Config, carry, g):
+def _s_only_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     """``S1 = S0 - h U0^T G V0`` with the bases frozen."""
-    x, st = carry
+    x, st = carry.x, carry.state
     m = x.mask
     S1, st_s = _inner_step(cfg.tx, x.masked()[1], mask_block(g.S, m, m), st.S)
     new = LowRank._unchecked(x.U, mask_block(S1, m, m), x.V, x.rank)
-    return (new, FactorState(st.K, st.L, st_s)), None
+    return Result(new, st._replace(S=st_s))
 
 
-S_ONLY = Integrator("s_only", (_s_only_step,), lambda cfg: False, (frozenset("S"),))
+S_ONLY = Integrator(
+    "s_only", (_s_only_step,), lambda cfg: False, (frozenset("S"),), moves_bases=False
+)

@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 from dlrt_jax import _integrators as _int
-from dlrt_jax._factors import LowRank, is_lowrank
+from dlrt_jax._factors import LowRank, _check_int, _is_traced, is_lowrank
+from dlrt_jax._linalg import full_precision
 
 __all__ = [
     "DLRTState",
@@ -49,19 +50,17 @@ class DLRTState(NamedTuple):
     other: Any
 
 
-# ---- validation ----------------------------------------------------------------------------------
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
+# ---- validation (once, at the public boundary) ---------------------------------------------------
 
 
 def _as_transform(optimizer: Any, name: str) -> optax.GradientTransformation:
     """An optax transform, or a learning rate / schedule turned into ``optax.sgd``."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
-    if isinstance(optimizer, numbers.Real | jax.Array) or (
-        hasattr(optimizer, "shape") and getattr(optimizer, "shape", None) == ()
+    if (
+        isinstance(optimizer, numbers.Real)
+        or np.shape(optimizer) == ()
+        and hasattr(optimizer, "dtype")
     ):
         if not _is_traced(optimizer) and not float(optimizer) > 0:
             raise ValueError(f"`{name}` as a learning rate must be > 0, got {float(optimizer)}.")
@@ -74,36 +73,25 @@ def _as_transform(optimizer: Any, name: str) -> optax.GradientTransformation:
     )
 
 
-def _check_truncation(tau, absolute, min_rank, max_rank) -> None:
+def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every) -> None:
+    """Traced values (``optax.inject_hyperparams`` under ``jit``) were checked when first built."""
+    if not isinstance(absolute, bool | np.bool_):
+        raise TypeError(f"`absolute` must be a bool, got {type(absolute).__name__}.")
     if tau is not None and not _is_traced(tau):
         t = float(jnp.asarray(tau))
         if not t >= 0:  # also rejects NaN
             raise ValueError(f"`tau` must be >= 0 (or None for a fixed rank), got {t}.")
-    if not isinstance(absolute, bool | np.bool_) and not _is_traced(absolute):
-        raise TypeError(f"`absolute` must be a bool, got {type(absolute).__name__}.")
-    relative = not _is_traced(absolute) and not bool(absolute)
-    if tau is not None and not _is_traced(tau) and relative and float(jnp.asarray(tau)) >= 1:
-        raise ValueError(
-            f"`tau`={float(jnp.asarray(tau)):g} with the relative rule (absolute=False) cuts every "
-            "rank to `min_rank`: the threshold tau * ||sigma||_2 is at least the norm of all "
-            "singular values. A relative `tau` must be in [0, 1) (e.g. 0.09, as in the paper); "
-            "pass absolute=True for a threshold on the tail norm itself."
-        )
-    if _is_traced(min_rank) or _is_traced(max_rank):
-        return  # injected by optax.inject_hyperparams: checked when first built, concretely
-    if not _is_whole(min_rank) or int(min_rank) < 1:
-        raise ValueError(f"`min_rank` must be an integer >= 1, got {min_rank!r}.")
-    if max_rank is not None and (not _is_whole(max_rank) or int(max_rank) < int(min_rank)):
-        raise ValueError(
-            f"`max_rank` must be None or an integer >= min_rank={int(min_rank)}, got {max_rank!r}."
-        )
-
-
-def _is_whole(x: Any) -> bool:
-    """An integer, or a 0-d integer array (``inject_hyperparams`` turns ints into arrays)."""
-    if isinstance(x, numbers.Integral):
-        return True
-    return hasattr(x, "dtype") and np.ndim(x) == 0 and np.issubdtype(x.dtype, np.integer)
+        if not absolute and t >= 1:
+            raise ValueError(
+                f"`tau`={t:g} with the relative rule (absolute=False) cuts every rank to "
+                "`min_rank`: the threshold tau * ||sigma||_2 is at least the norm of all "
+                "singular values. A relative `tau` must be in [0, 1) (e.g. 0.09, as in the "
+                "paper); pass absolute=True for a threshold on the tail norm itself."
+            )
+    min_rank = _check_int(min_rank, "min_rank", 1)
+    if max_rank is not None and not _is_traced(min_rank):
+        _check_int(max_rank, "max_rank", min_rank, fix=" (or None: each factor's capacity)")
+    _check_int(truncate_every, "truncate_every", 1)
 
 
 def _check_factor(x: LowRank, path: str, integrator: _int.Integrator, cfg: _int.Config) -> None:
@@ -127,40 +115,70 @@ def _path_str(path) -> str:
     return "params" + jax.tree_util.keystr(path)
 
 
-def _split(tree: Any):
-    """Leaves (``LowRank`` kept whole) and the treedef."""
-    return jax.tree_util.tree_flatten(tree, is_leaf=is_lowrank)
-
-
 def _check_grads(grads: Any, params: Any, where: str) -> None:
     """Same tree structure and leaf shapes, with ``LowRank`` cotangents where params have them."""
-    p_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
-    p_def = jax.tree_util.tree_structure(params, is_leaf=is_lowrank)
-    g_def = jax.tree_util.tree_structure(grads, is_leaf=is_lowrank)
+    p_paths, p_def = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)
+    g_leaves, g_def = jax.tree_util.tree_flatten(grads, is_leaf=is_lowrank)
     if p_def != g_def:
         raise ValueError(
             f"{where}: the gradient tree does not match the params tree.\n  params: {p_def}\n"
             f"  grads:  {g_def}\nPass gradients of the same params (e.g. `jax.grad(loss)(params)`)."
         )
-    for (path, p), g in zip(p_paths, jax.tree_util.tree_leaves(grads, is_leaf=is_lowrank)):
-        if is_lowrank(p):
-            if not is_lowrank(g):
+    for (path, p), g in zip(p_paths, g_leaves):
+        if is_lowrank(p) and not is_lowrank(g):
+            raise ValueError(f"{where}: {_path_str(path)} is a LowRank but its gradient is not.")
+        pairs = zip((p.U, p.S, p.V), (g.U, g.S, g.V)) if is_lowrank(p) else [(p, g)]
+        for a, b in pairs:
+            if jnp.shape(a) != jnp.shape(b):
                 raise ValueError(
-                    f"{where}: {_path_str(path)} is a LowRank but its gradient is not."
-                )
-            shapes = [(a.shape, b.shape) for a, b in ((p.U, g.U), (p.S, g.S), (p.V, g.V))]
-        else:
-            shapes = [(jnp.shape(p), jnp.shape(g))]
-        for ps, gs in shapes:
-            if ps != gs:
-                raise ValueError(
-                    f"{where}: gradient of {_path_str(path)} has shape {gs}, params have {ps}."
+                    f"{where}: gradient of {_path_str(path)} has shape {jnp.shape(b)}, params "
+                    f"have {jnp.shape(a)}."
                 )
 
 
-def _read_slots(g: LowRank, slots: frozenset[str]) -> list[jax.Array]:
-    """The gradient slots of ``g`` a phase reads (the others are never used)."""
-    return [getattr(g, name) for name in "USV" if name in slots]
+def _check_on_manifold(name: str, params: Any, count: jax.Array) -> None:
+    """Raise if a factor is not what a DLRT step leaves (checked from the second step on).
+
+    A whole rank in ``[1, capacity]`` and unit active columns of ``U`` and ``V``: a transform after
+    DLRT in a chain (``optax.scale``, weight decay, clipping) breaks both, since it scales the
+    updates ``new - old`` of the rank and the bases. Concrete params raise ``ValueError`` here;
+    under ``jit`` a ``jax.debug.callback`` raises it when the step runs (only then: the callback
+    sits in a ``lax.cond`` branch), which surfaces as a ``JaxRuntimeError`` carrying the message.
+    """
+    paths_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
+    factors = [(_path_str(p), x) for p, x in paths_leaves if is_lowrank(x)]
+    tols = [max(1e-3, 16 * float(jnp.finfo(x.dtype).eps)) for _, x in factors]
+
+    def unit_cols_err(a, mask):  # of the active columns
+        return jnp.max(jnp.where(mask, jnp.abs(jnp.linalg.norm(a, axis=0) - 1), 0.0))
+
+    ranks = jnp.stack([jnp.asarray(x.rank, jnp.float32) for _, x in factors])
+    errs = jnp.stack(
+        [jnp.maximum(unit_cols_err(x.U, x.mask), unit_cols_err(x.V, x.mask)) for _, x in factors]
+    )
+    caps = jnp.asarray([x.capacity for _, x in factors], jnp.float32)
+    bad = (ranks != jnp.round(ranks)) | (ranks < 1) | (ranks > caps) | ~(errs <= jnp.asarray(tols))
+    bad = bad & (count > 0)
+
+    def report(bad, ranks, errs):  # batched under vmap: a row per member
+        bad, ranks, errs = (np.asarray(a).reshape(-1, len(factors)) for a in (bad, ranks, errs))
+        for row, col in zip(*np.nonzero(bad)):
+            (path, x), r, e = factors[col], ranks[row, col], errs[row, col]
+            raise ValueError(
+                f"{name}.update: {path} is not a factor a DLRT step leaves: rank {r:.7g} (a "
+                f"whole number in [1, {x.capacity}] expected), active columns of U and V off "
+                f"unit norm by up to {e:.2g}. A transform after the DLRT transform in an "
+                "optax.chain changed its updates (each is new - old factor, rank included): "
+                "DLRT must be the last member of the chain, with gradient clipping, "
+                "reduce_on_plateau and other gradient processing before it, and its updates "
+                "must reach optax.apply_updates unchanged."
+            )
+
+    if not any(_is_traced(a) for a in (bad, count)):
+        report(*jax.device_get((bad, ranks, errs)))
+    else:
+        args = (bad, ranks, errs)
+        jax.lax.cond(jnp.any(bad), lambda: jax.debug.callback(report, *args), lambda: None)
 
 
 def _all_finite(trees) -> jax.Array:
@@ -182,13 +200,14 @@ def _run(
     state: DLRTState,
     params: Any,
     grad_fn: GradFn | None,
-):
+) -> tuple[Any, Any, DLRTState]:
     """One step of ``integrator`` on every ``LowRank`` of ``params`` and of ``other`` elsewhere.
 
     Returns ``(new_params, updates, new_state)``; on a non-finite gradient or result, ``new_params``
-    equals ``params``, the updates are zero and only the counters move.
+    equals ``params``, the updates are zero and only the counters move. Every phase runs under
+    :func:`~dlrt_jax._linalg.full_precision`; ``grad_fn`` (the user's model) runs outside it.
     """
-    leaves, treedef = _split(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_lowrank)
     g_leaves = treedef.flatten_up_to(grads)
     st_leaves = treedef.flatten_up_to(state.factors)
     idx = [i for i, leaf in enumerate(leaves) if is_lowrank(leaf)]
@@ -209,51 +228,47 @@ def _run(
         # (k may be an array: optax.inject_hyperparams injects every numeric argument)
         due = (state.count + 1) % jnp.asarray(k, jnp.int32) == 0
         cfg = cfg._replace(tau=jnp.where(due, jnp.asarray(cfg.tau, jnp.float32), 0.0))
-    carries = [(leaves[i], st_leaves[i]) for i in idx]
-    g = [g_leaves[i] for i in idx]
     # only what the step uses is checked: the non-factor gradients and the slots each phase reads
     finite = _all_finite([gl for leaf, gl in zip(leaves, g_leaves) if not is_lowrank(leaf)])
-    finite = finite & _all_finite([_read_slots(gi, integrator.reads[0]) for gi in g])
-    for k, phase in enumerate(integrator.phases):
-        outs = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
-        carries = [o[0] for o in outs]
-        if k + 1 < len(integrator.phases):
+    g = [g_leaves[i] for i in idx]
+    carries = [_int.Carry(leaves[i], st_leaves[i]) for i in idx]
+    for k, (phase, reads) in enumerate(zip(integrator.phases, integrator.reads)):
+        if k:  # the gradient of the whole model at every factor's new point
             points = list(leaves)
-            for i, o in zip(idx, outs):
-                points[i] = o[1]
-            eval_grads = grad_fn(treedef.unflatten(points))
-            _check_grads(eval_grads, treedef.unflatten(points), "grad_fn")
-            eval_leaves = treedef.flatten_up_to(eval_grads)
-            g = [eval_leaves[i] for i in idx]
-            finite = finite & _all_finite([_read_slots(gi, integrator.reads[k + 1]) for gi in g])
+            for i, carry in zip(idx, carries):
+                points[i] = carry.point
+            points = treedef.unflatten(points)
+            evaluated = grad_fn(points)
+            _check_grads(evaluated, points, "grad_fn")
+            g = [treedef.flatten_up_to(evaluated)[i] for i in idx]
+        finite = finite & _all_finite([[getattr(gi, s) for s in "USV" if s in reads] for gi in g])
+        with full_precision():
+            carries = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
 
     others = [None if is_lowrank(leaf) else leaf for leaf in leaves]
     other_grads = [None if is_lowrank(leaf) else gl for leaf, gl in zip(leaves, g_leaves)]
     other_updates, other_state = other.update(
         treedef.unflatten(other_grads), state.other, treedef.unflatten(others)
     )
-    other_updates = treedef.flatten_up_to(other_updates)
-
-    new_leaves = list(leaves)
-    update_leaves = list(other_updates)
-    new_factor_states = list(st_leaves)
-    for i, (new, fst) in zip(idx, carries):
-        new_leaves[i] = new
-        new_factor_states[i] = fst
+    update_leaves = treedef.flatten_up_to(other_updates)
+    new_leaves, new_factor_states = list(leaves), list(st_leaves)
+    for i, result in zip(idx, carries):
+        new_leaves[i], new_factor_states[i] = result
     finite = finite & _all_finite([new_leaves[i] for i in idx])
 
     def keep(new, old):
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-    for i in idx:
-        old, new = leaves[i], new_leaves[i]
-        delta = LowRank._unchecked(new.U - old.U, new.S - old.S, new.V - old.V, new.rank - old.rank)
-        update_leaves[i] = keep(delta, jax.tree_util.tree_map(jnp.zeros_like, delta))
-        new_leaves[i] = keep(new, old)
-    for i, leaf in enumerate(leaves):
-        if not is_lowrank(leaf):
-            update_leaves[i] = jnp.where(finite, update_leaves[i], jnp.zeros_like(update_leaves[i]))
-            new_leaves[i] = leaf + update_leaves[i]
+    for i, (old, new) in enumerate(zip(leaves, new_leaves)):
+        if is_lowrank(old):
+            delta = LowRank._unchecked(
+                new.U - old.U, new.S - old.S, new.V - old.V, new.rank - old.rank
+            )
+            update_leaves[i] = keep(delta, jax.tree.map(jnp.zeros_like, delta))
+            new_leaves[i] = keep(new, old)
+        else:
+            update_leaves[i] = keep(update_leaves[i], jnp.zeros_like(update_leaves[i]))
+            new_leaves[i] = old + update_leaves[i]
 
     new_state = DLRTState(
         count=optax.safe_increment(state.count),
@@ -266,91 +281,63 @@ def _run(
 
 def _build(
     integrator: _int.Integrator,
-    optimizer: Any,
-    other_optimizer: Any,
-    tau: Any,
-    absolute: bool,
-    min_rank: int,
-    max_rank: int | None,
     name: str,
-    truncate_every: int = 1,
+    optimizer: Any,
+    other_optimizer: Any = None,
+    tau: Any = None,
+    absolute: bool = False,
+    min_rank: Any = 1,
+    max_rank: Any = None,
+    truncate_every: Any = 1,
 ):
     """Validate the hyperparameters; return the config, the other optimiser and ``init``."""
-    _check_truncation(tau, absolute, min_rank, max_rank)
-    if not _is_traced(truncate_every) and (
-        isinstance(truncate_every, bool) or not _is_whole(truncate_every) or int(truncate_every) < 1
-    ):
-        raise ValueError(f"`truncate_every` must be an integer >= 1, got {truncate_every!r}.")
+    _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every)
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
-    cfg = _int.Config(
-        tx=tx,
-        tau=tau,
-        absolute=absolute,
-        min_rank=min_rank,
-        max_rank=max_rank,
-        truncate_every=truncate_every,
-    )
+    cfg = _int.Config(tx, tau, absolute, min_rank, max_rank, truncate_every)
 
-    def init_fn(params):
-        leaves_with_paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
-        if not any(is_lowrank(leaf) for _, leaf in leaves_with_paths):
+    def init_fn(params: optax.Params) -> DLRTState:
+        paths_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
+        if not any(is_lowrank(leaf) for _, leaf in paths_leaves):
             raise ValueError(
                 f"{name}: params contain no LowRank factor; wrap the weights to train with DLRT "
                 "(e.g. `LowRank.random` / `LowRank.from_dense`) or use a plain optax optimiser."
             )
-        for path, leaf in leaves_with_paths:
+        for path, leaf in paths_leaves:
             if is_lowrank(leaf):
                 _check_factor(leaf, _path_str(path), integrator, cfg)
-        factors = jax.tree_util.tree_map(
-            lambda x: _int.init_factor_state(tx, x) if is_lowrank(x) else None,
-            params,
-            is_leaf=is_lowrank,
-        )
-        others = jax.tree_util.tree_map(
-            lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank
-        )
-        return DLRTState(
-            count=jnp.zeros([], jnp.int32),
-            num_skipped=jnp.zeros([], jnp.int32),
-            factors=factors,
-            other=other.init(others),
-        )
+        with full_precision():
+            factors = jax.tree.map(
+                lambda x: _int.init_factor_state(tx, x) if is_lowrank(x) else None,
+                params,
+                is_leaf=is_lowrank,
+            )
+        others = jax.tree.map(lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank)
+        zero = jnp.zeros([], jnp.int32)
+        return DLRTState(zero, zero, factors, other.init(others))
 
     return cfg, other, init_fn
 
 
 def _dlrt_transform(
-    integrator: _int.Integrator,
-    optimizer: Any,
-    other_optimizer: Any,
-    tau: Any,
-    absolute: bool,
-    min_rank: int,
-    max_rank: int | None,
-    name: str,
-    truncate_every: int = 1,
+    integrator: _int.Integrator, name: str, optimizer: Any, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
-    cfg, other, init_fn = _build(
-        integrator,
-        optimizer,
-        other_optimizer,
-        tau,
-        absolute,
-        min_rank,
-        max_rank,
-        name,
-        truncate_every,
-    )
-    needs_grad_fn = integrator.num_evals > 1
+    cfg, other, init_fn = _build(integrator, name, optimizer, **kwargs)
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates,
+        state: DLRTState,
+        params: optax.Params | None = None,
+        *,
+        grad_fn: GradFn | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, DLRTState]:
         # optax's ExtraArgs convention: extra arguments meant for other members of a chain (e.g.
         # `value=` for reduce_on_plateau or a line search) are accepted and ignored
         del extra_args
         if params is None:
             raise ValueError(f"{name}.update needs `params` (the current factors).")
-        if needs_grad_fn and grad_fn is None:
+        if integrator.num_evals > 1 and grad_fn is None:
             raise TypeError(
                 f"{name} evaluates the gradient {integrator.num_evals} times per step and needs "
                 "the keyword argument `grad_fn`: a function from params to gradients, e.g. "
@@ -359,45 +346,20 @@ def _dlrt_transform(
         if grad_fn is not None and not callable(grad_fn):
             raise TypeError(f"`grad_fn` must be callable, got {type(grad_fn).__name__}.")
         _check_grads(updates, params, f"{name}.update")
+        if integrator.moves_bases:
+            _check_on_manifold(name, params, state.count)
         _, new_updates, new_state = _run(integrator, cfg, other, updates, state, params, grad_fn)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_COMMON_DOC = """
-    The transform returns updates that ``optax.apply_updates`` turns into the new factors (each
-    ``LowRank`` update is the difference new - old, ranks included), so it must be the *last*
-    member of an ``optax.chain``; gradient clipping and other gradient processing go before it.
-    Inner optimisers: every substep on ``K``, ``L`` and ``S`` is one step of ``optimizer`` with its
-    own state (``optax.sgd``, with or without momentum, ``optax.adam``/``adamw``, ``rmsprop``,
-    ``adagrad``, ``adabelief``, ``lion`` and ``optax.inject_hyperparams`` wrappers of them work);
-    moments are transported into each new basis (see ``DLRTState`` and ``_integrators.transport``).
-    Optimisers with factored or shape-changing state (``adafactor``) and weight decay added before
-    this transform in a chain are not supported. Leaves that are not ``LowRank`` (biases, dense
-    layers, norms) are trained by ``other_optimizer`` (default: ``optimizer``, separate state) once
-    per step with the first gradient. :func:`isotropic_adam` (one second moment per factor, exactly
-    transported) and :func:`reference_adam` (the paper's TensorFlow step) are written for this
-    setting; ``benchmarks/README.md`` ("End to end") compares them with the others on the
-    paper's MLP. Adam's per-entry step on ``K``, ``L``, ``S`` moves ``W`` by about ``sqrt(r / m)``
-    of a dense Adam step of the same learning rate, so a factor learning rate about 3x the dense
-    one is a good start (the main job's default).
-
-    Extra arguments of ``update`` other than ``grad_fn`` (``value=`` for
-    ``optax.contrib.reduce_on_plateau``, a line search's arguments) are accepted and ignored.
-
-    A step whose gradients (or result) contain NaN or Inf changes nothing and increments
-    ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
-    groups' leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params tree.
-"""
-
-
-def _trunc_doc() -> str:
-    return """
-        tau: truncation tolerance for the rank-adaptive variant; ``None`` keeps every rank fixed.
-            The new rank is the smallest ``rho`` with ``sqrt(sum_{j > rho} sigma_j^2) <= theta``,
-            ``theta = tau * ||sigma||_2`` (or ``tau`` with ``absolute=True``), clamped to
-            ``[min_rank, max_rank]``. A relative ``tau`` must lie in ``[0, 1)``.
+_DOC_PARTS = {
+    "{truncation_args}": """tau: truncation tolerance for the rank-adaptive variant; ``None``
+            keeps every rank fixed. The new rank is the smallest ``rho`` with
+            ``sqrt(sum_{j > rho} sigma_j^2) <= theta``, ``theta = tau * ||sigma||_2`` (or ``tau``
+            with ``absolute=True``), clamped to ``[min_rank, max_rank]``. A relative ``tau``
+            must lie in ``[0, 1)``.
         absolute: use an absolute tolerance.
         min_rank: lower bound on every rank (default 2, at most each factor's capacity).
         max_rank: upper bound; default each factor's capacity.
@@ -406,13 +368,42 @@ def _trunc_doc() -> str:
             step); the steps in between cut nothing, so ranks rise to the capacity there and new
             directions accumulate over ``k`` steps before they are judged. Read ranks (and run a
             :class:`CapacityPolicy` with ``every`` a multiple of ``k``) right after a truncation
-            step, or compress with :meth:`LowRank.truncate`."""
+            step, or compress with :meth:`LowRank.truncate`.""",
+    "{usage}": """Each ``LowRank`` update is the difference new - old factor, ranks included, for
+    ``optax.apply_updates``; so the transform must be the *last* member of an ``optax.chain``
+    (gradient clipping, ``optax.contrib.reduce_on_plateau`` and other gradient processing go
+    before it). A transform after it (``optax.scale``, weight decay) would leave factors off the
+    manifold: the next ``update`` raises then (a ``JaxRuntimeError`` under ``jit``). Extra
+    arguments of ``update`` other than ``grad_fn`` (``value=``, a line search's) are accepted and
+    ignored; ``optax.inject_hyperparams``, ``optax.MultiSteps`` and ``optax.apply_if_finite``
+    wrap it. A step whose gradients (or result) are not finite changes nothing and increments
+    ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
+    groups' leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params.
+
+    Inner optimisers: every substep on ``K``, ``L`` and ``S`` is one step of ``optimizer`` with
+    its own state, transported into each new basis (``optax.sgd`` with or without momentum,
+    ``adam``/``adamw``, ``rmsprop``, ``adagrad``, ``adabelief``, ``lion`` work; ``adafactor`` and
+    weight decay before this transform do not). :func:`isotropic_adam` (exactly transported) and
+    :func:`reference_adam` (the paper's TensorFlow step) are written for this setting. Adam moves
+    ``W`` by about ``sqrt(r / m)`` of a dense Adam step of the same learning rate, so a factor
+    learning rate about 3x the dense one is a good start. Leaves that are not ``LowRank`` take
+    one step of ``other_optimizer`` (default: ``optimizer``, separate state) with the first
+    gradient. The method: ``docs/method.md``.""",
+}
 
 
+def _fill_doc(fn):
+    """Put the argument and usage texts shared by the transforms into ``fn``'s docstring."""
+    for marker, text in _DOC_PARTS.items():
+        fn.__doc__ = fn.__doc__.replace(marker, text)
+    return fn
+
+
+@_fill_doc
 def bug(
     optimizer: Any,
     *,
-    tau: Any = None,
+    tau: float | None = None,
     absolute: bool = False,
     min_rank: int = 2,
     max_rank: int | None = None,
@@ -438,29 +429,14 @@ def bug(
     Args:
         optimizer: inner optax transform of every substep, or a learning rate / schedule for
             plain SGD.
-    """
-    return _dlrt_transform(
-        _int.BUG,
-        optimizer,
-        other_optimizer,
-        tau,
-        absolute,
-        min_rank,
-        max_rank,
-        "bug",
-        truncate_every,
-    )
-
-
-bug.__doc__ += (
-    _trunc_doc()
-    + """
+        {truncation_args}
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, grad_fn)``.
-"""
-    + _COMMON_DOC
-    + """
+        An ``optax.GradientTransformationExtraArgs``;
+        ``update(grads, state, params, *, grad_fn, **extra_args) -> (updates, state)``.
+
+    {usage}
+
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> import dlrt_jax
@@ -481,16 +457,18 @@ bug.__doc__ += (
         approximation", BIT 62 (2022); Ceruti, Kusch & Lubich, "A rank-adaptive robust integrator
         for dynamical low-rank approximation", BIT 62 (2022); Schotthöfer et al., "Low-rank lottery
         tickets", NeurIPS 2022.
-"""
-)
+    """
+    return _dlrt_transform(_int.BUG, "bug", **locals())
+
 
 kls = bug
 
 
+@_fill_doc
 def parallel_bug(
     optimizer: Any,
     *,
-    tau: Any = None,
+    tau: float | None = None,
     absolute: bool = False,
     min_rank: int = 2,
     max_rank: int | None = None,
@@ -510,29 +488,14 @@ def parallel_bug(
 
     Args:
         optimizer: inner optax transform of every substep, or a learning rate / schedule.
-    """
-    return _dlrt_transform(
-        _int.PARALLEL,
-        optimizer,
-        other_optimizer,
-        tau,
-        absolute,
-        min_rank,
-        max_rank,
-        "parallel_bug",
-        truncate_every,
-    )
-
-
-parallel_bug.__doc__ += (
-    _trunc_doc()
-    + """
+        {truncation_args}
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs``.
-"""
-    + _COMMON_DOC
-    + """
+        An ``optax.GradientTransformationExtraArgs``;
+        ``update(grads, state, params, **extra_args) -> (updates, state)``.
+
+    {usage}
+
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> import dlrt_jax
@@ -548,12 +511,14 @@ parallel_bug.__doc__ += (
     References:
         Ceruti, Kusch & Lubich, "A parallel rank-adaptive integrator for dynamical low-rank
         approximation", SIAM J. Sci. Comput. 46 (2024).
-"""
-)
+    """
+    return _dlrt_transform(_int.PARALLEL, "parallel_bug", **locals())
+
 
 parallel_kls = parallel_bug
 
 
+@_fill_doc
 def projector_splitting(
     optimizer: Any, *, other_optimizer: Any = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -572,21 +537,24 @@ def projector_splitting(
         other_optimizer: optimiser for the leaves that are not ``LowRank``.
 
     Returns:
-        An ``optax.GradientTransformationExtraArgs``; ``update(grads, state, params, *, grad_fn)``.
+        An ``optax.GradientTransformationExtraArgs``;
+        ``update(grads, state, params, *, grad_fn, **extra_args) -> (updates, state)``.
+
+    {usage}
 
     References:
         Lubich & Oseledets, "A projector-splitting integrator for dynamical low-rank
         approximation", BIT 54 (2014).
     """
     return _dlrt_transform(
-        _int.KSL, optimizer, other_optimizer, None, False, 1, None, "projector_splitting"
+        _int.KSL, "projector_splitting", optimizer, other_optimizer=other_optimizer
     )
 
 
-projector_splitting.__doc__ += _COMMON_DOC
 ksl = projector_splitting
 
 
+@_fill_doc
 def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""Train only ``S`` with the bases frozen (the paper's fine-tuning after the rank search).
 
@@ -595,17 +563,20 @@ def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTran
     Args:
         optimizer: inner optax transform, or a learning rate / schedule.
         other_optimizer: optimiser for the leaves that are not ``LowRank``.
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs``;
+        ``update(grads, state, params, **extra_args) -> (updates, state)``.
+
+    {usage}
     """
-    return _dlrt_transform(_int.S_ONLY, optimizer, other_optimizer, None, False, 1, None, "s_only")
-
-
-s_only.__doc__ += _COMMON_DOC
+    return _dlrt_transform(_int.S_ONLY, "s_only", optimizer, other_optimizer=other_optimizer)
 
 
 # ---- pure step functions -------------------------------------------------------------------------
 
 
-def bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs) -> Any:
+def bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs: Any) -> Any:
     """One plain-SGD step of :func:`bug` on every ``LowRank`` in ``params`` (a pure function).
 
     ``grad_fn(params) -> grads``; ``kwargs`` as for :func:`bug` (``tau``, ``min_rank``, ...).
@@ -614,7 +585,7 @@ def bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs) -> An
     return _step(_int.BUG, params, grad_fn, learning_rate, kwargs, "bug_step")
 
 
-def parallel_bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs) -> Any:
+def parallel_bug_step(params: Any, grad_fn: GradFn, learning_rate: float, **kwargs: Any) -> Any:
     """One plain-SGD step of :func:`parallel_bug` (a pure function); see :func:`bug_step`."""
     return _step(_int.PARALLEL, params, grad_fn, learning_rate, kwargs, "parallel_bug_step")
 
@@ -630,17 +601,7 @@ def _step(integrator, params, grad_fn, learning_rate, kwargs, name):
     unknown = set(kwargs) - {"tau", "absolute", "min_rank", "max_rank"}
     if unknown:
         raise TypeError(f"{name} got unexpected keyword arguments {sorted(unknown)}.")
-    cfg, other, init_fn = _build(
-        integrator,
-        learning_rate,
-        None,
-        kwargs.get("tau"),
-        kwargs.get("absolute", False),
-        kwargs.get("min_rank", 2),
-        kwargs.get("max_rank"),
-        name,
-    )
-    state = init_fn(params)
+    cfg, other, init_fn = _build(integrator, name, learning_rate, **{"min_rank": 2, **kwargs})
     grads = grad_fn(params)
     _check_grads(grads, params, name)
-    return _run(integrator, cfg, other, grads, state, params, grad_fn)[0]
+    return _run(integrator, cfg, other, grads, init_fn(params), params, grad_fn)[0]

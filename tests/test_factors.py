@@ -191,7 +191,7 @@ def test_bad_ranks_and_capacities():
         LowRank.random(key, (6, 4), rank=0)
     with pytest.raises(ValueError, match=r"`rank`=3 exceeds the capacity 2.*larger `capacity=`"):
         LowRank.random(key, (6, 4), rank=3)
-    with pytest.raises(ValueError, match=r"`rank` must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"`rank` must be an integer >= 1, got 0"):
         LowRank(jnp.zeros((6, 2)), jnp.zeros((2, 2)), jnp.zeros((5, 2)), rank=0)
     with pytest.raises(ValueError, match=r"capacity.*min\(n, m\)=4"):
         LowRank.random(key, (6, 4), rank=2, capacity=5)
@@ -247,7 +247,7 @@ def test_replace_on_a_gradient_keeps_its_zero_rank_slot():
     assert float(g.replace(U=g.U.at[0, 0].set(jnp.nan)).rank) == 0.0  # NaN gradients: skipped
     with pytest.raises(ValueError, match="Inconsistent factor shapes"):
         g.replace(S=jnp.zeros((3, 3)))  # shapes are still checked
-    with pytest.raises(ValueError, match="`rank` must be >= 1"):
+    with pytest.raises(ValueError, match="`rank` must be an integer >= 1"):
         g.replace(rank=0)  # a rank given explicitly is validated
     assert int(g.replace(rank=1).active_rank) == 1
     # an ordinary factor is validated as before, naming the argument to change

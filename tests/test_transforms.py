@@ -335,3 +335,44 @@ def test_extra_arguments_of_optax_chains_pass_through():
             updates, state = tx.update(grads, state, p, value=value, grad_fn=jax.grad(loss))
             p = optax.apply_updates(p, updates)
         assert float(loss(p)) < float(loss(params))
+
+
+# ---- precision -----------------------------------------------------------------------------------
+
+
+def _dots(fn, *args):
+    text = jax.jit(fn).lower(*args).as_text()
+    return [line for line in text.splitlines() if "dot_general" in line]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: dlrt_jax.bug(optax.adam(0.1), tau=0.1),
+        lambda: dlrt_jax.bug(0.1),
+        lambda: dlrt_jax.parallel_bug(0.1, tau=0.1),
+        lambda: dlrt_jax.ksl(0.1),
+    ],
+    ids=["bug", "bug_fixed", "parallel_bug", "ksl"],
+)
+def test_every_product_of_a_step_is_highest_precision_and_the_model_keeps_its_own(make):
+    """The lowered program carries the precision of each dot, so this holds on every backend
+    (on GPUs the default float32 product is TF32, too coarse for basis arithmetic)."""
+    params = {"w": LowRank.random(jax.random.key(0), (N, M), rank=3, capacity=CAP)}
+    tx = make()
+    state = tx.init(params)
+
+    def no_product_grads(p):  # stands in for a model, without products of its own
+        w = p["w"]
+        return {"w": w._unchecked(0.1 * w.U, 0.1 * w.S, 0.1 * w.V, jnp.zeros(()))}
+
+    def step(p, s, grad_fn):
+        return tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+
+    dots = _dots(lambda p, s: step(p, s, no_product_grads), params, state)
+    assert len(dots) >= 2
+    assert all("precision = [HIGHEST, HIGHEST]" in d for d in dots), dots
+    # a model's own products (to_dense in the loss) are left at the default precision
+    model = jax.grad(lambda p: jnp.sum(p["w"].to_dense() ** 2))
+    dots = _dots(lambda p, s: step(p, s, model), params, state)
+    assert any("HIGHEST" not in d for d in dots)
