@@ -5,6 +5,7 @@ gradient transformations (:func:`bug`, :func:`parallel_bug`, :func:`projector_sp
 :func:`s_only`), their pure step functions, and capacity management outside ``jit``.
 """
 
+from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
 from dlrt_jax._capacity import CapacityPolicy, fit_capacity, resize_capacity
 from dlrt_jax._factors import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
 from dlrt_jax._inner import isotropic_adam, reference_adam, scale_by_isotropic_adam
@@ -52,9 +53,12 @@ __all__ = [
     "CapacityPolicy",
     "DLRTState",
     "LowRank",
+    "RankBudgetState",
+    "budget_cost",
     "bug",
     "bug_step",
     "default_capacity",
+    "factor_ranks",
     "fit_capacity",
     "is_lowrank",
     "isotropic_adam",
@@ -74,4 +78,5 @@ __all__ = [
     "scale_by_isotropic_adam",
     "tail_norms",
     "truncation_rank",
+    "with_rank_budget",
 ]

@@ -11,7 +11,7 @@ import optax
 
 from dlrt_jax._factors import LowRank, is_lowrank
 
-__all__ = ["RankBudgetState", "budget_cost", "with_rank_budget"]
+__all__ = ["RankBudgetState", "budget_cost", "factor_ranks", "with_rank_budget"]
 
 
 class RankBudgetState(NamedTuple):
@@ -41,6 +41,33 @@ def budget_cost(params: Any) -> int:
         36
     """
     return int(sum(int(x.active_rank) * (x.shape[0] + x.shape[1]) for x in _factors(params)))
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def factor_ranks(params: Any) -> dict[str, int]:
+    """``{path: rank}`` of every ``LowRank`` in a pytree (path parts joined by ``/``).
+
+    The per-layer report of a global budget (or of any rank-adaptive run); for an NNX model pass
+    ``nnx.as_pure(nnx.state(model, nnx.Param))``. Reads the ranks, so call it outside ``jit``.
+
+    Examples:
+        >>> import jax
+        >>> from dlrt_jax import LowRank, factor_ranks
+        >>> factor_ranks({"fc1": {"kernel": LowRank.random(jax.random.key(0), (8, 6), rank=2)}})
+        {'fc1/kernel': 2}
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
+    return {
+        "/".join(_key_name(k) for k in path): int(x.active_rank)
+        for path, x in flat
+        if is_lowrank(x)
+    }
 
 
 def _diagonalise(x: LowRank) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,6 +134,13 @@ def with_rank_budget(
     larger singular values: a global allocation instead of the per-layer tolerance ``tau``. Both
     apply: ``tau`` first (in ``tx``), the budget then cuts further. Use a small ``tau`` (or
     ``tau=0.0``, keeping everything up to the capacity) to let the budget alone decide.
+    :func:`factor_ranks` reports the ranks per layer.
+
+    The comparison across layers is only as meaningful as the singular values the inner optimiser
+    produces: plain or momentum SGD keeps them proportional to the gradients, while Adam (per
+    entry) and :func:`dlrt_jax.isotropic_adam` (per factor) normalise the steps, so a direction
+    with a tiny gradient grows about as fast as a large one and the allocation is noisier
+    (``tests/test_adapters.py`` has a two-layer case that SGD allocates 4 / 1 and Adam 3 / 2).
 
     The wrapper *is* the DLRT transform as far as a chain is concerned: it returns deltas
     (new - old) that ``optax.apply_updates`` turns into the budgeted factors, so put it last in an

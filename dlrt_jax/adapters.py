@@ -75,7 +75,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dlrt_jax._budget import RankBudgetState, budget_cost, with_rank_budget
+from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
 from dlrt_jax._factors import LowRank
 from dlrt_jax._transforms import parallel_bug
 from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam
@@ -90,6 +90,7 @@ __all__ = [
     "adapter_ranks",
     "budget_cost",
     "export_peft",
+    "factor_ranks",
     "geolora",
     "import_peft",
     "merge_adapters",
@@ -524,6 +525,19 @@ def geolora(
     ``budget`` (parameters, ``sum_l r_l (n_l + m_l)``), wrapped in :func:`with_rank_budget`:
     the ranks are then also allocated globally. Use with
     ``dlrt_jax.nnx.DLRTOptimizer(model, geolora(...))``.
+
+    Args:
+        learning_rate: Adam's learning rate (ignored when ``optimizer`` is given). ``S`` starts at
+            0 and Adam moves it by about ``learning_rate`` per step, so the singular values of
+            the change need about ``sigma / learning_rate`` steps to build up.
+        tau: the relative truncation tolerance per layer (``None``: fixed ranks, a LoRA of rank
+            ``rank`` trained by the same integrator).
+        budget: a total parameter budget for all adapters (see :func:`with_rank_budget`; with a
+            budget, ``optimizer=optax.sgd(lr, momentum=0.9)`` keeps the singular values of
+            different layers comparable, Adam blurs them).
+        min_rank: the least rank of every adapter.
+        optimizer: the inner optax transform of the K-, L- and S-steps (default
+            ``optax.adam(learning_rate)``).
 
     Examples:
         >>> from dlrt_jax.adapters import geolora
