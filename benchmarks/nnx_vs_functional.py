@@ -158,7 +158,7 @@ def build_functional(batch, rank, capacity, *, seed: int, policy=None):
         model = dnnx.to_low_rank(MLP(nnx.Rngs(seed)), filter="hidden", rank=rank, capacity=capacity)
         params = functional_params(model)
         tx = dlrt_tx()
-        step = make_step(FUNCTIONAL_LOSS, tx, needs_grad_fn=True)
+        step = make_step(FUNCTIONAL_LOSS, tx)
         opt_state = tx.init(params)
         if policy is not None:
             params, opt_state, _ = policy(policy.every, params, opt_state)
@@ -206,7 +206,7 @@ def build_dense_functional(batch, *, seed: int):
         params = [{"w": layer.kernel[...].T, "b": layer.bias[...]} for layer in model.hidden]
         params.append({"w": model.head.kernel[...].T, "b": model.head.bias[...]})
         tx = optax.adam(1e-3)
-        step = make_step(FUNCTIONAL_LOSS, tx, needs_grad_fn=False)
+        step = make_step(FUNCTIONAL_LOSS, tx)
         state = {"params": params, "opt": tx.init(params)}
 
         def run():

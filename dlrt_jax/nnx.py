@@ -980,6 +980,7 @@ def make_grad_fn(
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     graphdef, _, rest = nnx.split(model, wrt, ...)
+    rest = nnx.as_pure(rest)  # new Variables inside each trace: the loss may write to them
 
     def loss_of(params):
         return loss_fn(nnx.merge(graphdef, params, rest), batch)
@@ -1001,17 +1002,23 @@ def _pure_init(tx: optax.GradientTransformation) -> optax.GradientTransformation
 class DLRTOptimizer(nnx.Optimizer):
     """``nnx.Optimizer`` for the DLRT transforms (and any other optax transform).
 
-    Identical to ``nnx.Optimizer(model, tx, wrt=wrt)`` except that ``tx.init`` is applied to the
-    pure state ``nnx.as_pure(nnx.state(model, wrt))``, so every array of the optimiser state gets
-    its own ``OptArray`` and the per-factor ``FactorState`` of a DLRT transform keeps its structure
-    across updates. (``nnx.Optimizer`` puts each factor's whole ``FactorState`` into one
-    ``OptVariable``, and its first ``update`` rewrites that into a nested ``State`` dict, so the
-    second step fails inside the inner optimiser.) ``update(model, grads, **kwargs)`` is inherited:
-    it passes ``params = nnx.as_pure(nnx.state(model, wrt))`` (``LowRank`` leaves at the factors) to
-    ``tx.update(grads, opt_state, params, **kwargs)``, so ``grad_fn=`` reaches the integrator; build
-    it with :func:`make_grad_fn` or let :func:`train_step` do it. Ranks change within each factor's
-    capacity without changing any shape; :func:`fit_capacity` changes the capacities of the model
-    and of this optimiser's state together. ``optimizer.tx`` is ``tx`` with the ``init`` wrapped.
+    ``nnx.Optimizer(model, tx, wrt=wrt)`` with ``tx.init`` applied to the pure state
+    ``nnx.as_pure(nnx.state(model, wrt))``; everything else is inherited (``update(model, grads,
+    **kwargs)`` passes ``grad_fn=`` on to the integrator: build it with :func:`make_grad_fn`, or
+    let :func:`train_step` do it). :func:`fit_capacity` changes the capacities of the model and of
+    this optimiser's state together.
+
+    Why plain ``nnx.Optimizer`` cannot hold the state (flax 0.12.8, tried): it calls
+    ``tx.init(nnx.state(model, wrt))``, whose leaves are ``Variable`` objects, and wraps every
+    ``Variable`` of the returned state in one ``OptVariable``. Any optimiser state that mirrors the
+    parameters then holds a whole pytree in one ``OptVariable`` at a :class:`LowRankParam`: a
+    ``LowRank`` moment for a plain ``optax.adam``, a per-factor ``FactorState`` for a DLRT
+    transform. The first ``update`` writes the new state back with ``nnx.update(opt_state,
+    nnx.state(new_opt_state))``, which turns that pytree into a nested ``State`` dict, and the
+    second ``update`` fails (``ValueError: The DLRT optimiser state of params['kernel'] is a
+    State, not a FactorState`` for ``parallel_bug``; ``pytree structure error: different types at
+    key path ... LowRank ... State`` for ``optax.adam``). With ``tx.init`` on the pure state every
+    array gets its own ``OptArray`` and the structure survives updates.
 
     Args:
         model: the NNX model.
@@ -1027,14 +1034,13 @@ class DLRTOptimizer(nnx.Optimizer):
         >>> from dlrt_jax.nnx import DLRTOptimizer, LowRankLinear, make_grad_fn
         >>> model = LowRankLinear(12, 10, rank=3, capacity=5, rngs=nnx.Rngs(0))
         >>> optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.1))
-        >>> jax.tree.map(jnp.shape, nnx.as_pure(optimizer.opt_state).factors["kernel"].S[0].mu)
-        (5, 5)
         >>> batch = jax.random.normal(jax.random.key(1), (32, 12))
         >>> loss_fn = lambda m, x: jnp.mean((m(x) - x[:, :10]) ** 2)
-        >>> grads = nnx.grad(loss_fn)(model, batch)
-        >>> _ = optimizer.update(model, grads, grad_fn=make_grad_fn(model, loss_fn, batch))
+        >>> for _ in range(2):  # the second step is the one a plain nnx.Optimizer fails
+        ...     grads = nnx.grad(loss_fn)(model, batch)
+        ...     _ = optimizer.update(model, grads, grad_fn=make_grad_fn(model, loss_fn, batch))
         >>> int(optimizer.step[...])
-        1
+        2
     """
 
     def __init__(
@@ -1063,8 +1069,8 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
                 raise TypeError(
                     f"{where}: this nnx.Optimizer holds a {type(value).__name__} in one optimiser "
                     "Variable (the state of a LowRank factor), which its update cannot keep "
-                    "intact. "
-                    "Build it as dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...) instead."
+                    "intact (see DLRTOptimizer). Build it as dlrt_jax.nnx.DLRTOptimizer(model, "
+                    "tx, wrt=...) instead."
                 )
 
 
@@ -1114,10 +1120,10 @@ def train_step(
 
     def pure_loss(p: Any, rest: Any, batch: Any) -> tuple[jax.Array, Any]:
         m = nnx.merge(graphdef, p, rest)
-        return loss_fn(m, batch), nnx.state(m, nnx.Not(optimizer.wrt))
+        return loss_fn(m, batch), nnx.as_pure(nnx.state(m, nnx.Not(optimizer.wrt)))
 
     step = make_train_step(pure_loss, optimizer.tx, jit=False, has_aux=True)
-    params, opt_state = nnx.as_pure(params), nnx.as_pure(optimizer.opt_state)
+    params, rest, opt_state = nnx.as_pure((params, rest, optimizer.opt_state))
     new_params, new_opt_state, (loss, new_rest) = step(params, opt_state, rest, batch)
     nnx.update(model, new_rest)
     _write_back(model, optimizer, new_params, new_opt_state)
