@@ -375,7 +375,8 @@ _DOC_PARTS = {
     before it). A transform after it (``optax.scale``, weight decay) would leave factors off the
     manifold: the next ``update`` raises then (a ``JaxRuntimeError`` under ``jit``). Extra
     arguments of ``update`` other than ``grad_fn`` (``value=``, a line search's) are accepted and
-    ignored; ``optax.inject_hyperparams``, ``optax.MultiSteps`` and ``optax.apply_if_finite``
+    ignored; ``optax.inject_hyperparams``, ``optax.MultiSteps`` (whose ``grad_fn`` evaluations
+    see the batch of the step that applies the accumulated gradient) and ``optax.apply_if_finite``
     wrap it. A step whose gradients (or result) are not finite changes nothing and increments
     ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
     groups' leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params.

@@ -215,3 +215,19 @@ def test_the_same_transform_before_dlrt_is_fine():
         p, state = step(p, state)
     _on_manifold(p["w"])
     assert float(_loss(p)) < float(_loss(params))
+
+
+def test_hand_made_bases_are_accepted_at_the_first_step():
+    """Only factors a DLRT step produced are checked: a hand-made factor with non-orthonormal
+    bases starts training (the step orthonormalises it), and ``s_only`` never moves the bases."""
+    key_u, key_v = jax.random.split(jax.random.key(3))
+    U = 1.5 * jax.random.normal(key_u, (N, CAP)) / N**0.5  # columns of norm about 1.5
+    w = LowRank(U, jnp.eye(CAP), 1.5 * jax.random.normal(key_v, (M, CAP)) / M**0.5, 3)
+    params = {"w": w, "b": jnp.zeros((N,))}
+    for tx in (dlrt_jax.parallel_bug(0.02, tau=0.05), dlrt_jax.s_only(0.02)):
+        state = tx.init(params)
+        p = params
+        for _ in range(3):
+            updates, state = tx.update(grad_fn(p), state, p)
+            p = optax.apply_updates(p, updates)
+        assert int(state.count) == 3 and float(_loss(p)) < float(_loss(params))
