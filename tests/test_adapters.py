@@ -126,6 +126,31 @@ def test_adapter_learns_from_zero_core_with_parallel_bug():
     chex.assert_trees_all_close(model.base.kernel[...], pretrained.kernel[...])  # W0 frozen
 
 
+@pytest.mark.parametrize(
+    "make_tx, factor",
+    [
+        pytest.param(lambda: dlrt_jax.bug(optax.adam(1e-1), tau=0.05), 0.1, id="bug"),
+        pytest.param(lambda: dlrt_jax.projector_splitting(optax.adam(1e-1)), 0.1, id="ksl"),
+        # s_only keeps the random bases of S = 0: it fits what the change has in their span
+        pytest.param(lambda: dlrt_jax.s_only(optax.adam(1e-1)), 0.999, id="s_only"),
+    ],
+)
+def test_every_integrator_trains_an_adapter_from_zero_core(make_tx, factor):
+    pretrained = nnx.Linear(12, 10, rngs=nnx.Rngs(0))
+    ka, kb, kx = jax.random.split(jax.random.key(1), 3)
+    delta = jax.random.normal(ka, (10, 2)) @ jax.random.normal(kb, (2, 12)) / 3
+    x = jax.random.normal(kx, (32, 12))
+    y = pretrained(x) + x @ delta.T
+    model = to_adapters(pretrained, rank=2)
+    optimizer = DLRTOptimizer(model, make_tx())
+    loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)  # noqa: E731
+    step = nnx.jit(lambda m, o, b: train_step(m, o, loss_fn, b))
+    losses = [float(step(model, optimizer, (x, y))) for _ in range(30)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < factor * losses[0], losses
+    U = model.factor.U
+    chex.assert_trees_all_close(U.T @ U, jnp.eye(model.capacity), atol=1e-5)
+
+
 # ---- PEFT layout ---------------------------------------------------------------------------------
 
 
