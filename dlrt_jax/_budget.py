@@ -108,13 +108,13 @@ def _select(sigmas, costs, ranks, min_ranks, budget):
     vals = jnp.concatenate([s.astype(jnp.float32) for s in sigmas])
     owner = np.concatenate([np.full(c, i) for i, c in enumerate(caps)])
     pos = np.concatenate([np.arange(c) for c in caps])
-    cost = jnp.asarray(np.concatenate([np.full(c, k) for c, k in zip(caps, costs)]), jnp.float32)
+    cost = jnp.asarray(np.concatenate([np.full(c, k) for c, k in zip(caps, costs)]), jnp.int32)
     rank = jnp.stack(ranks)[owner]
     active = jnp.asarray(pos) < rank
     forced = active & (jnp.asarray(pos) < jnp.asarray(min_ranks)[owner])
     priority = jnp.where(forced, jnp.inf, jnp.where(active, vals, -jnp.inf))
     order = jnp.argsort(-priority, stable=True)
-    cum = jnp.cumsum(jnp.where(active, cost, 0.0)[order])
+    cum = jnp.cumsum(jnp.where(active, cost, 0)[order])  # int32: exact up to 2^31 parameters
     keep_sorted = (active[order] & (cum <= budget)) | forced[order]
     keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
     counts = jax.ops.segment_sum(keep.astype(jnp.int32), jnp.asarray(owner), len(caps))
@@ -194,6 +194,8 @@ def with_rank_budget(
         )
     if isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget < 1:
         raise ValueError(f"`budget` must be a positive integer (parameters), got {budget!r}.")
+    if budget >= 2**31:
+        raise ValueError(f"`budget` must be below 2**31 parameters, got {budget}.")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int | np.integer) or min_rank < 1:
         raise ValueError(f"`min_rank` must be an integer >= 1, got {min_rank!r}.")
     tx = optax.with_extra_args_support(tx)
@@ -223,7 +225,7 @@ def with_rank_budget(
         ranks = [leaves[i].active_rank for i in idx]
         costs = [leaves[i].shape[0] + leaves[i].shape[1] for i in idx]
         mins = [min(min_rank, leaves[i].capacity) for i in idx]
-        new_ranks = _select([d[1] for d in diag], costs, ranks, mins, float(budget))
+        new_ranks = _select([d[1] for d in diag], costs, ranks, mins, int(budget))
         for i, (U, sigma, V), r in zip(idx, diag, new_ranks, strict=True):
             r = jnp.minimum(r, leaves[i].active_rank)
             keep = jnp.arange(sigma.shape[0]) < r
