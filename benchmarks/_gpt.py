@@ -111,16 +111,13 @@ class LoRA(nnx.Module):
         return y + self.scale * self.lora(flat).reshape(y.shape)
 
 
-ADAPTED = ("query", "key", "value", "out", "fc1", "fc2")  # the layers every adapter variant adapts
+ADAPTED = ("query", "key", "value", "out", "fc1", "fc2", "head")  # every adapted layer's name
 
 
 def adapted(path: tuple, node) -> bool:
-    """Whether ``node`` at ``path`` is one of the adapted layers (attention q/k/v/out, MLP)."""
+    """Whether ``node`` at ``path`` is an adapted layer: attention q/k/v/out, MLP, output head."""
     return (
-        isinstance(node, nnx.Linear | nnx.LinearGeneral)
-        and bool(path)
-        and str(path[-1]) in ADAPTED
-        and "blocks" in [str(p) for p in path]
+        isinstance(node, nnx.Linear | nnx.LinearGeneral) and bool(path) and str(path[-1]) in ADAPTED
     )
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU speed measurements of dlrt_jax (benchmarks/speed.py with GPU sizes), in under 8 minutes.
+# GPU speed measurements of dlrt_jax (benchmarks/speed.py with GPU sizes), in under 13 minutes.
 #
 # For a machine with jax[cuda] installed and no network, run from anywhere in the working tree:
 #     bash benchmarks/gpu.sh            # writes speed_gpu_*.{csv,json,png} to $OUT or
@@ -13,7 +13,9 @@
 #   3. LeNet5 (batch 128) at ranks 16 and 64 (capped per layer);
 #   4. the main job's step (end_to_end.py --speed-ranks): the default DLRT (parallel BUG, Adam
 #      inside, CapacityPolicy capacities) and the issue's bug + Adam against dense Adam at the
-#      ranks DLRT-Net reached ([66, 67, 69, 70]), random MNIST-shaped batches.
+#      ranks DLRT-Net reached ([66, 67, 69, 70]), random MNIST-shaped batches;
+#   5. transformer.py --size gpu (issue 11): GPT dense vs DLRT from scratch, fine-tuning with LoRA
+#      and DLRT adapters (writes transformer_gpu.*; a table at the end of its own output).
 # Environment: PYTHON (default python), OUT (output folder), STEPS (timed steps, default 20).
 set -uo pipefail
 
@@ -60,6 +62,7 @@ else
     run 200 gpu_mlp5120 --gpu --nets mlp5120 --ranks 32 128 512 --batch 4096
     run 90 gpu_lenet5 --gpu --nets lenet5 --ranks 16 64
     e2e 90 gpu_e2e_ranks 30
+    timeout --signal=INT 240 "$PY" benchmarks/transformer.py --size gpu --out "$OUT_DIR" || status=1
     tags=(gpu_mlp500 gpu_mlp5120 gpu_lenet5)
 fi
 

@@ -18,8 +18,9 @@ Part A, from scratch on the code corpus (same batches, same steps, one process):
 Part B, fine-tuning the pretrained ``dense`` model on the docs corpus:
 
 * ``full``: every parameter, Adam;
-* ``lora_rR``: ``nnx.LoRA`` factors (``B = 0`` at start) on the attention q/k/v/out and MLP layers
-  of every block, base weights frozen, ranks R in ``--lora-ranks``;
+* ``lora_rR``: ``nnx.LoRA`` factors (``B = 0`` at start) on every linear layer (attention
+  q/k/v/out and MLP of every block, output head; embeddings and norms frozen), base weights
+  frozen, rank R for each size's list;
 * ``adapter_tau``, ``adapter_budget``: rank-adaptive DLRT adapters on the same layers (frozen
   ``W0``, ``S = 0`` at start, ``parallel_bug``), rank chosen by a per-layer tau or by a global
   parameter budget, one run per seed.
@@ -73,18 +74,19 @@ SIZES = {
     "smoke": dict(
         cfg=_gpt.GPTConfig(d_model=32, n_heads=2, n_layers=1, context=32),
         batch=16, pre_steps=40, ft_steps=20, eval_windows=32, lora_ranks=(4,),
-        seeds=(0,), speed_ranks=(4,), speed_rounds=5, matched=False, parts="b",
+        seeds=(0,), speed_ranks=(4,), speed_rounds=3, matched=False, parts="bc",
+        capacity=8, scratch_capacity=8,
     ),
     "small": dict(
         cfg=_gpt.GPTConfig(d_model=64, n_heads=4, n_layers=2, context=64),
-        batch=32, pre_steps=800, ft_steps=300, eval_windows=512, lora_ranks=(1, 2, 4, 8, 16),
-        seeds=(0, 1), speed_ranks=(4, 8), speed_rounds=30,
+        batch=32, pre_steps=600, ft_steps=300, eval_windows=512, lora_ranks=(1, 2, 4, 8, 16),
+        seeds=(0, 1), speed_ranks=(4, 8), speed_rounds=30, capacity=16, scratch_capacity=14,
     ),
     "gpu": dict(
         cfg=_gpt.GPTConfig(d_model=256, n_heads=8, n_layers=4, context=128),
-        batch=64, pre_steps=4000, ft_steps=1000, eval_windows=2048,
-        lora_ranks=(2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), speed_ranks=(8, 32), speed_rounds=50,
-    ),
+        batch=64, pre_steps=1500, ft_steps=500, eval_windows=1024, lora_ranks=(4, 8, 16, 32),
+        seeds=(0, 1), speed_ranks=(8, 32), speed_rounds=30, capacity=64, scratch_capacity=56,
+    ),  # not yet run on a GPU: sized for ~4 minutes on one H100/H200 (a guess)
 }  # fmt: skip
 
 
@@ -229,11 +231,12 @@ def train(
 # ---- part A: from scratch -----------------------------------------------------------------------
 
 
-def lowrank_from_scratch(model: nnx.Module) -> tuple[nnx.Module, str]:
-    """Every layer ``to_low_rank`` can convert, as a truncated SVD of its random init."""
+def lowrank_from_scratch(model: nnx.Module, capacity: int) -> tuple[nnx.Module, str]:
+    """Every layer ``to_low_rank`` can convert, as the rank-``capacity`` truncated SVD of its
+    random initialisation (rank = capacity: the rank-adaptive integrator can only lower it)."""
     with warnings.catch_warnings():  # "changes the weights": intended, a random init truncated
         warnings.simplefilter("ignore", UserWarning)
-        low, summary = dnnx.to_low_rank(model, report=True)
+        low, summary = dnnx.to_low_rank(model, rank=capacity, capacity=capacity, report=True)
     return low, str(summary)
 
 
@@ -260,7 +263,9 @@ def part_a(args, size, code) -> tuple[list[dict], nnx.Module, str]:
     print(f"A. from scratch on the code corpus: {steps} steps, batch {size['batch']}", flush=True)
 
     dense = _gpt.GPT(cfg, rngs=nnx.Rngs(args.seed))
-    low, summary = lowrank_from_scratch(dense)  # from the same random init (before training)
+    low, summary = lowrank_from_scratch(
+        dense, args.scratch_capacity
+    )  # from the same random init (before training)
     tx = optax.adam(schedule(args.lr, steps))
     rows.append(train("dense", Run(dense, nnx.Param, tx), batches, steps, val))
 
@@ -269,10 +274,10 @@ def part_a(args, size, code) -> tuple[list[dict], nnx.Module, str]:
         tau=args.tau_scratch,
         other_optimizer=optax.adam(schedule(args.lr, steps)),
     )
-    policy = dlrt_jax.CapacityPolicy(every=10, multiple=8)
     rows.append(
-        train("dlrt", Run(low, nnx.Param, tx), batches, steps, val, policy=policy,
-              extra={"tau": args.tau_scratch, "conversion": summary})
+        train("dlrt", Run(low, nnx.Param, tx), batches, steps, val,
+              extra={"tau": args.tau_scratch, "capacity": args.scratch_capacity,
+               "conversion": summary})
     )  # fmt: skip
 
     if not size.get("matched", True):
@@ -549,13 +554,16 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="override the adapter seeds")
     p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     p.add_argument("--lr", type=float, default=3e-3, help="dense pretraining Adam lr")
-    p.add_argument("--lr-full", type=float, default=1e-3, help="full fine-tuning Adam lr")
-    p.add_argument("--lr-adapter", type=float, default=3e-3, help="LoRA / adapter Adam lr")
-    p.add_argument("--tau-scratch", type=float, default=0.2, help="relative tau, from scratch")
-    p.add_argument("--tau-adapter", type=float, default=0.2, help="relative tau, adapters")
+    p.add_argument("--lr-full", type=float, default=3e-3, help="full fine-tuning Adam lr")
+    p.add_argument("--lr-adapter", type=float, default=1e-2, help="LoRA / adapter Adam lr")
+    p.add_argument("--tau-scratch", type=float, default=0.1, help="relative tau, from scratch")
+    p.add_argument("--tau-adapter", type=float, default=0.1, help="relative tau, adapters")
     p.add_argument("--budget", type=int, help="adapter parameter budget (default: LoRA r=4's)")
     p.add_argument("--adapter-rank", type=int, default=8, help="adapters' initial rank and r")
-    p.add_argument("--capacity", type=int, default=16, help="adapters' capacity (max rank)")
+    p.add_argument("--capacity", type=int, help="adapters' capacity, their largest rank")
+    p.add_argument(
+        "--scratch-capacity", type=int, help="from scratch: start rank = capacity = largest rank"
+    )
     p.add_argument("--corpus-check", choices=("verify", "record"), default="verify")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--tag", default=None, help="file name tag (default transformer_<size>)")
@@ -564,6 +572,8 @@ def main(argv=None) -> int:
     if args.smoke:
         args.size = "smoke"
     size = dict(SIZES[args.size])
+    args.capacity = args.capacity or size["capacity"]
+    args.scratch_capacity = args.scratch_capacity or size["scratch_capacity"]
     for key in ("pre_steps", "ft_steps", "seeds"):
         if getattr(args, key) is not None:
             size[key] = tuple(args.seeds) if key == "seeds" else getattr(args, key)
