@@ -107,6 +107,27 @@ def test_merge_equals_forward():
     assert float(jnp.abs(delta).max()) > 1e-3  # the adapter was folded in
 
 
+def test_einsum_and_general_axes_adapters_merge():
+    class Heads(nnx.Module):
+        def __init__(self, rngs):
+            self.proj = nnx.Einsum("btd,ndh->btnh", (2, D, 4), (2, 4), rngs=rngs)
+            self.mix = nnx.LinearGeneral(5, 3, axis=1, rngs=rngs)  # contracts the time axis
+
+        def __call__(self, x):
+            return self.mix(self.proj(x))
+
+    pretrained = Heads(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, D))
+    model = to_adapters(pretrained, rank=2)
+    assert isinstance(model.proj, LowRankAdapter) and model.proj.factor.shape == (8, D)
+    chex.assert_trees_all_close(model(x), pretrained(x), atol=0, rtol=0)
+    _randomise(model)
+    assert float(jnp.abs(model(x) - pretrained(x)).max()) > 1e-3
+    merged = merge_adapters(model)
+    assert type(merged.proj) is nnx.Einsum and type(merged.mix) is nnx.LinearGeneral
+    chex.assert_trees_all_close(merged(x), model(x), atol=1e-5)
+
+
 def test_adapter_learns_from_zero_core_with_parallel_bug():
     """S = 0 at the start does not stall the integrator: the gradient directions enter at once."""
     pretrained = nnx.Linear(12, 10, rngs=nnx.Rngs(0))
