@@ -185,6 +185,25 @@ def _hashable(x: Any) -> Any:
     return tuple(_hashable(a) for a in x) if isinstance(x, list | tuple) else x
 
 
+class FactorAccessors:
+    """``factor``, ``rank``, ``capacity`` of a layer whose ``kernel`` variable holds a factor."""
+
+    @property
+    def factor(self) -> LowRank:
+        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` of the kernel (out x in)."""
+        return self.kernel.get_value()
+
+    @property
+    def rank(self) -> jax.Array:
+        """The active rank (an int32 scalar array; ``int(layer.rank)`` outside ``jit``)."""
+        return self.factor.active_rank
+
+    @property
+    def capacity(self) -> int:
+        """The static capacity ``c`` (changes only through ``fit_capacity``)."""
+        return self.factor.capacity
+
+
 # ---- the maps -----------------------------------------------------------------------------------
 
 
@@ -258,6 +277,11 @@ class ConvPhi:
             _as_tuple(kernel_dilation, k, "kernel_dilation"),
             _hashable(precision),
         )
+
+    @classmethod
+    def of(cls, layer: Any) -> ConvPhi:
+        """:meth:`make` from a layer's attributes of the same names (an ``nnx``/``linen`` conv)."""
+        return cls.make(*(getattr(layer, f.name) for f in dataclasses.fields(cls)))
 
     def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
         pad = self.padding

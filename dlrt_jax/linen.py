@@ -151,14 +151,7 @@ class LowRankConv(nn.Module):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """The convolution of ``inputs`` (``*batch, *spatial, in``), channels last."""
         _layers.check_groups(self.feature_group_count, "LowRankConv")
-        phi = _layers.ConvPhi.make(
-            self.kernel_size,
-            self.strides,
-            self.padding,
-            self.input_dilation,
-            self.kernel_dilation,
-            self.precision,
-        )
+        phi = _layers.ConvPhi.of(self)
         inputs = jnp.asarray(inputs)
         kernel, bias = _params(self, (*phi.kernel_size, inputs.shape[-1], self.features))
         return _layers.conv(kernel, bias, inputs, phi, dtype=self.dtype)

@@ -61,20 +61,14 @@ __all__ = [
 class LowRankParam(nnx.Param):
     """An ``nnx.Param`` whose value is a whole :class:`~dlrt_jax.LowRank` factor.
 
-    The factor stays one value, so ``nnx.state`` / ``nnx.split`` give ``LowRank`` leaves (inside a
-    ``LowRankParam``; ``nnx.as_pure`` strips the wrapper), ``jax.grad`` over such a state gives
-    ``LowRank`` cotangents in the DLRT slots (``grad.U = G V``, ``grad.S = U^T G V``,
-    ``grad.V = G^T U``), and ``DLRTOptimizer(model, dlrt_jax.bug(...), wrt=nnx.Param)`` hands the
-    factors to the integrator whole. Being a subtype of ``nnx.Param``, a factor is trained by
-    ``wrt=nnx.Param``; ``wrt=LowRankParam`` selects the factors only (as ``nnx.LoRAParam`` does for
-    LoRA weights). Attribute access is forwarded to the factor (``param.U``, ``param.capacity``).
-    ``param[...]`` (flax's recommended access, now that ``.value`` is deprecated) returns the
-    factor, as ``param.get_value()`` does, and ``param[...] = factor`` replaces it with another
-    ``LowRank``; other indices are refused (index the factor's arrays instead, e.g.
-    ``param[...].U[:, :2]``).
-
-    Only the default variable mode is supported (no ``ref=True`` / ``hijax=True``
-    ``nnx.var_defaults``).
+    The factor stays one value: ``nnx.state`` gives ``LowRank`` leaves, ``jax.grad`` over such a
+    state gives ``LowRank`` cotangents in the DLRT slots (``grad.U = G V``, ``grad.S = U^T G V``,
+    ``grad.V = G^T U``), and the integrators get the factors whole. ``wrt=nnx.Param`` trains the
+    factors with everything else, ``wrt=LowRankParam`` selects them only (as ``nnx.LoRAParam``).
+    Attribute access is forwarded to the factor (``param.U``, ``param.capacity``); ``param[...]``
+    is the factor and ``param[...] = factor`` replaces it (other indices are refused: index the
+    factor's arrays, ``param[...].U[:, :2]``). Only the default variable mode is supported (no
+    ``ref=True`` / ``hijax=True`` ``nnx.var_defaults``).
 
     Examples:
         >>> import jax
@@ -131,7 +125,7 @@ def _check_whole_index(key: Any) -> None:
 _ZEROS = nnx.initializers.zeros_init()
 
 
-class _LowRankLayer(nnx.Module):
+class _LowRankLayer(_layers.FactorAccessors, nnx.Module):
     """What :class:`LowRankLinear` and :class:`LowRankConv` share: the parameters and accessors."""
 
     def _init_params(
@@ -152,21 +146,6 @@ class _LowRankLayer(nnx.Module):
 
     def _bias(self) -> jax.Array | None:
         return None if self.bias is None else self.bias[...]
-
-    @property
-    def factor(self) -> LowRank:
-        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` of the kernel (out x in)."""
-        return self.kernel.get_value()
-
-    @property
-    def rank(self) -> jax.Array:
-        """The active rank (an int32 scalar array; ``int(layer.rank)`` outside ``jit``)."""
-        return self.factor.active_rank
-
-    @property
-    def capacity(self) -> int:
-        """The static capacity ``c`` (changes only through :func:`fit_capacity`)."""
-        return self.factor.capacity
 
 
 class LowRankLinear(_LowRankLayer):
@@ -369,14 +348,7 @@ class LowRankConv(_LowRankLayer):
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """The convolution of ``inputs`` (``*batch, *spatial, in_features``), channels last."""
-        phi = _layers.ConvPhi.make(
-            self.kernel_size,
-            self.strides,
-            self.padding,
-            self.input_dilation,
-            self.kernel_dilation,
-            self.precision,
-        )
+        phi = _layers.ConvPhi.of(self)
         return _layers.conv(self.factor, self._bias(), inputs, phi, dtype=self.dtype)
 
     @classmethod
@@ -793,12 +765,9 @@ def to_low_rank(
     sigma_j^2) / ||sigma||_2`` of every layer is in the summary.
 
     * ``tol``: ``r`` is the smallest rank with relative error ``<= tol``, and the capacity is
-      ``max(floor(min(n, m) / 2), r)`` (or ``capacity``, which must then be ``>= r``, else
-      ``ValueError``). When ``r > floor(min(n, m) / 2)`` the layer gets capacity ``r`` and the
-      summary says so: the rank-adaptive :func:`dlrt_jax.bug` / :func:`dlrt_jax.parallel_bug`
-      (``tau`` given) augment to ``2c`` columns and need ``c <= floor(min(n, m) / 2)``, so train
-      such a model with a fixed-rank integrator (``tau=None`` or
-      :func:`dlrt_jax.projector_splitting`) or convert it with a larger ``tol``.
+      ``max(floor(min(n, m) / 2), r)`` (or ``capacity``, which must then be ``>= r``). Above
+      ``floor(min(n, m) / 2)`` (noted in the summary) only the fixed-rank integrators can train
+      the layer: the rank-adaptive ones augment to ``2c <= min(n, m)`` columns.
     * ``rank``: that rank in every layer (capacity ``max(floor(min(n, m) / 2), rank)`` or
       ``capacity``).
     * neither: every layer keeps its capacity's worth, ``floor(min(n, m) / 2)`` (or
@@ -825,11 +794,10 @@ def to_low_rank(
         The new model; with ``report=True``, ``(model, summary)``.
 
     Raises:
-        ValueError: when the filter matches no layer, when a matched ``nnx.Conv`` has
-            ``feature_group_count != 1`` or a ``mask``, when ``tol`` needs a rank above an
-            explicit ``capacity``, or for invalid ranks (the message names the layer's path).
-        TypeError: when a matched layer is a subclass of ``nnx.Linear`` / ``nnx.Conv``, or for a
-            ``filter`` that is not one.
+        ValueError: when the filter matches no layer, for a configuration a converter cannot
+            represent (a grouped or masked ``nnx.Conv``, ...), or for ranks ``tol`` / ``rank`` /
+            ``capacity`` cannot give (the message names the layer's path).
+        TypeError: for a subclass of a convertible type, or a ``filter`` that is not one.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -874,22 +842,13 @@ def to_low_rank(
     records: list[LayerConversion] = []
 
     def convert(path, node):
-        converter = _converter_for(node)
-        if converter is None:
-            reason = _skip_reason(node)
+        converter, name = _converter_for(node), (_path_str(path), type(node).__name__)
+        if converter is None or not predicate(path, node):
+            reason = _skip_reason(node) if converter is None else "excluded by `filter`"
             if reason is not None:
-                records.append(
-                    LayerConversion(_path_str(path), type(node).__name__, False, None, note=reason)
-                )
+                records.append(LayerConversion(*name, False, note=reason))
             return node
-        if not predicate(path, node):
-            records.append(
-                LayerConversion(
-                    _path_str(path), type(node).__name__, False, note="excluded by `filter`"
-                )
-            )
-            return node
-        where = f"to_low_rank at {_path_str(path)!r}"
+        where = f"to_low_rank at {name[0]!r}"
         new, shape, fit = _wrap_errors(where, converter, node, request, where)
         note = ""
         if fit.capacity > default_capacity(shape):
@@ -897,18 +856,7 @@ def to_low_rank(
                 f"capacity > floor(min(n, m) / 2) = {default_capacity(shape)}: fixed-rank "
                 "integrators only (the rank-adaptive ones need 2 * capacity <= min(n, m))"
             )
-        records.append(
-            LayerConversion(
-                _path_str(path),
-                type(node).__name__,
-                True,
-                shape,
-                fit.rank,
-                fit.capacity,
-                fit.rel_error,
-                note,
-            )
-        )
+        records.append(LayerConversion(*name, True, shape, *fit, note))
         return new
 
     new_model = nnx.recursive_map(convert, nnx.clone(model))
@@ -917,8 +865,7 @@ def to_low_rank(
         candidates = [r.path for r in summary.skipped if r.note == "excluded by `filter`"]
         raise ValueError(
             f"to_low_rank: `filter` matched no convertible layer ({_kinds()}; the filter is "
-            "applied "
-            f"to those only). Candidate layers: {candidates or 'none'}.\n{summary}"
+            f"applied to those only). Candidate layers: {candidates or 'none'}.\n{summary}"
         )
     _LOGGER.info("%s", summary)
     if init == "svd" and rank is None and tol is None:
@@ -954,17 +901,12 @@ def make_grad_fn(
 ) -> Callable[[Any], Any]:
     """The ``grad_fn(params) -> grads`` that :func:`dlrt_jax.bug` / ``projector_splitting`` need.
 
-    Splits ``model`` once into ``(graphdef, params, rest)`` with the filter ``wrt`` (use the
-    ``nnx.Optimizer``'s ``wrt``); ``grad_fn(p)`` merges ``p`` back with ``graphdef`` and ``rest``,
-    evaluates ``loss_fn(model, batch)`` and returns ``jax.grad`` of it with respect to ``p``: a tree
-    of the same structure as ``p`` (``LowRank`` cotangents at the factors). ``p`` may be the pure
-    state that ``nnx.Optimizer.update`` passes to ``tx.update`` (``nnx.as_pure(nnx.state(model,
-    wrt))``) or a state with ``Variable`` wrappers.
-
-    The non-trained state ``rest`` (batch statistics, RNG counters) is the one at the time of the
-    call and changes made to it inside ``grad_fn`` are discarded: every evaluation of a step sees
-    the same dropout masks, which is what the integrators assume (one loss per step). Build the
-    ``grad_fn`` before computing the step's first gradient.
+    ``grad_fn(p)`` merges ``p`` (the pure state ``nnx.Optimizer.update`` passes to ``tx.update``,
+    or one with ``Variable`` wrappers) into ``model`` split by ``wrt`` (the optimiser's), evaluates
+    ``loss_fn(model, batch)`` and returns its gradient, a tree shaped like ``p`` (``LowRank``
+    cotangents at the factors). The rest of the state (batch statistics, RNG counters) is the one
+    at the time of the call and changes to it inside ``grad_fn`` are discarded, so every
+    evaluation of a step sees the same dropout masks: build it before the step's first gradient.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -1082,24 +1024,17 @@ def train_step(
 ) -> jax.Array:
     """One training step of ``model`` through ``optimizer``; returns the loss before the step.
 
-    The functional step :func:`dlrt_jax.make_train_step` on the pure state: ``model`` is split
-    into the trained variables (``optimizer.wrt``) and the rest, the loss and gradient are taken
-    with respect to the former, ``optimizer.tx.update`` gets ``grad_fn=`` (the gradient at other
-    points, with the rest as it was before the step: every evaluation sees the same dropout masks;
-    the one-pass integrators never call it, plain optax optimisers ignore it), and the new
-    parameters, the rest as the loss left it (batch statistics, RNG counters), the optimiser state
-    and ``optimizer.step`` are written back, as ``optimizer.update`` does. Works eagerly and under
-    ``nnx.jit`` (make ``loss_fn`` static or bind it with ``functools.partial``). Rank changes
-    within the capacity keep all shapes, so the jitted step compiles once per set of capacities.
+    :func:`dlrt_jax.make_train_step` on the pure state: the loss and gradient are taken with
+    respect to ``optimizer.wrt``; ``grad_fn=`` evaluates the loss with the rest of the state as it
+    was before the step (the same dropout masks); the new parameters, the rest as the loss left it
+    (batch statistics, RNG counters), the optimiser state and ``optimizer.step`` are written back.
+    Works eagerly and under ``nnx.jit`` (bind ``loss_fn`` with ``functools.partial``); the jitted
+    step compiles once per set of capacities.
 
-    Under ``nnx.jit`` the traced computation is the functional step's (``dlrt_jax.train_mnist``
-    ``make_step``: the same XLA program, plus the step counter); what ``nnx.jit`` adds per call is
-    the host-side walk over the model's and the optimiser's graphs (about 3 ms for the
-    784-500x4-10 MLP with ``bug`` and Adam on a busy CPU, most of it the optimiser state).
-    ``nnx.jit(..., graph=False)`` (tree mode, no shared ``Variable`` references) or
-    ``nnx.cached_partial`` cut it to about 0.6 / 1.4 ms. The step's cost follows the capacities:
-    shrink them with :func:`apply_capacity_policy` or :func:`fit_capacity` once the rank has
-    dropped.
+    ``nnx.jit`` adds to the functional step a host-side walk over the model's and optimiser's
+    graphs per call (milliseconds; ``nnx.jit(..., graph=False)`` or ``nnx.cached_partial`` cut
+    it: ``benchmarks/nnx_vs_functional.py``). The step's cost follows the capacities: shrink them
+    with :func:`apply_capacity_policy` or :func:`fit_capacity` once the rank has dropped.
 
     Examples:
         >>> import functools, jax, jax.numpy as jnp, optax
@@ -1176,15 +1111,12 @@ def apply_capacity_policy(
 ) -> bool:
     """Apply a :class:`dlrt_jax.CapacityPolicy` to an NNX model and its optimiser, in place.
 
-    Call it outside ``jit`` after every training step with the number of steps done so far
-    (1-based, a Python int). It calls ``policy(step, params, opt_state)`` on the pure states
-    ``nnx.as_pure(nnx.state(model, optimizer.wrt))`` and ``nnx.as_pure(optimizer.opt_state)`` and,
-    when the policy resized, writes the new factors and optimiser moments back (as
-    :func:`fit_capacity` does): ``W`` and the optimiser moments are kept exactly, only the
-    capacities change, and a jitted step compiles once per distinct set of capacities (``jit``
-    keeps every compiled step, so returning to a bucket visited before does not recompile). For a
-    policy with an ``every`` attribute (a ``CapacityPolicy``) the steps that are not multiples of
-    ``every`` return ``False`` at once, without reading any state or syncing with the device.
+    Call it outside ``jit`` after every training step with the number of steps done (1-based).
+    It calls ``policy(step, params, opt_state)`` on the pure model and optimiser states and, when
+    the policy resized, writes them back as :func:`fit_capacity` does (``W`` and the moments kept,
+    only the capacities change; a jitted step compiles once per distinct set of capacities). With
+    an ``every`` attribute (a ``CapacityPolicy``) the other steps return ``False`` at once, without
+    reading any state or syncing with the device.
 
     Args:
         policy: a :class:`dlrt_jax.CapacityPolicy`, or any callable with its signature
