@@ -186,12 +186,15 @@ def _hashable(x: Any) -> Any:
 
 
 class FactorAccessors:
-    """``factor``, ``rank``, ``capacity`` of a layer whose ``kernel`` variable holds a factor."""
+    """``factor``, ``rank``, ``capacity`` of a layer whose variable ``_factor_name`` (default
+    ``'kernel'``) holds a :class:`~dlrt_jax.LowRank` factor."""
+
+    _factor_name = "kernel"
 
     @property
     def factor(self) -> LowRank:
         """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` of the kernel (out x in)."""
-        return self.kernel.get_value()
+        return getattr(self, self._factor_name).get_value()
 
     @property
     def rank(self) -> jax.Array:
