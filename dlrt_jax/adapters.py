@@ -75,6 +75,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dlrt_jax import nnx as _dnnx
 from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
 from dlrt_jax._factors import LowRank
 from dlrt_jax._transforms import parallel_bug
@@ -296,12 +297,6 @@ class AdapterSummary(ConversionSummary):
         )
 
 
-def _to_predicate(filter: Any):
-    from dlrt_jax import nnx as dnnx  # the flax filter language of to_low_rank
-
-    return dnnx._to_predicate(filter)
-
-
 _CANDIDATES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
@@ -373,7 +368,7 @@ def to_adapters(
     """
     if not isinstance(report, bool) or not isinstance(freeze, bool):
         raise TypeError("`report` and `freeze` must be bools.")
-    predicate = _to_predicate(filter)
+    predicate = _dnnx._to_predicate(filter)  # the filter language of to_low_rank
     rngs = nnx.Rngs(0) if rngs is None else rngs
     records: list[LayerConversion] = []
 
@@ -397,7 +392,7 @@ def to_adapters(
                         _path_str(path),
                         type(node).__name__,
                         False,
-                        note=reason + (" (frozen)" if freeze else ""),
+                        note=reason + ("; frozen" if freeze else ""),
                     )
                 )
             return node
@@ -407,7 +402,7 @@ def to_adapters(
                     _path_str(path),
                     type(node).__name__,
                     False,
-                    note="excluded by `filter`" + (" (frozen)" if freeze else ""),
+                    note="excluded by `filter`" + ("; frozen" if freeze else ""),
                 )
             )
             return node

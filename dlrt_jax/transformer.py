@@ -292,12 +292,12 @@ def _check_plain(layer: Any, cls: type, name: str) -> None:
 
 
 _NOT_MATRICES = {
-    "Embed": "an embedding is a table lookup, not a matrix product (kept dense)",
-    "LayerNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
-    "RMSNorm": "a normalisation layer (elementwise scale, kept dense)",
-    "BatchNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
-    "GroupNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
-    "InstanceNorm": "a normalisation layer (elementwise scale and bias, kept dense)",
+    "Embed": "an embedding (a table lookup, not a matrix product)",
+    "LayerNorm": "a normalisation layer (elementwise scale and bias)",
+    "RMSNorm": "a normalisation layer (elementwise scale)",
+    "BatchNorm": "a normalisation layer (elementwise scale and bias)",
+    "GroupNorm": "a normalisation layer (elementwise scale and bias)",
+    "InstanceNorm": "a normalisation layer (elementwise scale and bias)",
 }
 
 
