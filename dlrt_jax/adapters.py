@@ -67,6 +67,7 @@ import logging
 import math
 import numbers
 import os
+import re
 from typing import Any
 
 import jax
@@ -573,7 +574,11 @@ def export_peft(
     ``reshape``. The config has ``peft_type 'LORA'``, ``target_modules`` (the paths),
     ``r``/``lora_alpha`` (the adapters' common ``r`` and ``alpha``, the largest if they differ),
     ``rank_pattern``, ``alpha_pattern``, ``bias 'none'``, ``fan_in_fan_out false``,
-    ``use_rslora false``, ``lora_dropout 0``. Needs the ``safetensors`` package
+    ``use_rslora false``, ``lora_dropout 0``. PEFT reads a pattern key as a regular expression
+    matched against the end of a module name and takes the first that matches, so the patterns
+    are written deepest path first; ``target_modules`` entries are suffixes too, so a module
+    elsewhere with the same trailing name also gets a (zero-initialised, inactive) LoRA in PEFT.
+    Needs the ``safetensors`` package
     (``pip install "dlrt-jax[peft]"``); reads the ranks, so call it outside ``jit``.
 
     Args:
@@ -593,6 +598,9 @@ def export_peft(
     tensors: dict[str, np.ndarray] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
+    # PEFT takes the first pattern key that matches the end of a module name: deeper paths first,
+    # so that "fc1" cannot take the rank of "block.fc1"
+    found = sorted(found, key=lambda pa: (-len(pa[0]), _module_name(pa[0])))
     for path, a in found:
         name = _module_name(path)
         U, S, V = (np.asarray(t, np.float64) for t in a.factor.masked())
@@ -628,7 +636,7 @@ def export_peft(
     }
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
     return config
 
@@ -768,10 +776,9 @@ def import_peft(
 
 
 def _pattern(pattern: dict, name: str, default: Any) -> float:
-    """PEFT's per-module value: an exact key, else a key matching the end of the module name."""
-    if name in pattern:
-        return float(pattern[name])
+    """PEFT's per-module value: the first key, a regular expression, that matches the end of the
+    module name at a ``.`` boundary (``(.*\\.)?(key)$``, as PEFT's ``get_pattern_key``)."""
     for key, value in pattern.items():
-        if name.endswith("." + key):
+        if re.match(rf"(.*\.)?({key})$", name):
             return float(value)
     return float(default)

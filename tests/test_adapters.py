@@ -219,6 +219,32 @@ def test_peft_round_trip(tmp_path):
     chex.assert_trees_all_close(again(TOKENS), model(TOKENS), atol=1e-5)
 
 
+def test_peft_patterns_resolve_to_their_own_module(tmp_path):
+    """PEFT takes the first rank_pattern key matching the end of a name: 'fc1' must not shadow
+    'inner.fc1' (another rank)."""
+
+    class Inner(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(8, 8, rngs=rngs)
+
+    class Outer(nnx.Module):
+        def __init__(self, rngs):
+            self.fc1 = nnx.Linear(8, 8, rngs=rngs)
+            self.inner = Inner(rngs)
+
+        def __call__(self, x):
+            return self.inner.fc1(self.fc1(x))
+
+    model = to_adapters(Outer(nnx.Rngs(0)), rank=1)
+    model.fc1.lora[...] = LowRank.random(jax.random.key(0), (8, 8), rank=1, capacity=2)
+    model.inner.fc1.lora[...] = LowRank.random(jax.random.key(1), (8, 8), rank=2, capacity=2)
+    config = export_peft(model, tmp_path)
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    for name, rank in [("fc1", 1), ("inner.fc1", 2)]:
+        first = next(key for key in pattern if re.match(rf"(.*\.)?({key})$", name))
+        assert first == name and pattern[first] == rank == config["rank_pattern"][name]
+
+
 def test_peft_import_rejects_what_it_cannot_represent(tmp_path):
     model = to_adapters(nnx.Linear(6, 4, rngs=nnx.Rngs(0)), rank=2)
     export_peft(model, tmp_path)
