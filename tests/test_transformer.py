@@ -111,9 +111,14 @@ def test_einsum_matrix_product_converts_and_others_are_refused():
         low.matricisation.to_kernel(low.matricisation.to_matrix(dense.kernel[...])),
         dense.kernel[...],
     )
+    converted = to_low_rank(dense, rank=16, capacity=16)  # through to_low_rank's table
+    assert isinstance(converted, LowRankEinsum)
+    chex.assert_trees_all_close(converted(x), dense(x), atol=1e-5)
     per_head = nnx.Einsum("bnd,ndh->bnh", (HEADS, D, HEAD_DIM), rngs=nnx.Rngs(0))
     with pytest.raises(NotConvertible, match="batch of matrices"):
         matricise(per_head)
+    with pytest.raises(ValueError, match="batch of matrices"):  # names the layer and why
+        to_low_rank(per_head, rank=2)
     with pytest.raises(NotConvertible, match="summed"):
         matricise(nnx.Einsum("bd,dk->b", (D, 4), rngs=nnx.Rngs(0)))
     with pytest.raises(NotConvertible, match="batch_axis"):
