@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from dlrt_jax._factors import (
     LowRank,
     _check_int,
-    _check_rank_value,
     _resolve_capacity,
     default_capacity,
     is_lowrank,
@@ -32,14 +31,16 @@ __all__ = ["CapacityPolicy", "fit_capacity", "resize_capacity"]
 
 
 def _resize_factor(x: LowRank, c1: int, path: str) -> LowRank:
-    c0 = x.capacity
-    try:  # the capacity and rank rules of LowRank
+    c0, rank = x.capacity, int(x.rank)
+    try:  # the capacity rule of LowRank
         c1 = _resolve_capacity(c1, x.shape)
-        _check_rank_value(x.rank, c1)
     except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if c1 < rank:
         raise ValueError(
-            f"{path}: cannot resize to capacity {c1!r} at rank={int(x.rank)}: {e}"
-        ) from None
+            f"{path}: the new capacity {c1} is below the factor's rank={rank}; keep it in "
+            f"[rank, min(n, m)={min(x.shape)}]."
+        )
     if c1 <= c0:
         return LowRank(x.U[:, :c1], x.S[:c1, :c1], x.V[:, :c1], x.rank)
 
@@ -153,6 +154,13 @@ def fit_capacity(
     Call it outside ``jit`` every few epochs: the step's cost then follows the rank, and ``jit``
     compiles once per distinct set of capacities. A ``headroom`` of 2 leaves room for the rank to
     double before the next call (the adaptive integrators cannot exceed the capacity).
+
+    Args:
+        params: a pytree with ``LowRank`` leaves (concrete arrays).
+        opt_state: the optimiser state built for ``params`` by a DLRT transform, or ``None``.
+        headroom: capacity as a multiple of the rank (>= 1).
+        multiple: bucket width (>= 1).
+        max_capacity: optional upper limit of every capacity.
 
     Returns:
         ``(new_params, new_opt_state)``, as :func:`resize_capacity`.

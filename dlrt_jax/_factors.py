@@ -128,8 +128,13 @@ class LowRank:
     ``c`` columns of ``U`` and ``V`` orthonormal (the inactive ones are an orthonormal completion)
     and ``S`` zero outside its active block.
 
-    ``rank`` is stored as a float32 scalar holding a whole number, so that ``jax.grad`` accepts a
-    pytree of ``LowRank`` leaves; ``active_rank`` gives it as int32.
+    Args:
+        U: ``(n, c)`` basis of the column space.
+        S: ``(c, c)`` core.
+        V: ``(m, c)`` basis of the row space.
+        rank: active rank in ``[1, c]`` (default ``c``). Stored as a float32 scalar holding a
+            whole number, so that ``jax.grad`` accepts a pytree of ``LowRank`` leaves;
+            ``active_rank`` gives it as int32.
 
     **Validation.** The constructor (and :meth:`replace`) raises ``ValueError`` for ``U``, ``S``
     or ``V`` containing NaN or Inf (a non-finite factor makes every later training step non-finite,
@@ -138,18 +143,16 @@ class LowRank:
 
     **Gradients.** Read the factor only through :func:`lowrank_apply`, :func:`lowrank_map` or
     :meth:`to_dense`. Their custom VJPs make ``jax.grad`` return, in the slots of a ``LowRank``,
-    the three projected gradients the DLRT integrators need, with ``G = dL/dW``:
+    the three projected gradients the DLRT integrators need (``docs/method.md``, "Three projected
+    gradients"), with ``G = dL/dW``, masked to the active rank and ``grad.rank`` 0:
 
     .. math::
 
         \text{grad.U} = G V, \qquad \text{grad.S} = U^T G V, \qquad \text{grad.V} = G^T U
 
-    (masked to the active rank; ``grad.rank`` is 0). For a dense layer ``y = x W^T`` over a
-    batch, ``G V = dy^T (x V)``, ``G^T U = x^T (dy U)`` and ``U^T G V = (dy U)^T (x V)``, so one
-    backward pass gives all three at cost ``O(batch * c * (n + m))``; neither ``S^{-1}`` nor the
-    ``n x m`` gradient is formed. These are *not* the partial derivatives with respect to the
-    entries of ``U``, ``S``, ``V``: a loss that reads ``lr.U`` directly gets ordinary partials
-    there, which the integrators would misread.
+    These are *not* the partial derivatives with respect to the entries of ``U``, ``S``, ``V``: a
+    loss that reads ``lr.U`` directly gets ordinary partials there, which the integrators would
+    misread.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -280,6 +283,14 @@ class LowRank:
         ``truncate_every > 1``, whose ranks between truncations sit at the capacity). It does not
         touch an optimiser state.
 
+        Args:
+            tau: tolerance (relative to ``||sigma||_2`` unless ``absolute``).
+            absolute: use ``theta = tau``.
+            min_rank: lower clamp of the new rank.
+
+        Returns:
+            A ``LowRank`` of the same capacity, rank at most the current one.
+
         Examples:
             >>> import jax.numpy as jnp
             >>> from dlrt_jax import LowRank
@@ -384,6 +395,14 @@ class LowRank:
         ``sqrt(sum_{j > rho} sigma_j^2)`` is at most ``tol * ||sigma||_2`` (``relative=True``) or
         ``tol`` (``relative=False``), clamped to ``[min_rank, capacity]``; the same rule the
         rank-adaptive integrators use. Works under ``jit`` (the rank is then traced).
+
+        Args:
+            W: the ``n x m`` matrix (finite, floating).
+            rank: a fixed rank in ``[1, capacity]``.
+            tol: a truncation tolerance (``>= 0``), instead of ``rank``.
+            relative: ``tol`` relative to ``||sigma||_2`` (default) or absolute.
+            capacity: static capacity; default :func:`default_capacity`.
+            min_rank: lower clamp of the rank found for ``tol``.
 
         Examples:
             >>> import jax.numpy as jnp
@@ -495,8 +514,14 @@ def lowrank_map(
     and output cotangent ``dy``, ``grad.U = sum dy^T z`` (``= G V``), ``grad.S = sum (dy U)^T z``
     (``= U^T G V``), ``grad.V = phi^T(dy U)`` (``= G^T U``), and ``dx = phi_x^T(dy U S)``.
 
-    ``phi`` is a static (hashed) argument: pass the same function object on every call, not a new
-    lambda, so that ``jit`` does not retrace.
+    Args:
+        lr: the factor.
+        x: the layer's input.
+        phi: ``phi(x, V)``, a static (hashed) argument: pass the same function object on every
+            call, not a new lambda, so that ``jit`` does not retrace.
+
+    Returns:
+        ``phi(x, V) S^T U^T``: the layer's output with the kernel ``W``.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -518,6 +543,13 @@ def lowrank_apply(lr: LowRank, x: jax.Array) -> jax.Array:
 
     Cost ``O(c (n + m))`` per row of ``x``; ``W`` is never formed. Gradients as documented in
     :class:`LowRank`.
+
+    Args:
+        lr: the factor (``W`` is ``n x m``).
+        x: an array whose last axis has size ``m``.
+
+    Returns:
+        ``x W^T``, the last axis of size ``n``.
 
     Examples:
         >>> import jax, jax.numpy as jnp

@@ -1,17 +1,8 @@
-"""Inner optimisers for the K-, L- and S-steps of the DLRT integrators.
+"""Inner optimisers written for the K-, L- and S-steps of the DLRT integrators.
 
-Any optax transform works as the inner optimiser of a DLRT integrator; its state is transported
-into each new basis (:func:`dlrt_jax._integrators.transport`). Two transforms here are written for
-that setting:
-
-* :func:`isotropic_adam`: Adam with *one* second moment per factor (the mean square of its
-  gradient) instead of one per entry. Its update commutes with orthogonal basis changes, so the
-  transport of its state is exact: the first moment moves into the new basis like the factor
-  itself, and the scalar second moment does not depend on the basis at all.
-* :func:`reference_adam`: the effective step of the paper's TensorFlow code, which re-creates the
-  ``K``, ``L``, ``S`` variables every step so that Keras Adam starts fresh slots each time (with its
-  global step count): ``lr * (1 - b1) g / (sqrt(1 - b2) |g| + eps)``, about a sign step of
-  ``3.16 * lr`` on every entry. A reference-compatible preset, not a recommendation.
+Any optax transform works as an inner optimiser (its state is transported into each new basis);
+:func:`isotropic_adam` is transported exactly; :func:`reference_adam` is the paper's TensorFlow
+step.
 """
 
 from __future__ import annotations
@@ -148,6 +139,12 @@ def reference_adam(
     Use it as the inner optimiser with ``optax.adam(learning_rate)`` as ``other_optimizer`` to
     reproduce the dynamics behind the paper's MLP tables. It carries no moments, so nothing is
     transported.
+
+    Args:
+        learning_rate: a float or an optax schedule.
+        b1: as for Keras Adam.
+        b2: as for Keras Adam.
+        eps: as for Keras Adam (its default 1e-7).
 
     Examples:
         >>> import jax.numpy as jnp

@@ -231,3 +231,23 @@ def test_hand_made_bases_are_accepted_at_the_first_step():
             updates, state = tx.update(grad_fn(p), state, p)
             p = optax.apply_updates(p, updates)
         assert int(state.count) == 3 and float(_loss(p)) < float(_loss(params))
+
+
+def test_the_check_under_vmap_names_the_factor_and_passes_correct_use():
+    """One ensemble member per row: the jitted, vmapped step raises for a wrong chain only."""
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), _params(), _params(rank=2))
+    wrong = optax.chain(dlrt_jax.parallel_bug(0.5, tau=0.05), optax.scale(0.5))
+    for tx, fails in ((wrong, True), (dlrt_jax.parallel_bug(0.5, tau=0.05), False)):
+
+        def step(p, s, tx=tx):
+            updates, s = tx.update(grad_fn(p), s, p)
+            return optax.apply_updates(p, updates), s
+
+        vstep = jax.jit(jax.vmap(step))
+        p, state = vstep(stacked, jax.vmap(tx.init)(stacked))
+        if fails:
+            with pytest.raises(jax.errors.JaxRuntimeError, match=r"params\['w'\] is not a factor"):
+                jax.block_until_ready(vstep(p, state))
+        else:
+            p, state = vstep(p, state)
+            assert np.all(np.asarray(state.num_skipped) == 0)
