@@ -243,14 +243,11 @@ class LowRankLinear(_LowRankLayer):
         """A :class:`LowRankLinear` initialised by truncated SVD of ``linear``'s dense kernel.
 
         ``W = linear.kernel^T`` is truncated at ``rank``, or at the smallest rank whose relative
-        tail norm ``sqrt(sum_{j > r} sigma_j^2) / ||sigma||_2`` (the relative weight error
-        ``||W - W_r||_F / ||W||_F``) is ``<= tol``; with neither, at the capacity. ``capacity``
-        defaults as in the constructor, ``max(floor(min(n, m) / 2), rank)``: with ``tol`` it
-        grows to the rank the tolerance needs (above ``floor(min(n, m) / 2)`` only the
-        fixed-rank integrators can train the layer), and an explicit ``capacity`` below that rank
-        raises ``ValueError`` (the tolerance is never silently missed). The bias, ``dtype``,
-        ``param_dtype`` and ``precision`` are copied. At ``rank = capacity = min(n, m)`` the layer
-        computes what ``linear`` computes.
+        weight error ``||W - W_r||_F / ||W||_F`` is ``<= tol``, or else at the capacity, which
+        defaults as in the constructor and grows to the rank ``tol`` needs (an explicit smaller
+        ``capacity`` raises ``ValueError``: the tolerance is never silently missed). The bias,
+        dtypes and precision are copied; at ``rank = min(n, m)`` the layer computes what
+        ``linear`` computes.
 
         Examples:
             >>> import jax.numpy as jnp
@@ -269,12 +266,10 @@ class LowRankConv(_LowRankLayer):
     r"""A low-rank drop-in for ``nnx.Conv``: a convolution with ``c`` filters, then a 1x1 mix.
 
     The kernel ``(*kernel_size, in, out)`` is matricised as ``W`` (``out x prod(kernel_size) *
-    in``; the dense kernel is ``W^T`` reshaped) and stored as a :class:`~dlrt_jax.LowRank`. The
-    layer convolves the input with the ``c`` columns of ``V`` reshaped to filters
-    ``(*kernel_size, in, c)`` and applies ``S^T U^T`` to the ``c`` channels (a 1x1 convolution),
-    through :func:`~dlrt_jax.lowrank_map`: cost ``O(c (prod(kernel_size) in + out))`` per output
-    pixel and no kernel materialised. The result equals ``nnx.Conv`` with the kernel
-    ``W^T.reshape(*kernel_size, in, out)``.
+    in``, the dense kernel is ``W^T`` reshaped) and stored as a :class:`~dlrt_jax.LowRank`. The
+    input is convolved with the ``c`` columns of ``V`` as filters, then ``S^T U^T`` mixes the ``c``
+    channels: cost ``O(c (prod(kernel_size) in + out))`` per output pixel, no kernel formed; the
+    result equals ``nnx.Conv`` with the kernel ``W^T.reshape(*kernel_size, in, out)``.
 
     Args:
         in_features: input channels.
@@ -960,7 +955,10 @@ class DLRTOptimizer(nnx.Optimizer):
     second ``update`` fails (``ValueError: The DLRT optimiser state of params['kernel'] is a
     State, not a FactorState`` for ``parallel_bug``; ``pytree structure error: different types at
     key path ... LowRank ... State`` for ``optax.adam``). With ``tx.init`` on the pure state every
-    array gets its own ``OptArray`` and the structure survives updates.
+    array gets its own ``OptArray`` and the structure survives updates. (A DLRT state that kept
+    the per-factor states in a flat tuple, in leaf order, instead of a tree shaped like the
+    parameters would survive plain ``nnx.Optimizer`` too, as a toy transform shows; plain optax
+    moments of a ``LowRankParam`` would not.)
 
     Args:
         model: the NNX model.
