@@ -76,6 +76,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dlrt_jax import _layers
 from dlrt_jax import nnx as _dnnx
 from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
 from dlrt_jax._factors import LowRank
@@ -172,7 +173,7 @@ def _adapter_capacity(rank: int, capacity: int | None, shape: tuple[int, int], w
     return int(capacity)
 
 
-class LowRankAdapter(nnx.Module):
+class LowRankAdapter(_layers.FactorAccessors, nnx.Module):
     r"""A frozen layer plus a rank-adaptive low-rank adapter: ``y = base(x) + (alpha/r) U S V^T x``.
 
     ``base`` is an ``nnx.Linear``, ``nnx.LinearGeneral`` (no ``batch_axis``) or an
@@ -210,6 +211,8 @@ class LowRankAdapter(nnx.Module):
         >>> list(nnx.state(layer, nnx.Param).keys())  # what an optimiser trains
         ['lora']
     """
+
+    _factor_name = "lora"  # factor, rank, capacity read the adapter
 
     def __init__(
         self,
@@ -250,20 +253,6 @@ class LowRankAdapter(nnx.Module):
     def scale(self) -> float:
         """``alpha / r`` (a constant; ``r`` is the ``rank`` hyperparameter)."""
         return self.alpha / self.r
-
-    @property
-    def factor(self) -> LowRank:
-        """The adapter ``U S V^T`` (``n x m``)."""
-        return self.lora.get_value()
-
-    @property
-    def rank(self) -> jax.Array:
-        """The adapter's current (traced) rank."""
-        return self.factor.active_rank
-
-    @property
-    def capacity(self) -> int:
-        return self.factor.capacity
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         """``base(inputs, ...) + (alpha / r) U S V^T inputs`` (matricised over the base's axes)."""
@@ -319,7 +308,9 @@ def to_adapters(
     :class:`LowRankAdapter` (``S = 0``: the new model computes what ``model`` computes), and, with
     ``freeze=True``, every other ``nnx.Param`` of the model (embeddings, norms, layers left out)
     becomes a :class:`FrozenParam`, so ``nnx.Param`` selects the adapters only. Train with
-    ``dlrt_jax.nnx.DLRTOptimizer(model, geolora(...))`` and ``dlrt_jax.nnx.train_step``.
+    ``dlrt_jax.nnx.DLRTOptimizer(model, geolora(...))`` and ``dlrt_jax.nnx.train_step``. (To
+    compress a model as well, call :func:`dlrt_jax.nnx.to_low_rank` first: run on an adapted
+    model it would convert the frozen base layers too.)
 
     ``filter`` chooses among the candidate layers in the filter language of
     :func:`dlrt_jax.nnx.to_low_rank` (a type, a path regex such as ``'query|value'``,

@@ -391,27 +391,10 @@ def _constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
-class _Accessors:
-    @property
-    def factor(self) -> LowRank:
-        """The :class:`~dlrt_jax.LowRank` ``W = U S V^T`` (out x in, matricised)."""
-        return self.kernel.get_value()
-
-    @property
-    def rank(self) -> jax.Array:
-        """The active rank (int32 scalar array)."""
-        return self.factor.active_rank
-
-    @property
-    def capacity(self) -> int:
-        """The static capacity ``c``."""
-        return self.factor.capacity
-
-
 _ZEROS = nnx.initializers.zeros_init()
 
 
-class LowRankLinearGeneral(_Accessors, nnx.Module):
+class LowRankLinearGeneral(_dnnx._LowRankLayer):
     r"""A low-rank drop-in for ``nnx.LinearGeneral`` (without ``batch_axis``).
 
     The kernel ``(*in_features, *out_features)`` is the matrix ``W^T`` reshaped, ``W`` being
@@ -553,7 +536,7 @@ class LowRankLinearGeneral(_Accessors, nnx.Module):
         )
 
 
-class LowRankEinsum(_Accessors, nnx.Module):
+class LowRankEinsum(_dnnx._LowRankLayer):
     r"""A low-rank drop-in for an ``nnx.Einsum`` whose equation is a matrix product.
 
     The kernel's axes split into *contracted* ones (also in the input) and *kept* ones (in the
