@@ -17,13 +17,15 @@ Part A, from scratch on the code corpus (same batches, same steps, one process):
 
 Part B, fine-tuning the pretrained ``dense`` model on the docs corpus:
 
-* ``full``: every parameter, Adam;
+* ``full``: every parameter, Adam; ``full_linear``: only the adapted layers' kernels and biases
+  (embeddings and norms frozen, as in the adapter runs);
 * ``lora_rR``: ``nnx.LoRA`` factors (``B = 0`` at start) on every linear layer (attention
   q/k/v/out and MLP of every block, output head; embeddings and norms frozen), base weights
   frozen, rank R for each size's list;
 * ``adapter_tau``, ``adapter_budget``: rank-adaptive DLRT adapters on the same layers (frozen
   ``W0``, ``S = 0`` at start, ``parallel_bug``), rank chosen by a per-layer tau or by a global
-  parameter budget, one run per seed.
+  parameter budget, one run per seed; ``adapter_fixed_rR``: the same adapters at a fixed rank R
+  (``tau=None``: DLRT's fixed-rank mode), to tell rank adaptation from parametrisation.
 
 Reported: trainable and total parameters (a ``LowRank`` factor counts ``r (n + m) + r^2`` at its
 rank), validation loss (nats/byte) and bits per byte, median step time after compilation, XLA's
@@ -325,6 +327,9 @@ def make_adapter(pretrained: nnx.Module, args, opts: dict, steps: int):
     if opts["rule"] == "tau":
         tx = adapters.geolora(lr, tau=args.tau_adapter)
         extra = {"tau": args.tau_adapter}
+    elif opts["rule"] == "fixed":
+        tx = adapters.geolora(lr, tau=None)  # parallel_bug truncating back to the rank
+        extra = {"tau": None}
     else:
         tx = adapters.geolora(lr, tau=0.0, budget=opts["budget"])
         extra = {"budget": opts["budget"]}
@@ -353,6 +358,8 @@ def part_b(args, size, docs, pretrained: nnx.Module) -> list[dict]:
 
     tx = optax.adam(schedule(args.lr_full, steps))
     rows.append(train("full", Run(nnx.clone(pretrained), nnx.Param, tx), batches, steps, val))
+    linear = nnx.Any(*(nnx.All(nnx.Param, nnx.PathContains(n)) for n in _gpt.ADAPTED))
+    rows.append(train("full_linear", Run(nnx.clone(pretrained), linear, tx), batches, steps, val))
     for r in size["lora_ranks"]:
         model = _gpt.add_lora(pretrained, r, seed=args.seed)
         tx = optax.adam(schedule(args.lr_adapter, steps))
@@ -361,6 +368,12 @@ def part_b(args, size, docs, pretrained: nnx.Module) -> list[dict]:
     budget = args.budget or _gpt.count_params(
         nnx.as_pure(nnx.state(_gpt.add_lora(pretrained, 4), nnx.LoRAParam))
     )  # default: what LoRA at rank 4 trains
+    r = args.adapter_rank  # DLRT's fixed-rank mode: the same adapters, tau=None
+    model, wrt, tx, extra = make_adapter(
+        pretrained, args, {"rule": "fixed", "seed": 0, "capacity": r}, steps
+    )
+    rows.append(train(f"adapter_fixed_r{r}", Run(model, wrt, tx), batches, steps, val, extra=extra))
+    rows[-1]["trainable_params"] = adapter_params(model)
     for name, opts in adapter_variants(args, size, budget):
         model, wrt, tx, extra = make_adapter(pretrained, args, opts, steps)
         row = train(name, Run(model, wrt, tx), batches, steps, val, extra=extra)
