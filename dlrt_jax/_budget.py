@@ -161,7 +161,8 @@ def with_rank_budget(
         budget: the total parameter budget, ``sum_l r_l (n_l + m_l)``, of all ``LowRank``
             factors in the params (for adapters: the trainable parameters of the exported LoRA).
         min_rank: the rank every factor keeps whatever the budget (default 1, the least a
-            ``LowRank`` has).
+            ``LowRank`` has). Give ``tx`` the same ``min_rank`` (``parallel_bug``'s default is
+            2), or its truncation raises ranks the budget then cuts again every step.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``. ``init`` raises ``ValueError`` when
