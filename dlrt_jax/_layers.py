@@ -20,6 +20,7 @@ import numpy as np
 
 from dlrt_jax._factors import (
     LowRank,
+    _check_int,
     _check_rank_value,
     _resolve_capacity,
     default_capacity,
@@ -33,9 +34,9 @@ def is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-def _where(where: str, fn, *args):
+def _where(where: str, fn, *args, **kwargs):
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -52,14 +53,11 @@ def rank_capacity(
     raised to an explicit larger ``rank``), ``rank`` to the capacity; both must lie in
     ``[1, min(n, m)]`` and ``rank <= capacity``.
     """
-    n, m = shape
-    if rank is not None and is_int(rank) and rank > min(n, m):
-        raise ValueError(
-            f"{where}: `rank`={rank} must be in [1, min(n, m)={min(n, m)}] for the {n} x {m} "
-            "matrix W."
-        )
-    if capacity is None and is_int(rank):
-        capacity = max(default_capacity(shape), int(rank))
+    limit = min(shape)
+    if rank is not None:
+        rank = _where(where, _check_int, rank, "rank", 1, limit, upper=f"min(n, m)={limit}")
+    if capacity is None and rank is not None:
+        capacity = max(default_capacity(shape), rank)
     capacity = _where(where, _resolve_capacity, capacity, shape)
     rank = capacity if rank is None else rank
     _where(where, _check_rank_value, rank, capacity)

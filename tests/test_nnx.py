@@ -183,7 +183,7 @@ def test_linear_dtype_and_precision():
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [
-        (dict(rank=0), ValueError, "`rank` must be .*>= 1"),
+        (dict(rank=0), ValueError, r"`rank` must be an integer in \[1, min\(n, m\)=6\]"),
         (dict(rank=7), ValueError, r"\[1, min\(n, m\)=6\]"),
         (dict(rank=4, capacity=3), ValueError, "exceeds the capacity 3.*`capacity=`"),
         (dict(capacity=7), ValueError, r"`capacity` must be an integer in \[1, min\(n, m\)=6\]"),
