@@ -460,7 +460,7 @@ def test_to_low_rank_random_init_and_errors():
     grouped = Grouped(nnx.Rngs(0))
     with pytest.raises(ValueError, match="'g'.*feature_group_count=2"):
         to_low_rank(grouped)
-    assert type(to_low_rank(grouped, filter="fc").fc) is LowRankLinear
+    assert type(to_low_rank(grouped, filter="fc", rank=2).fc) is LowRankLinear
 
 
 def test_to_low_rank_sequential_shared_layers_and_root():
