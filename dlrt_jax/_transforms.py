@@ -313,8 +313,8 @@ def _build(
                 is_leaf=is_lowrank,
             )
         others = jax.tree.map(lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank)
-        zero = jnp.zeros([], jnp.int32)
-        return DLRTState(zero, zero, factors, other.init(others))
+        count, num_skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # two buffers
+        return DLRTState(count, num_skipped, factors, other.init(others))
 
     return cfg, other, init_fn
 

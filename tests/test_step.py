@@ -120,6 +120,17 @@ def test_has_aux_returns_the_first_evaluations_aux():
     chex.assert_trees_all_close((loss, aux["b_sum"]), (ref_loss, 1.0), rtol=1e-6)
 
 
+def test_step_with_donated_params_and_state():
+    # jit(donate_argnums=(0, 1)) fails if two leaves of the state share one buffer
+    params, loss_fn, x, y = _problem()
+    tx = dlrt_jax.parallel_bug(optax.sgd(0.1), tau=0.1)
+    step = jax.jit(dlrt_jax.make_train_step(loss_fn, tx, jit=False), donate_argnums=(0, 1))
+    state = tx.init(params)
+    for _ in range(2):
+        params, state, _ = step(params, state, x, y)
+    assert int(state.count) == 2
+
+
 def test_invalid_arguments_are_rejected():
     params, loss_fn, *_ = _problem()
     with pytest.raises(TypeError, match="loss_fn"):
