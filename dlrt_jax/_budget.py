@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from dlrt_jax._factors import LowRank, is_lowrank
+from dlrt_jax._linalg import full_precision
 
 __all__ = ["RankBudgetState", "budget_cost", "factor_ranks", "with_rank_budget"]
 
@@ -87,9 +88,10 @@ def _diagonalise(x: LowRank) -> tuple[jax.Array, jax.Array, jax.Array]:
         (jnp.max(jnp.abs(off)) <= tol) & jnp.all(d >= 0) & jnp.all(d[:-1] >= d[1:] - tol)
     )
 
-    def rotate(_):
+    def rotate(_):  # basis arithmetic at full precision, like the integrators' (TF32 on GPUs)
         P, sigma, Qt = jnp.linalg.svd(S)
-        return x.U @ P.astype(x.dtype), sigma.astype(x.dtype), x.V @ Qt.T.astype(x.dtype)
+        with full_precision():
+            return x.U @ P.astype(x.dtype), sigma.astype(x.dtype), x.V @ Qt.T.astype(x.dtype)
 
     def keep(_):
         return x.U, d, x.V
