@@ -76,7 +76,7 @@ SIZES = {
     "smoke": dict(
         cfg=_gpt.GPTConfig(d_model=32, n_heads=2, n_layers=1, context=32),
         batch=16, pre_steps=40, ft_steps=20, eval_windows=32, lora_ranks=(4,),
-        seeds=(0,), speed_ranks=(4,), speed_rounds=3, matched=False, parts="bc",
+        seeds=(0,), speed_ranks=(4,), speed_rounds=3, matched=False, parts="b",
         capacity=8, scratch_capacity=8,
     ),
     "small": dict(
