@@ -9,10 +9,11 @@ sizes and SHA-256 checked against pinned values and written to the JSON).
 Part A, from scratch on the code corpus (same batches, same steps, one process):
 
 * ``dense``: Adam, warmup + cosine schedule;
-* ``dlrt``: the same model converted by ``dlrt_jax.nnx.to_low_rank`` (truncated SVD of the same
-  random initialisation, capacity ``floor(min(n, m) / 2)``) and trained by the rank-adaptive
-  ``parallel_bug`` (Adam on K, L, S at 3x the learning rate, tau relative) with a
-  ``CapacityPolicy``; the layers it cannot convert stay dense (listed);
+* ``dlrt``: the same model converted by ``dlrt_jax.nnx.to_low_rank`` (every ``Linear`` and
+  ``LinearGeneral``: the rank-``c`` truncated SVD of the same random initialisation, rank =
+  capacity = ``c`` = ``--scratch-capacity``, so ranks can only fall) and trained by the
+  rank-adaptive ``parallel_bug`` (Adam on K, L, S at 3x the learning rate, relative tau); the
+  layers it cannot convert (embeddings, norms) stay dense and are listed;
 * ``dense_matched``: a narrower dense model with at most the parameters DLRT ended with.
 
 Part B, fine-tuning the pretrained ``dense`` model on the docs corpus:
@@ -28,15 +29,16 @@ Part B, fine-tuning the pretrained ``dense`` model on the docs corpus:
   (``tau=None``: DLRT's fixed-rank mode), to tell rank adaptation from parametrisation.
 
 Reported: trainable and total parameters (a ``LowRank`` factor counts ``r (n + m) + r^2`` at its
-rank), validation loss (nats/byte) and bits per byte, median step time after compilation, XLA's
-memory estimate of the compiled step (arguments + outputs + temporaries - aliased; comparable
-across variants on every backend), the device's peak bytes in use where the backend reports it
-(GPU; cumulative over the process), ranks per layer. Part C times the adapter and LoRA steps at
+rank; adapters are reported in the LoRA layout ``r (n + m)`` that ``export_peft`` writes),
+validation loss (nats/byte) and bits per byte, median step time after compilation, XLA's memory
+estimate of the compiled step (arguments + outputs + temporaries - aliased; comparable across
+variants on every backend), the device's peak bytes in use where the backend reports it (GPU;
+cumulative over the process), ranks per layer. Part C times the adapter and LoRA steps at
 the same rank interleaved (round-robin, same batch) for the step-time target.
 
 Examples:
-    python benchmarks/transformer.py --size smoke          # < 1 minute, checks that it runs
-    python benchmarks/transformer.py --size small          # a few minutes on a 2-core CPU
+    python benchmarks/transformer.py --size smoke   # checks that it runs: ~1-2 min, 2 cores
+    python benchmarks/transformer.py --size small   # 10 minutes on a shared 2-core CPU
     python benchmarks/transformer.py --size gpu            # larger model, on a GPU
 """
 
@@ -189,7 +191,6 @@ def train(
     steps: int,
     val: tuple[np.ndarray, np.ndarray],
     *,
-    policy=None,
     extra: dict | None = None,
 ) -> dict:
     t_start = time.perf_counter()
@@ -199,8 +200,6 @@ def train(
     for k in range(steps):
         x, y = batches(k)
         times.append(run.one(x, y))
-        if policy is not None:
-            run.params, run.opt_state, _ = policy(k + 1, run.params, run.opt_state)
         if k % max(1, steps // 10) == 0 or k == steps - 1:
             losses.append((k, float(run.eval(run.params, run.rest, x, y))))
     val_loss = run.evaluate(*val)
