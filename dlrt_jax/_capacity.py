@@ -128,12 +128,17 @@ def resize_capacity(
     def fix(node):
         if not isinstance(node, DLRTState):
             return node
-        fstates = treedef.flatten_up_to(node.factors)
-        new_fstates = [
-            _resize_factor_state(fs, x, c) if is_lowrank(x) else fs
-            for fs, x, c in zip(fstates, xs, caps)
-        ]
-        return node._replace(factors=treedef.unflatten(new_fstates))
+        resized = [(x, c) for x, c in zip(xs, caps) if is_lowrank(x)]
+        if not isinstance(node.factors, tuple | list) or len(node.factors) != len(resized):
+            raise ValueError(
+                "`opt_state` holds a DLRT state whose per-factor states do not match the "
+                f"{len(resized)} LowRank factors of `params`; pass the params the state was "
+                "built for (`tx.init(params)`)."
+            )
+        new_fstates = tuple(
+            _resize_factor_state(fs, x, c) for fs, (x, c) in zip(node.factors, resized)
+        )
+        return node._replace(factors=new_fstates)
 
     new_state = jax.tree_util.tree_map(fix, opt_state, is_leaf=lambda s: isinstance(s, DLRTState))
     return new_params, new_state

@@ -39,8 +39,11 @@ class DLRTState(NamedTuple):
         count: number of ``update`` calls.
         num_skipped: number of steps skipped because a gradient the step reads, or the result, was
             not finite.
-        factors: a tree shaped like the params with a ``FactorState(K, L, S)`` (the inner optimiser
-            states of the three substeps) at each ``LowRank`` and ``None`` elsewhere.
+        factors: a tuple with one ``FactorState(K, L, S)`` (the inner optimiser states of the
+            three substeps) per ``LowRank`` of the params, in leaf order (the order of
+            ``jax.tree_util.tree_leaves(params, is_leaf=dlrt_jax.is_lowrank)``). A flat tuple, not
+            a tree shaped like the params, so that containers that wrap each array of the state
+            (``flax.nnx.Optimizer``) keep it intact.
         other: the state of the optimiser of the leaves that are not ``LowRank``.
     """
 
@@ -189,6 +192,34 @@ def _all_finite(trees) -> jax.Array:
     return ok
 
 
+def _check_factor_states(factors: Any, params: Any, leaves: list, idx: list[int]) -> tuple:
+    """``DLRTState.factors`` as a tuple of ``FactorState``, one per ``LowRank`` of ``params``."""
+    fix = (
+        "the state must come from this transform's `init` on params with the same factors "
+        "(rebuild it with `tx.init(params)`, or resize it with the params via "
+        "`dlrt_jax.resize_capacity` / `fit_capacity`)."
+    )
+    if not isinstance(factors, tuple | list):
+        raise ValueError(
+            "The DLRT optimiser state must hold its per-factor states in a tuple (one FactorState "
+            f"per LowRank, in leaf order), got a {type(factors).__name__}: {fix}"
+        )
+    if len(factors) != len(idx):
+        raise ValueError(
+            f"The DLRT optimiser state holds {len(factors)} per-factor states, but the params "
+            f"have {len(idx)} LowRank factors: {fix}"
+        )
+    for j, (i, fs) in enumerate(zip(idx, factors)):
+        if not isinstance(fs, _int.FactorState):
+            path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0][i][0]
+            raise ValueError(
+                f"The DLRT optimiser state of {_path_str(path)} (factor {j}) is a "
+                f"{type(fs).__name__}, not a FactorState: the state was restructured after "
+                f"`init`; {fix}"
+            )
+    return tuple(factors)
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 
@@ -209,17 +240,8 @@ def _run(
     """
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_lowrank)
     g_leaves = treedef.flatten_up_to(grads)
-    st_leaves = treedef.flatten_up_to(state.factors)
     idx = [i for i, leaf in enumerate(leaves) if is_lowrank(leaf)]
-    for i in idx:
-        if not isinstance(st_leaves[i], _int.FactorState):
-            path = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0][i][0]
-            raise ValueError(
-                f"The DLRT optimiser state of {_path_str(path)} is a "
-                f"{type(st_leaves[i]).__name__}, not a FactorState: the state was restructured "
-                "after `init`. With Flax NNX, build the optimiser as "
-                "`dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...)`."
-            )
+    factor_states = _check_factor_states(state.factors, params, leaves, idx)
 
     k = cfg.truncate_every
     if cfg.tau is not None and (not isinstance(k, numbers.Integral) or k > 1):
@@ -231,7 +253,7 @@ def _run(
     # only what the step uses is checked: the non-factor gradients and the slots each phase reads
     finite = _all_finite([gl for leaf, gl in zip(leaves, g_leaves) if not is_lowrank(leaf)])
     g = [g_leaves[i] for i in idx]
-    carries = [_int.Carry(leaves[i], st_leaves[i]) for i in idx]
+    carries = [_int.Carry(leaves[i], fs) for i, fs in zip(idx, factor_states)]
     for k, (phase, reads) in enumerate(zip(integrator.phases, integrator.reads)):
         if k:  # the gradient of the whole model at every factor's new point
             points = list(leaves)
@@ -251,9 +273,11 @@ def _run(
         treedef.unflatten(other_grads), state.other, treedef.unflatten(others)
     )
     update_leaves = treedef.flatten_up_to(other_updates)
-    new_leaves, new_factor_states = list(leaves), list(st_leaves)
-    for i, result in zip(idx, carries):
-        new_leaves[i], new_factor_states[i] = result
+    new_leaves, new_factor_states = list(leaves), []
+    for i, (new_x, new_fs) in zip(idx, carries):  # the last phase returns (factor, state)
+        new_leaves[i] = new_x
+        new_factor_states.append(new_fs)
+    new_factor_states = tuple(new_factor_states)
     finite = finite & _all_finite([new_leaves[i] for i in idx])
 
     def keep(new, old):
@@ -273,7 +297,7 @@ def _run(
     new_state = DLRTState(
         count=optax.safe_increment(state.count),
         num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-        factors=keep(treedef.unflatten(new_factor_states), state.factors),
+        factors=keep(new_factor_states, factor_states),
         other=keep(other_state, state.other),
     )
     return treedef.unflatten(new_leaves), treedef.unflatten(update_leaves), new_state
@@ -307,10 +331,8 @@ def _build(
             if is_lowrank(leaf):
                 _check_factor(leaf, _path_str(path), integrator, cfg)
         with full_precision():
-            factors = jax.tree.map(
-                lambda x: _int.init_factor_state(tx, x) if is_lowrank(x) else None,
-                params,
-                is_leaf=is_lowrank,
+            factors = tuple(
+                _int.init_factor_state(tx, leaf) for _, leaf in paths_leaves if is_lowrank(leaf)
             )
         others = jax.tree.map(lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank)
         count, num_skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # two buffers

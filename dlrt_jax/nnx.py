@@ -8,7 +8,9 @@
 * :func:`to_low_rank`: replace chosen layers of an existing model, with a per-layer summary.
 * :class:`DLRTOptimizer`, :func:`make_grad_fn`, :func:`train_step`, :func:`fit_capacity`,
   :func:`apply_capacity_policy`: the glue between ``nnx.Optimizer`` and the integrators, which
-  evaluate the gradient more than once per step or change the capacities.
+  evaluate the gradient more than once per step or change the capacities. A plain
+  ``nnx.Optimizer(model, dlrt_jax.bug(...), wrt=nnx.Param)`` holds the DLRT state;
+  ``DLRTOptimizer`` stays for compatibility (and for plain optax transforms on factors).
 
 Cost of a step: a jitted step costs in proportion to each factor's static *capacity*, not its rank.
 The layers default to the capacity ``floor(min(n, m) / 2)`` so that the rank can start high; once
@@ -156,7 +158,7 @@ class LowRankLinear(_LowRankLayer):
     :class:`LowRankParam` ``kernel``; the bias is an ``nnx.Param`` as in ``nnx.Linear``. The call
     computes ``((x V) S^T) U^T + b`` over the last axis at cost ``O(c (n + m))`` per row; its custom
     VJP gives the DLRT gradients (see :class:`~dlrt_jax.LowRank`). Train it with the DLRT optax
-    transforms (:func:`dlrt_jax.bug`, ...) through :class:`DLRTOptimizer`; see :func:`train_step`.
+    transforms (:func:`dlrt_jax.bug`, ...) through ``nnx.Optimizer``; see :func:`train_step`.
 
     Args:
         in_features: ``m``, the size of the input's last axis.
@@ -937,28 +939,24 @@ def _pure_init(tx: optax.GradientTransformation) -> optax.GradientTransformation
 
 
 class DLRTOptimizer(nnx.Optimizer):
-    """``nnx.Optimizer`` for the DLRT transforms (and any other optax transform).
+    """``nnx.Optimizer`` whose ``tx.init`` sees the pure state; kept for compatibility.
 
-    ``nnx.Optimizer(model, tx, wrt=wrt)`` with ``tx.init`` applied to the pure state
+    The DLRT transforms (:func:`dlrt_jax.bug`, ...) work in a plain ``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)``: their state keeps one ``FactorState`` per factor in a flat tuple
+    (:class:`dlrt_jax.DLRTState`), of which ``nnx.Optimizer`` wraps every array in its own
+    ``OptArray``, so the structure survives its updates (flax 0.12.8, tested). ``DLRTOptimizer``
+    is ``nnx.Optimizer(model, tx, wrt=wrt)`` with ``tx.init`` applied to the pure state
     ``nnx.as_pure(nnx.state(model, wrt))``; everything else is inherited (``update(model, grads,
     **kwargs)`` passes ``grad_fn=`` on to the integrator: build it with :func:`make_grad_fn`, or
-    let :func:`train_step` do it). :func:`fit_capacity` changes the capacities of the model and of
-    this optimiser's state together.
+    let :func:`train_step` do it).
 
-    Why plain ``nnx.Optimizer`` cannot hold the state (flax 0.12.8, tried): it calls
-    ``tx.init(nnx.state(model, wrt))``, whose leaves are ``Variable`` objects, and wraps every
-    ``Variable`` of the returned state in one ``OptVariable``. Any optimiser state that mirrors the
-    parameters then holds a whole pytree in one ``OptVariable`` at a :class:`LowRankParam`: a
-    ``LowRank`` moment for a plain ``optax.adam``, a per-factor ``FactorState`` for a DLRT
-    transform. The first ``update`` writes the new state back with ``nnx.update(opt_state,
-    nnx.state(new_opt_state))``, which turns that pytree into a nested ``State`` dict, and the
-    second ``update`` fails (``ValueError: The DLRT optimiser state of params['kernel'] is a
-    State, not a FactorState`` for ``parallel_bug``; ``pytree structure error: different types at
-    key path ... LowRank ... State`` for ``optax.adam``). With ``tx.init`` on the pure state every
-    array gets its own ``OptArray`` and the structure survives updates. (A DLRT state that kept
-    the per-factor states in a flat tuple, in leaf order, instead of a tree shaped like the
-    parameters would survive plain ``nnx.Optimizer`` too, as a toy transform shows; plain optax
-    moments of a ``LowRankParam`` would not.)
+    It is still needed for a *plain* optax transform (``optax.adam``, without a DLRT wrapper) on
+    a model with :class:`LowRankParam`: plain ``nnx.Optimizer`` calls ``tx.init`` on the
+    ``Variable`` objects and wraps each ``Variable`` of the returned state in one ``OptVariable``,
+    so an Adam moment of a ``LowRankParam`` (a whole ``LowRank``) sits in one ``OptVariable``,
+    which ``nnx.update`` turns into a nested ``State`` after the first update (the second then
+    fails). :func:`train_step`, :func:`fit_capacity` and :func:`apply_capacity_policy` reject such
+    an optimiser with a clear error.
 
     Args:
         model: the NNX model.
@@ -976,11 +974,13 @@ class DLRTOptimizer(nnx.Optimizer):
         >>> optimizer = DLRTOptimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.1))
         >>> batch = jax.random.normal(jax.random.key(1), (32, 12))
         >>> loss_fn = lambda m, x: jnp.mean((m(x) - x[:, :10]) ** 2)
-        >>> for _ in range(2):  # the second step is the one a plain nnx.Optimizer fails
-        ...     grads = nnx.grad(loss_fn)(model, batch)
-        ...     _ = optimizer.update(model, grads, grad_fn=make_grad_fn(model, loss_fn, batch))
-        >>> int(optimizer.step[...])
-        2
+        >>> plain = nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.1), wrt=nnx.Param)
+        >>> for _ in range(2):
+        ...     for opt in (optimizer, plain):  # the same for both
+        ...         grads = nnx.grad(loss_fn)(model, batch)
+        ...         _ = opt.update(model, grads, grad_fn=make_grad_fn(model, loss_fn, batch))
+        >>> int(optimizer.step[...]), int(plain.step[...])
+        (2, 2)
     """
 
     def __init__(
@@ -1008,9 +1008,10 @@ def _check_optimizer(optimizer: Any, where: str) -> None:
             if value is not None and not isinstance(value, jax.Array | np.ndarray | numbers.Number):
                 raise TypeError(
                     f"{where}: this nnx.Optimizer holds a {type(value).__name__} in one optimiser "
-                    "Variable (the state of a LowRank factor), which its update cannot keep "
-                    "intact (see DLRTOptimizer). Build it as dlrt_jax.nnx.DLRTOptimizer(model, "
-                    "tx, wrt=...) instead."
+                    "Variable (a plain optax state of a LowRank factor), which its update "
+                    "cannot keep intact (see DLRTOptimizer). Wrap the optax transform in a DLRT "
+                    "transform (e.g. dlrt_jax.bug(tx)), or build the optimiser as "
+                    "dlrt_jax.nnx.DLRTOptimizer(model, tx, wrt=...)."
                 )
 
 
@@ -1121,7 +1122,7 @@ def apply_capacity_policy(
             ``(step, params, opt_state) -> (params, opt_state, resized)``.
         step: the number of training steps done (1-based).
         model: the NNX model.
-        optimizer: its :class:`DLRTOptimizer`.
+        optimizer: its ``nnx.Optimizer`` (or :class:`DLRTOptimizer`).
 
     Returns:
         Whether the capacities were changed.

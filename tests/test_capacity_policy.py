@@ -52,7 +52,7 @@ def test_call_checks_only_every_k_steps_and_keeps_w_and_state():
     new, new_state, resized = policy(5, params, state)
     assert resized and new["w"].capacity == 8  # bucket(3 + 2) = 8
     np.testing.assert_allclose(new["w"].to_dense(), params["w"].to_dense(), atol=1e-6)
-    assert new_state.factors["w"].S[0].mu.shape == (8, 8)
+    assert new_state.factors[0].S[0].mu.shape == (8, 8)
     assert policy(10, new, new_state)[2] is False  # in band now
 
 

@@ -4,9 +4,11 @@ References are written independently here: dense ``x @ W^T + b`` and ``lax.conv_
 / ``nnx.Conv`` with the reconstructed kernel, and ``G = dL/dW`` by autodiff of the dense model.
 """
 
+import functools
 import logging
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -745,8 +747,8 @@ def test_rank_changes_and_fit_capacity_then_training_continues():
     np.testing.assert_allclose(model.factor.to_dense(), W_before, atol=1e-5)
     assert _orth_err(model.factor.U) < 1e-5 and _orth_err(model.factor.V) < 1e-5
     state = nnx.as_pure(optimizer.opt_state)
-    assert state.factors["kernel"].S[0].mu.shape == (want, want)
-    assert state.factors["kernel"].K[0].nu.shape == (16, want)
+    assert state.factors[0].S[0].mu.shape == (want, want)
+    assert state.factors[0].K[0].nu.shape == (16, want)
     for _ in range(4):
         losses.append(float(step(model, optimizer, batch)))
     assert len(traces) == 2  # one retrace for the new shapes
@@ -793,9 +795,9 @@ def test_apply_capacity_policy_resizes_out_of_band_and_keeps_the_function():
         assert _orth_err(layer.factor.U) < 1e-5 and _orth_err(layer.factor.V) < 1e-5
     np.testing.assert_allclose(model(x), out_before, atol=1e-5)  # the same function
     state = nnx.as_pure(optimizer.opt_state)
-    for name in ("l1", "l2"):
+    for i, name in enumerate(("l1", "l2")):  # one FactorState per factor, in leaf order
         c = getattr(model, name).capacity
-        got, old = state.factors[name]["kernel"], state_before.factors[name]["kernel"]
+        got, old = state.factors[i], state_before.factors[i]
         assert got.S[0].mu.shape == (c, c) and got.K[0].nu.shape == (32, c)
         np.testing.assert_array_equal(got.S[0].mu, old.S[0].mu[:c, :c])  # moments kept
     assert not apply_capacity_policy(policy, 10, model, optimizer)  # now in its band
@@ -809,7 +811,7 @@ def test_apply_capacity_policy_resizes_out_of_band_and_keeps_the_function():
     assert not apply_capacity_policy(spy, 7, model, optimizer) and calls == [7]
     with pytest.raises(TypeError, match="`policy` must be"):
         apply_capacity_policy(None, 5, model, optimizer)
-    plain = nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2)), wrt=nnx.Param)
+    plain = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)  # a LowRank moment per Variable
     with pytest.raises(TypeError, match="DLRTOptimizer"):
         apply_capacity_policy(policy, 5, model, plain)
 
@@ -887,7 +889,7 @@ def test_train_step_keeps_the_state_the_loss_changes():
     assert int(optimizer.step[...]) == 1
 
 
-def test_make_grad_fn_matches_nnx_grad_and_plain_optimizer_is_rejected():
+def test_make_grad_fn_matches_nnx_grad_and_a_plain_optax_state_is_rejected():
     x, y = _data()
     model = _MLP(nnx.Rngs(1))
     grad_fn = make_grad_fn(model, _mse, (x, y))
@@ -900,17 +902,50 @@ def test_make_grad_fn_matches_nnx_grad_and_plain_optimizer_is_rejected():
     with pytest.raises(TypeError, match="`loss_fn` must be callable"):
         make_grad_fn(model, None, (x, y))
 
-    plain = nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2)), wrt=nnx.Param)
+    # a plain optax optimiser in nnx.Optimizer holds a whole LowRank moment in one Variable
+    plain = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     with pytest.raises(TypeError, match="DLRTOptimizer"):
         train_step(model, plain, _mse, (x, y))
     with pytest.raises(TypeError, match="DLRTOptimizer"):
         fit_capacity(model, plain)
-    # the plain nnx.Optimizer experiment (see DLRTOptimizer): its second update breaks the state
-    plain = nnx.Optimizer(model, dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.1), wrt=nnx.Param)
-    grads = nnx.grad(_mse)(model, (x, y))
-    plain.update(model, grads)
-    with pytest.raises((ValueError, TypeError)):
-        plain.update(model, grads)
-    # a plain optax optimiser in DLRTOptimizer trains the (U, S, V) entries as ordinary arrays
+    # ... and in DLRTOptimizer it trains the (U, S, V) entries as ordinary arrays
     sgd = DLRTOptimizer(model, optax.sgd(1e-3))
     assert float(train_step(model, sgd, _mse, (x, y))) > 0
+
+
+@pytest.mark.parametrize("name", ["bug_adaptive", "parallel_bug"])
+def test_plain_nnx_optimizer_holds_the_dlrt_state_like_dlrt_optimizer(name):
+    x, y = _data()
+    plain_model, alias_model = _MLP(nnx.Rngs(1), capacity=8), _MLP(nnx.Rngs(1), capacity=8)
+    plain = nnx.Optimizer(plain_model, INTEGRATORS[name](), wrt=nnx.Param)
+    alias = DLRTOptimizer(alias_model, INTEGRATORS[name]())
+    for _ in range(2):  # Optimizer.update: the second update used to break a plain one's state
+        for model, opt in ((plain_model, plain), (alias_model, alias)):
+            grads = nnx.grad(_mse)(model, (x, y))
+            opt.update(model, grads, grad_fn=make_grad_fn(model, _mse, (x, y)))
+    step = nnx.jit(functools.partial(train_step, loss_fn=_mse))
+    losses = [float(step(plain_model, plain, batch=(x, y))) for _ in range(2)]
+    for _ in range(2):
+        step(alias_model, alias, batch=(x, y))
+    policy = dlrt_jax.CapacityPolicy(every=1, headroom=1.0, min_free=2, multiple=2)
+    assert apply_capacity_policy(policy, 1, plain_model, plain)
+    assert apply_capacity_policy(policy, 1, alias_model, alias)
+    assert plain_model.l1.capacity < 8
+    fit_capacity(plain_model, plain, headroom=4.0, multiple=4, max_capacity=8)
+    fit_capacity(alias_model, alias, headroom=4.0, multiple=4, max_capacity=8)
+    assert plain_model.l1.capacity == 8
+    for _ in range(2):
+        losses.append(float(step(plain_model, plain, batch=(x, y))))
+        step(alias_model, alias, batch=(x, y))
+    assert losses[-1] < losses[0], losses
+    assert int(plain.step[...]) == int(alias.step[...]) == 6
+    state = nnx.as_pure(plain.opt_state)
+    assert isinstance(state.factors, tuple) and len(state.factors) == 2
+    for fs, layer in zip(state.factors, (plain_model.l1, plain_model.l2), strict=True):
+        c = layer.capacity
+        assert fs.S[0].mu.shape == (c, c) and fs.K[0].nu.shape == (layer.factor.shape[0], c)
+    # the same trajectory as DLRTOptimizer
+    chex.assert_trees_all_close(
+        nnx.as_pure(nnx.state(plain_model)), nnx.as_pure(nnx.state(alias_model)), atol=1e-5
+    )
+    chex.assert_trees_all_close(state, nnx.as_pure(alias.opt_state), atol=1e-5)

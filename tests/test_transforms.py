@@ -162,7 +162,7 @@ def test_momentum_is_carried_across_basis_changes():
             p, state = step(p, state, A)
         outs.append(p["w"].to_dense())
         if inner is not None:
-            fs = state.factors["w"]
+            fs = state.factors[0]
     assert float(jnp.linalg.norm(outs[0] - outs[1])) > 1e-3
     assert fs.K is not None
 
@@ -219,9 +219,9 @@ def test_capacity_shrink_and_grow_keeps_w_and_state_and_bounds_recompiles():
     c = small["w"].capacity
     assert c == min(-(-3 * r // 2), 6) and c < CAP
     np.testing.assert_allclose(small["w"].to_dense(), W, atol=1e-6)
-    assert small_state.factors["w"].K[0].mu.shape == (N, c)
-    assert small_state.factors["w"].L[0].nu.shape == (M, c)
-    assert small_state.factors["w"].S[0].nu.shape == (c, c)
+    assert small_state.factors[0].K[0].mu.shape == (N, c)
+    assert small_state.factors[0].L[0].nu.shape == (M, c)
+    assert small_state.factors[0].S[0].nu.shape == (c, c)
     U = np.asarray(small["w"].U)
     np.testing.assert_allclose(U.T @ U, np.eye(c), atol=1e-5)
     for _ in range(5):
@@ -317,6 +317,32 @@ def test_update_arguments_are_validated():
     txb = dlrt_jax.bug(0.1)
     with pytest.raises(ValueError, match="grad_fn: the gradient tree"):
         txb.update(grads, txb.init(params), params, grad_fn=lambda p: {"w": grads["w"]})
+
+
+def test_state_holds_one_factor_state_per_lowrank_in_leaf_order_and_rejects_a_mismatch():
+    A = _lowrank_target(jax.random.key(8), 2)
+    params = {"v": LowRank.random(jax.random.key(3), (N, M), rank=2, capacity=CAP), **_params()}
+    grads = jax.grad(lambda p: _loss(p, A))(params)
+    tx = dlrt_jax.parallel_bug(optax.adam(0.1), tau=0.1)
+    state = tx.init(params)
+    leaves = jax.tree.leaves(params, is_leaf=dlrt_jax.is_lowrank)
+    order = [x for x in leaves if isinstance(x, LowRank)]
+    assert isinstance(state.factors, tuple) and len(state.factors) == 2
+    for fs, x in zip(state.factors, order, strict=True):
+        chex.assert_shape(fs.K[0].mu, (x.shape[0], x.capacity))
+    assert [int(x.rank) for x in order] == [2, 3]  # "v" before "w"
+    _, new_state = tx.update(grads, state, params)
+    assert isinstance(new_state.factors, tuple) and len(new_state.factors) == 2
+    with pytest.raises(ValueError, match="holds 1 per-factor states, but the params have 2"):
+        tx.update(grads, state._replace(factors=state.factors[:1]), params)
+    as_tree = {"v": state.factors[0], "w": state.factors[1]}  # the layout before the tuple
+    with pytest.raises(ValueError, match="in a tuple .* got a dict"):
+        tx.update(grads, state._replace(factors=as_tree), params)
+    nested = state._replace(factors=(state.factors[0], dict(state.factors[1]._asdict())))
+    with pytest.raises(ValueError, match=r"params\['w'\] \(factor 1\) is a dict, not a FactorSt"):
+        tx.update(grads, nested, params)
+    with pytest.raises(ValueError, match="do not match the 2 LowRank"):
+        dlrt_jax.resize_capacity(params, state._replace(factors=state.factors[:1]), 4)
 
 
 def test_extra_arguments_of_optax_chains_pass_through():
