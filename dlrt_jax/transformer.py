@@ -511,29 +511,7 @@ class LowRankLinearGeneral(_dnnx._LowRankLayer):
         """
         if not isinstance(layer, nnx.LinearGeneral):
             raise TypeError(f"`layer` must be an nnx.LinearGeneral, got {type(layer).__name__}.")
-        mat = matricise(layer)
-        lr = factor_from_dense(
-            mat.to_matrix(layer.kernel[...]),
-            rank=rank,
-            tol=tol,
-            capacity=capacity,
-            where="from_linear_general",
-        )
-        bias = None if layer.bias is None else layer.bias[...]
-        return cls(
-            layer.in_features,
-            layer.out_features,
-            axis=layer.axis,
-            rank=int(lr.rank),
-            capacity=lr.capacity,
-            use_bias=bias is not None,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-            kernel_init=lambda _k, _s, _d: lr,
-            bias_init=lambda _k, _s, dtype: jnp.asarray(bias, dtype),
-            rngs=nnx.Rngs(0),  # not used: both initialisers return given values
-        )
+        return _from_layer(layer, rank, tol, capacity, "from_linear_general", cls=cls)[0]
 
 
 class LowRankEinsum(_dnnx._LowRankLayer):
@@ -653,37 +631,42 @@ class LowRankEinsum(_dnnx._LowRankLayer):
         """
         if not isinstance(layer, nnx.Einsum):
             raise TypeError(f"`layer` must be an nnx.Einsum, got {type(layer).__name__}.")
-        mat = matricise(layer)
-        lr = factor_from_dense(
-            mat.to_matrix(layer.kernel[...]),
-            rank=rank,
-            tol=tol,
-            capacity=capacity,
-            where="from_einsum",
-        )
-        bias = None if layer.bias is None else layer.bias[...]
-        return cls(
-            layer.einsum_str,
-            layer.kernel_shape,
-            None if bias is None else bias.shape,
-            rank=int(lr.rank),
-            capacity=lr.capacity,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-            kernel_init=lambda _k, _s, _d: lr,
-            bias_init=lambda _k, _s, dtype: jnp.asarray(bias, dtype),
-            rngs=nnx.Rngs(0),
-        )
+        return _from_layer(layer, rank, tol, capacity, "from_einsum", cls=cls)[0]
 
 
 # ---- conversion ----------------------------------------------------------------------------------
 
 
-def factor_from_dense(W, *, rank=None, tol=None, capacity=None, where="") -> LowRank:
-    """The truncated SVD of ``W`` as a ``LowRank``, rank and capacity by to_low_rank's rule."""
+def _low_rank_layer(
+    layer: Any, fit: Any, W: jax.Array | None = None, rngs: Any = None, cls: type | None = None
+) -> Any:
+    """The low-rank layer configured as ``layer``: the truncated SVD of ``W`` or, without ``W``,
+    random factors from ``rngs``, at ``fit``'s rank and capacity."""
+    if isinstance(layer, nnx.LinearGeneral):
+        cls = cls or LowRankLinearGeneral
+        args = (layer.in_features, layer.out_features)
+        kw = dict(axis=layer.axis, use_bias=layer.bias is not None)
+    else:
+        cls = cls or LowRankEinsum
+        args = (layer.einsum_str, layer.kernel_shape)
+        kw = dict(bias_shape=None if layer.bias is None else layer.bias[...].shape)
+    kw.update(dtype=layer.dtype, param_dtype=layer.param_dtype, precision=layer.precision)
+    if W is not None:
+        lr = LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
+        bias = None if layer.bias is None else layer.bias[...]
+        kw["kernel_init"] = lambda _k, _s, _d: lr
+        kw["bias_init"] = lambda _k, _s, dtype: jnp.asarray(bias, dtype)
+        rngs = nnx.Rngs(0)  # not used: both initialisers return given values
+    return cls(*args, rank=fit.rank, capacity=fit.capacity, rngs=rngs, **kw)
+
+
+def _from_layer(layer: Any, rank, tol, capacity, where: str, cls: type | None = None):
+    """``(low-rank layer, fit, (n, m))`` from the truncated SVD of ``layer``'s matricised kernel
+    (one SVD picks the rank, one builds the factor)."""
+    mat = matricise(layer)
+    W = mat.to_matrix(layer.kernel[...])
     fit = _dnnx._fit_rank(W, rank, tol, capacity, where)
-    return LowRank.from_dense(W, rank=fit.rank, capacity=fit.capacity)
+    return _low_rank_layer(layer, fit, W, cls=cls), fit, mat.shape
 
 
 def convert(
@@ -695,42 +678,12 @@ def convert(
     ``init='random'``). Raises :class:`NotConvertible` with the reason for a layer that is not one
     matrix product.
     """
-    mat = matricise(layer)
     if init == "svd":
-        W = mat.to_matrix(layer.kernel[...])
-        r, c, err = _dnnx._fit_rank(W, rank, tol, capacity, where)
-        if isinstance(layer, nnx.LinearGeneral):
-            new = LowRankLinearGeneral.from_linear_general(layer, rank=r, capacity=c)
-        else:
-            new = LowRankEinsum.from_einsum(layer, rank=r, capacity=c)
-        return new, mat.shape, r, c, err
-    r, c = _layers.rank_capacity(rank, capacity, mat.shape, where)
-    if isinstance(layer, nnx.LinearGeneral):
-        new = LowRankLinearGeneral(
-            layer.in_features,
-            layer.out_features,
-            axis=layer.axis,
-            rank=r,
-            capacity=c,
-            use_bias=layer.bias is not None,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-            rngs=rngs,
-        )
-    else:
-        new = LowRankEinsum(
-            layer.einsum_str,
-            layer.kernel_shape,
-            None if layer.bias is None else layer.bias[...].shape,
-            rank=r,
-            capacity=c,
-            dtype=layer.dtype,
-            param_dtype=layer.param_dtype,
-            precision=layer.precision,
-            rngs=rngs,
-        )
-    return new, mat.shape, r, c, None
+        new, fit, shape = _from_layer(layer, rank, tol, capacity, where)
+        return new, shape, fit.rank, fit.capacity, fit.rel_error
+    shape = matricise(layer).shape
+    r, c = _layers.rank_capacity(rank, capacity, shape, where)
+    return _low_rank_layer(layer, _dnnx._Fit(r, c, None), rngs=rngs), shape, r, c, None
 
 
 def _to_low_rank_converter(node: Any, request: Any, where: str) -> Any:

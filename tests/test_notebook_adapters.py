@@ -1,24 +1,14 @@
 """notebooks/adapters.ipynb runs end to end on a small subset (fine-tuning with DLRT adapters)."""
 
-import pathlib
 import re
 
 import pytest
-
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "notebooks" / "adapters.ipynb"
+from conftest import run_notebook
 
 
 def test_adapters_notebook_runs(monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("safetensors")  # export_peft / import_peft
-    monkeypatch.setenv("DLRT_NOTEBOOK_STEPS", "40")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute()
-    out = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-    )
+    out = run_notebook("adapters.ipynb", monkeypatch, DLRT_NOTEBOOK_STEPS="40")
     assert "adapted == pretrained at step 0: True" in out
     assert "merged == adapted: True" in out
     assert "PEFT round trip equal: True" in out
