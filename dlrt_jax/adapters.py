@@ -248,6 +248,9 @@ class LowRankAdapter(_layers.FactorAccessors, nnx.Module):
         self.r = int(rank)
         self.alpha = float(alpha)
         self.matricisation = mat
+        # PEFT's ``lora_B.bias`` times its scaling (``n`` entries), folded into ``base``'s bias by
+        # :func:`import_peft` and written back by :func:`export_peft`; ``None``: no LoRA bias
+        self.lora_bias: FrozenParam | None = nnx.data(None)
 
     @property
     def scale(self) -> float:
@@ -538,6 +541,18 @@ def geolora(
 # ---- PEFT LoRA layout ----------------------------------------------------------------------------
 
 
+def _safetensors_numpy():
+    """``safetensors.numpy``, or an ``ImportError`` that gives the install line."""
+    try:
+        import safetensors.numpy
+    except ImportError as e:
+        raise ImportError(
+            'The PEFT files need the safetensors package: pip install "dlrt-jax[peft]" (or, in a '
+            'clone of dlrt_jax, pip install ".[peft]").'
+        ) from e
+    return safetensors.numpy
+
+
 def _json_number(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
@@ -548,6 +563,7 @@ def export_peft(
     *,
     base_model_name_or_path: str | None = None,
     dtype: Any = np.float32,
+    root_name: str = "0",
 ) -> dict[str, Any]:
     r"""Write the adapters in PEFT's LoRA layout: ``adapter_config.json`` + safetensors weights.
 
@@ -572,17 +588,32 @@ def export_peft(
     Needs the ``safetensors`` package
     (``pip install "dlrt-jax[peft]"``); reads the ranks, so call it outside ``jit``.
 
+    PEFT never adapts a model's root module (it skips the empty module name), so an adapter on
+    the root (the model is one layer) is written as the module ``root_name`` (default ``'0'``):
+    in torch, load the file into ``torch.nn.Sequential(layer)``, whose one child is ``'0'``;
+    :func:`import_peft` reads ``root_name`` back as the root.
+
     Args:
         model: the adapted model.
         directory: where to write the two files (created if missing).
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
         dtype: the dtype of the stored tensors (default float32).
+        root_name: the module name of an adapter on the model's root (see above).
 
     Returns:
         The config written.
-    """
-    from safetensors.numpy import save_file
 
+    Examples:
+        >>> import tempfile
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import export_peft, to_adapters
+        >>> model = to_adapters(nnx.Sequential(nnx.Linear(6, 4, rngs=nnx.Rngs(0))), rank=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     config = export_peft(model, d)
+        >>> config["target_modules"], config["rank_pattern"], config["alpha_pattern"]
+        (['layers.0'], {'layers.0': 2}, {'layers.0': 2})
+    """
+    save_file = _safetensors_numpy().save_file
     found = _adapters(model)
     if not found:
         raise ValueError("export_peft: the model has no LowRankAdapter (see to_adapters).")
@@ -593,7 +624,7 @@ def export_peft(
     # so that "fc1" cannot take the rank of "block.fc1"
     found = sorted(found, key=lambda pa: (-len(pa[0]), _module_name(pa[0])))
     for path, a in found:
-        name = _module_name(path)
+        name = _module_name(path) or root_name
         U, S, V = (np.asarray(t, np.float64) for t in a.factor.masked())
         k = int(a.rank)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
@@ -604,6 +635,13 @@ def export_peft(
         )
         rank_pattern[name] = k
         alpha_pattern[name] = _json_number(a.scale * k)
+    lora_bias = any(a.lora_bias is not None for _, a in found)
+    for path, a in found if lora_bias else ():  # PEFT's forward adds scaling * lora_B.bias
+        n = a.matricisation.shape[0]
+        b = np.zeros(n) if a.lora_bias is None else np.asarray(a.lora_bias[...], np.float64)
+        tensors[f"{PEFT_PREFIX}{_module_name(path) or root_name}.lora_B.bias"] = (
+            b / a.scale
+        ).astype(dtype)
     r = max(a.r for _, a in found)
     config = {
         "peft_type": "LORA",
@@ -619,6 +657,7 @@ def export_peft(
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
+        "lora_bias": lora_bias,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -661,12 +700,140 @@ def _factor_from_lora(
     )
 
 
+# What import_peft does with each key of PEFT's LoraConfig (peft 0.22, adapter_config.json).
+# Applied: the loaded function is read from these keys.
+_PEFT_APPLIED = frozenset(
+    ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_bias")
+)
+# Informational: no value of these changes the loaded function.
+_PEFT_INFORMATIONAL = frozenset(
+    (
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "lora_dropout",  # training only
+        # which modules PEFT wraps: here the file's tensors decide (a module PEFT wraps without
+        # tensors has B = 0 and computes its base layer)
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "megatron_config",  # Megatron's parallel layers compute the same function
+        "megatron_core",
+        "runtime_config",  # where PEFT computes (GPU offload)
+        "eva_config",  # EVA's initialisation, replaced by the file's tensors
+        "qalora_group_size",  # read only with use_qalora (refused)
+    )
+)
+# Options that change the function: accepted only at these values (PEFT's defaults, and the
+# initialisations that leave the base weights alone), else refused with the reason given.
+_CONVERT_FIRST = (
+    "this initialisation changes the base weights; save the adapter as a plain LoRA with peft's "
+    "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+)
+_PEFT_NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "bias": (("none",), "trained biases of the base layers"),
+    "fan_in_fan_out": ((False,), "transposed (Conv1D) weights"),
+    "use_dora": ((False,), "DoRA's magnitude vectors"),
+    "modules_to_save": (
+        (None, []),
+        "full trained copies of these modules replace the pretrained ones; load their weights "
+        "into the model yourself and drop the key",
+    ),
+    "init_lora_weights": ((True, False, "gaussian", "eva", "orthogonal"), _CONVERT_FIRST),
+    "loftq_config": ((None, {}), "LoftQ's quantised base weights"),
+    "corda_config": ((None,), _CONVERT_FIRST),
+    "astra_config": ((None,), _CONVERT_FIRST),
+    "lora_ga_config": ((None,), _CONVERT_FIRST),
+    "trainable_token_indices": ((None,), "trained embedding rows"),
+    "alora_invocation_tokens": ((None,), "aLoRA: active only after the invocation tokens"),
+    "use_qalora": ((False,), "QALoRA's pooled inputs"),
+    "layer_replication": ((None,), "replicated layers"),
+    "target_parameters": ((None, []), "LoRA on parameters, not modules"),
+    "ensure_weight_tying": ((False,), "adapters tied across modules"),
+    "velora_config": ((None,), "a LoRA variant"),
+    "monteclora_config": ((None,), "a LoRA variant"),
+    "kasa_config": ((None,), "a LoRA variant"),
+    "arrow_config": ((None,), "a LoRA variant (routing among adapters)"),
+    "use_bdlora": ((None, False), "a LoRA variant"),
+}
+
+
+def _peft_config_problems(config: dict) -> list[str]:
+    """Every option of ``config`` that :func:`import_peft` would neither apply nor may ignore."""
+    problems = [] if config.get("peft_type") == "LORA" else ["`peft_type`: not a LoRA adapter"]
+    for key, value in config.items():
+        if key in _PEFT_APPLIED or key in _PEFT_INFORMATIONAL:
+            continue
+        allowed, why = _PEFT_NEUTRAL.get(key, ((None, False, [], {}), "an unknown PEFT option"))
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            problems.append(f"`{key}: {json.dumps(value)}` ({why})")
+    return problems
+
+
+def _peft_tensors(tensors: dict, lora_bias: bool) -> tuple[dict[str, dict], list[str]]:
+    """``{module name: {'A': lora_A, 'B': lora_B[, 'b': lora_B.bias]}}`` and what is wrong."""
+    roles = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+    roles.update({".lora_B.bias": "b"} if lora_bias else {})
+    modules: dict[str, dict] = {}
+    unknown = []
+    for key, value in tensors.items():
+        suffix = next((t for t in roles if key.startswith(PEFT_PREFIX) and key.endswith(t)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        name = key[len(PEFT_PREFIX) : -len(suffix)]
+        modules.setdefault(name, {})[roles[suffix]] = np.asarray(value, np.float64)
+    problems = [f"unknown tensor {key!r}" for key in sorted(unknown)]
+    problems += [
+        f"module {nm!r} lacks its {', '.join(sorted(set(roles.values()) - set(t)))} tensor(s)"
+        for nm, t in modules.items()
+        if set(t) != set(roles.values())
+    ]
+    if not modules:
+        problems.append(f"no '{PEFT_PREFIX}<module>.lora_A.weight' tensors")
+    return modules, problems
+
+
+def _peft_module_problems(nm: str, layer: Any, t: dict, adapted: bool) -> list[str]:
+    """What keeps the tensors ``t`` of module ``nm`` from loading into ``layer``."""
+    if layer is None:
+        return [f"the model has no module at {nm!r}"]
+    if adapted and not isinstance(layer, LowRankAdapter):
+        return [f"module {nm!r} has no LowRankAdapter to load into"]
+    try:
+        mat = layer.matricisation if adapted else matricise(layer)
+    except NotConvertible as e:
+        return [f"module {nm!r} cannot take an adapter: {e}"]
+    (n, m), (k, m_a) = mat.shape, t.get("A", np.zeros((0, 0))).shape
+    problems = []
+    if m_a != m or t.get("B", np.zeros((n, k))).shape != (n, k):
+        problems.append(
+            f"{nm!r} has lora_A {t['A'].shape}, lora_B {t['B'].shape}; this layer needs "
+            f"({k}, {m}) and ({n}, {k}) (torch's (out, in) layout of W: {n} x {m})"
+        )
+    elif k > min(n, m):
+        problems.append(f"rank {k} of {nm!r} exceeds min(n, m) = {min(n, m)}")
+    base = layer.base if adapted else layer
+    bias = getattr(base, "bias", None) if isinstance(base, nnx.Linear | nnx.LinearGeneral) else None
+    if "b" in t and (bias is None or t["b"].shape != (n,)):
+        problems.append(
+            f"`lora_bias: true`: module {nm!r} has no bias of {n} entries to fold its "
+            f"lora_B.bias {t['b'].shape} into (an nnx.Linear / LinearGeneral with use_bias=True)"
+        )
+    return problems
+
+
 def import_peft(
     model: Any,
     directory: str | os.PathLike,
     *,
     capacity: int | None = None,
     freeze: bool = True,
+    root_name: str = "0",
 ) -> Any:
     r"""Load a PEFT LoRA adapter (:func:`export_peft`'s layout) into a model; returns a new model.
 
@@ -677,12 +844,28 @@ def import_peft(
     ``/ sqrt(rank)`` with ``use_rslora``; the global ``r``/``lora_alpha`` where a pattern has no
     entry) becomes ``(alpha / r) U S V^T`` with ``U``, ``V`` orthonormal and ``S`` diagonal of
     the file's rank ``k`` (QR of ``B`` and ``A^T`` and an SVD of the small core), in a capacity
-    ``max(capacity, k)`` (default capacity as :class:`LowRankAdapter`).
+    ``max(capacity, k)`` (default capacity as :class:`LowRankAdapter`). A module named
+    ``root_name`` (or ``''``) that the model lacks is the model itself (see :func:`export_peft`).
+
+    Every option of the config is applied or refused by name, never ignored: ``r``,
+    ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` and ``lora_bias`` are
+    applied (``lora_bias``: ``scaling * lora_B.bias`` is added to the frozen bias of the base
+    ``nnx.Linear`` / ``LinearGeneral``, as PEFT's merge does, and kept on the adapter as
+    ``lora_bias`` so that :func:`export_peft` writes it back); the informational keys
+    (``task_type``, ``base_model_name_or_path``, ``revision``, ``inference_mode``,
+    ``lora_dropout``, ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+    ``layers_pattern``, ``megatron_config``, ``megatron_core``, ``runtime_config``,
+    ``eva_config``, ``qalora_group_size``, ``auto_mapping``, ``peft_version``) are read for
+    nothing (which modules get adapters is decided by the file's tensors); every other option
+    (``modules_to_save``, ``use_dora``, ``fan_in_fan_out``, ``bias`` other than ``'none'``,
+    initialisations that change the base weights such as ``'pissa'``, ...) is accepted only at
+    its neutral value (``None``, ``False``, empty; PEFT's default), and so is a key this importer
+    does not know. Tensors other than ``lora_A.weight``, ``lora_B.weight`` (and ``lora_B.bias``
+    with ``lora_bias``) are refused by name.
 
     Raises:
-        ValueError: for a config that is not LoRA, options this layout cannot represent
-            (``fan_in_fan_out``, ``use_dora``, a trained ``bias``), a module path the model
-            lacks, or tensors whose shapes do not match the layer.
+        ValueError: listing every refused option and tensor, module path the model lacks, and
+            tensor whose shape does not match its layer.
 
     Examples:
         >>> import tempfile, jax.numpy as jnp
@@ -693,77 +876,62 @@ def import_peft(
         >>> with tempfile.TemporaryDirectory() as d:
         ...     config = export_peft(model, d)
         ...     loaded = import_peft(pretrained, d)
-        >>> config["rank_pattern"], type(loaded).__name__
-        ({'': 2}, 'LowRankAdapter')
+        >>> config["target_modules"], type(loaded).__name__
+        (['0'], 'LowRankAdapter')
     """
-    from safetensors.numpy import load_file
-
+    load_file = _safetensors_numpy().load_file
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         config = json.load(f)
-    if config.get("peft_type") != "LORA":
+    lora_bias = config.get("lora_bias") is True
+    files, problems = _peft_tensors(load_file(os.path.join(directory, WEIGHTS_NAME)), lora_bias)
+    problems = _peft_config_problems(config) + problems
+    layers = {
+        _module_name(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+    }
+    paths = {nm: nm if nm in layers or nm not in (root_name, "") else "" for nm in files}
+    adapted = bool(_adapters(model))
+    for nm, t in files.items():
+        problems += _peft_module_problems(nm, layers.get(paths[nm]), t, adapted)
+    if problems:
         raise ValueError(
-            f"import_peft: not a LoRA adapter (peft_type {config.get('peft_type')!r})."
+            f"import_peft: cannot load {directory} as it is (nothing was loaded):\n  "
+            + "\n  ".join(problems)
         )
-    for key, bad in (("fan_in_fan_out", True), ("use_dora", True)):
-        if config.get(key) == bad:
-            raise ValueError(f"import_peft: `{key}: {bad}` adapters are not supported.")
-    if config.get("bias", "none") != "none":
-        raise ValueError(
-            "import_peft: adapters with trained biases (bias != 'none') are not supported."
-        )
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
-    names = sorted(
-        {
-            k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0]
-            for k in tensors
-            if k.startswith(PEFT_PREFIX) and ".lora_" in k
-        }
-    )
-    if not names:
-        raise ValueError(f"import_peft: no '{PEFT_PREFIX}<module>.lora_A.weight' tensors found.")
     r_global, alpha_global = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-
-    paths = {_module_name(tuple(p)) for p, _ in nnx.iter_graph(model)}
-    missing = [nm for nm in names if nm not in paths]
-    if missing:
-        raise ValueError(f"import_peft: the model has no module at {missing}.")
-    if not _adapters(model):
-        wanted = set(names)
+    if not adapted:
+        wanted = set(paths.values())
         model = to_adapters(
             model,
             filter=lambda path, _m: _module_name(tuple(path)) in wanted,
             rank=int(r_global),
             alpha=float(alpha_global),
-            capacity=None,
             freeze=freeze,
         )
     else:
         model = nnx.clone(model)
     by_name = {_module_name(p): a for p, a in _adapters(model)}
-    for i, nm in enumerate(names):
-        if nm not in by_name:
-            raise ValueError(f"import_peft: module {nm!r} has no LowRankAdapter to load into.")
-        a = by_name[nm]
-        A = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_A.weight"], np.float64)
-        B = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_B.weight"], np.float64)
-        n, m = a.matricisation.shape
-        k = A.shape[0]
-        if A.shape != (k, m) or B.shape != (n, k):
-            raise ValueError(
-                f"import_peft: {nm!r} has lora_A {A.shape}, lora_B {B.shape}; this layer needs "
-                f"({k}, {m}) and ({n}, {k}) (torch's (out, in) layout of W: {n} x {m})."
-            )
-        r_m = _pattern(rank_pattern, nm, r_global)
-        alpha_m = _pattern(alpha_pattern, nm, alpha_global)
-        scaling = alpha_m / (math.sqrt(r_m) if rslora else r_m)
-        c = max(k, a.capacity if capacity is None else int(capacity))
-        if c > min(n, m):
-            raise ValueError(f"import_peft: rank {k} of {nm!r} exceeds min(n, m) = {min(n, m)}.")
-        a.lora = LowRankParam(_factor_from_lora(B, A, scaling / a.scale, c, a.factor.dtype, seed=i))
+    for i, (nm, t) in enumerate(sorted(files.items())):
+        a = by_name[paths[nm]]
+        r_m = _pattern(config.get("rank_pattern") or {}, nm, r_global)
+        alpha_m = _pattern(config.get("alpha_pattern") or {}, nm, alpha_global)
+        scaling = alpha_m / (math.sqrt(r_m) if config.get("use_rslora") else r_m)
+        c = max(len(t["A"]), a.capacity if capacity is None else int(capacity))
+        a.lora = LowRankParam(
+            _factor_from_lora(t["B"], t["A"], scaling / a.scale, c, a.factor.dtype, seed=i)
+        )
+        if "b" in t:
+            _fold_lora_bias(a, scaling * t["b"])
     return model
+
+
+def _fold_lora_bias(a: LowRankAdapter, b: np.ndarray) -> None:
+    """Put PEFT's ``scaling * lora_B.bias`` into the base layer's frozen bias (replacing what an
+    earlier import folded in) and keep it on the adapter for :func:`export_peft`."""
+    bias = a.base.bias
+    old = 0.0 if a.lora_bias is None else np.asarray(a.lora_bias[...], np.float64)
+    dtype = jnp.asarray(bias[...]).dtype
+    bias[...] = (np.asarray(bias[...], np.float64) + (b - old).reshape(bias.shape)).astype(dtype)
+    a.lora_bias = FrozenParam(jnp.asarray(b, dtype))
 
 
 def _pattern(pattern: dict, name: str, default: Any) -> float:
