@@ -68,6 +68,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -293,13 +294,39 @@ class AdapterSummary(ConversionSummary):
 _CANDIDATES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
+class _PerLayer:
+    """``rank`` / ``capacity`` of :func:`to_adapters` per module name: an int for every layer,
+    or ``{pattern: value}`` read by PEFT's rule (the first key matching the end of the name);
+    remembers which keys matched."""
+
+    def __init__(self, **values: Any):
+        self.values = values
+        self.used: set[tuple[str, str]] = set()
+
+    def get(self, what: str, name: str, default: Any) -> Any:
+        value = self.values[what]
+        if not isinstance(value, dict):
+            return value
+        key = next((k for k in value if re.match(rf"(.*\.)?({k})$", name)), None)
+        self.used.add((what, key))
+        return default if key is None else value[key]
+
+    def unused(self) -> list[str]:
+        return [
+            f"{what}[{key!r}]"
+            for what, value in self.values.items()
+            for key in (value if isinstance(value, dict) else ())
+            if (what, key) not in self.used
+        ]
+
+
 def to_adapters(
     model: Any,
     *,
     filter: Any = ...,
-    rank: int = 8,
+    rank: int | dict[str, int] = 8,
     alpha: float | None = None,
-    capacity: int | None = None,
+    capacity: int | dict[str, int] | None = None,
     rngs: nnx.Rngs | None = None,
     freeze: bool = True,
     report: bool = False,
@@ -324,12 +351,29 @@ def to_adapters(
     layer with parameters that got none, with the reason (an embedding, a norm, excluded by the
     filter, not a matrix product).
 
+    **Per-layer rank and capacity.** ``rank`` and ``capacity`` are an int for every layer or a
+    dict ``{pattern: value}`` keyed by module name, PEFT's ``rank_pattern`` rule: a layer's module
+    name is its path joined by ``.`` (``'attn.query'``, ``'layers.0'``, ``''`` for the model
+    itself), and a key, a regular expression, matches the names it ends (at a ``.`` boundary:
+    ``re.match(rf"(.*\.)?({key})$", name)``, so ``'query'`` matches ``'attn.query'`` and
+    ``'block.attn.query'``, not ``'attn.query_norm'``); the first matching key in the dict's
+    order wins, and a layer no key matches takes the default (``rank`` 8; the default capacity).
+    A key that matches no adapted layer is an error (a typo would otherwise be ignored).
+
+    A layer whose capacity exceeds ``floor(min(n, m) / 2)`` (for instance a ``rank`` above that)
+    cannot be trained by :func:`geolora` or the other rank-adaptive integrators, which augment
+    the bases to ``2 * capacity`` columns: ``to_adapters`` warns (``UserWarning``), naming the
+    layer and the capacity that fits; such a layer trains only with a fixed-rank integrator
+    (:func:`dlrt_jax.projector_splitting`, :func:`dlrt_jax.s_only`).
+
     Args:
         model: the pretrained NNX model.
         filter: which layers get adapters.
-        rank: the initial rank and the ``r`` of ``alpha / r`` (see :class:`LowRankAdapter`).
-        alpha: the scale numerator (default ``rank``).
-        capacity: the capacity of every adapter (default per :class:`LowRankAdapter`).
+        rank: the initial rank and the ``r`` of ``alpha / r`` (see :class:`LowRankAdapter`): an
+            int, or a dict of module-name patterns (above).
+        alpha: the scale numerator (default each layer's ``rank``).
+        capacity: the capacity of the adapters (default per :class:`LowRankAdapter`): an int,
+            ``None`` or a dict of module-name patterns (above).
         rngs: ``nnx.Rngs`` for the adapters' random bases (default ``nnx.Rngs(0)``).
         freeze: freeze every parameter that is not an adapter (default ``True``).
         report: also return the summary.
@@ -360,12 +404,17 @@ def to_adapters(
         >>> x = jnp.ones((1, 5, 16))
         >>> bool(jnp.allclose(adapted(x), block(x)))
         True
+        >>> adapted = to_adapters(block, filter="query|value|mlp", rank={"query": 4, "mlp": 6})
+        >>> adapted.attn.query.lora.get_value(), int(adapted.attn.value.rank)
+        (LowRank(shape=(16, 16), capacity=8, rank=4, dtype=float32), 8)
     """
     if not isinstance(report, bool) or not isinstance(freeze, bool):
         raise TypeError("`report` and `freeze` must be bools.")
     predicate = _dnnx._to_predicate(filter)  # the filter language of to_low_rank
     rngs = nnx.Rngs(0) if rngs is None else rngs
     records: list[LayerConversion] = []
+    per_layer = _PerLayer(rank=rank, capacity=capacity)
+    too_large: list[str] = []
 
     def convert(path, node):
         if not isinstance(node, nnx.Module):
@@ -410,17 +459,24 @@ def to_adapters(
                 )
             )
             return node
-        c = _adapter_capacity(rank, capacity, mat.shape, where)
-        new = LowRankAdapter(node, rank=rank, capacity=c, alpha=alpha, rngs=rngs)
-        note = (
-            ""
-            if 2 * c <= min(mat.shape)
-            else ("capacity > floor(min(n, m) / 2): fixed-rank integrators only")
-        )
-        records.append(
-            LayerConversion(
-                _path_str(path), type(node).__name__, True, mat.shape, int(rank), c, None, note
+        name = _module_name(path)
+        r = per_layer.get("rank", name, 8)
+        c = _adapter_capacity(r, per_layer.get("capacity", name, None), mat.shape, where)
+        new = LowRankAdapter(node, rank=r, capacity=c, alpha=alpha, rngs=rngs)
+        note = ""
+        if 2 * c > min(mat.shape):
+            note = "capacity > floor(min(n, m) / 2): fixed-rank integrators only"
+            too_large.append(
+                f"to_adapters: the adapter on {_path_str(path)!r} ({mat.shape[0]} x "
+                f"{mat.shape[1]}) has capacity {c} > floor(min(n, m) / 2) = {min(mat.shape) // 2}"
+                ", so geolora and the other rank-adaptive integrators (which augment the bases "
+                "to 2 * capacity columns) cannot train it; pass a rank and capacity <= "
+                f"{min(mat.shape) // 2} for it (e.g. capacity={{{name!r}: "
+                f"{min(mat.shape) // 2}}}), or train with a fixed-rank integrator "
+                "(dlrt_jax.projector_splitting, dlrt_jax.s_only)."
             )
+        records.append(
+            LayerConversion(_path_str(path), type(node).__name__, True, mat.shape, r, c, None, note)
         )
         return new
 
@@ -430,11 +486,18 @@ def to_adapters(
             if isinstance(node, nnx.Module) and not isinstance(node, LowRankAdapter):
                 _freeze_module(node)
     summary = AdapterSummary(tuple(records))
-    if not summary.converted:
+    unused = per_layer.unused()
+    if not summary.converted or unused:
         raise ValueError(
             "to_adapters: `filter` selected no nnx.Linear / LinearGeneral / Einsum layer that can "
             f"take an adapter.\n{summary}"
+            if not summary.converted
+            else f"to_adapters: the pattern(s) {unused} match no adapted layer (module names: "
+            f"{[r.path.replace('/', '.') for r in summary.converted]}; a key matches the end of "
+            "a name, as PEFT's rank_pattern)."
         )
+    for message in too_large:
+        warnings.warn(message, UserWarning, stacklevel=2)
     _LOGGER.info("%s", summary)
     return (new_model, summary) if report else new_model
 

@@ -3,6 +3,7 @@
 import json
 import pathlib
 import re
+import warnings
 
 import chex
 import jax
@@ -380,3 +381,47 @@ def test_readme_adapter_workflow_runs():
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert len(block.strip().splitlines()) < 15
     exec(compile(block, "README.md", "exec"), {})
+
+
+# ---- issue 17, problem 6: per-layer rank / capacity, a warning for what geolora cannot train -----
+
+
+def test_per_layer_rank_and_capacity_by_path_pattern():
+    """PEFT's rank_pattern rule: a key matches the end of the dotted module name at a '.'; the
+    first matching key wins; unmatched layers take the default."""
+    model, summary = to_adapters(
+        Block(nnx.Rngs(0)),
+        rank={"attn.query": 3, "query|key": 2, "fc1": 5, "out": 4},
+        capacity={"fc1": 7, "out": 4},
+        report=True,
+    )
+    got = {r.path: (r.rank, r.capacity) for r in summary.converted}
+    assert got == {
+        "attn/query": (3, 6),  # the first matching key, not 'query|key'
+        "attn/key": (2, 4),  # default capacity max(r, min(2 r, floor(min(n, m) / 2)))
+        "attn/value": (8, 8),  # no key: rank 8
+        "attn/out": (4, 4),
+        "fc1": (5, 7),
+        "fc2": (8, 8),
+    }
+    assert model.fc1.r == 5 and model.fc1.scale == 1.0  # alpha defaults to each layer's rank
+
+
+def test_per_layer_pattern_errors():
+    with pytest.raises(ValueError, match=r"rank\['fc3'\].*match no adapted layer"):
+        to_adapters(Block(nnx.Rngs(0)), rank={"fc3": 2})
+    with pytest.raises(ValueError, match="`capacity` must be an integer in"):
+        to_adapters(Block(nnx.Rngs(0)), rank={"fc1": 4}, capacity={"fc1": 2})
+
+
+def test_capacity_geolora_cannot_train_warns_at_conversion():
+    pretrained = nnx.Sequential(
+        nnx.Linear(6, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+    )
+    with pytest.warns(UserWarning, match=r"'layers/0' \(4 x 6\) has capacity 3 > .* = 2.*geolora"):
+        model = to_adapters(pretrained, rank={"0": 3, "1": 2})
+    with pytest.raises(ValueError, match="augments the bases"):  # what the warning foretells
+        DLRTOptimizer(model, geolora(1e-2, tau=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix the warning names converts without one
+        to_adapters(pretrained, rank={"0": 2, "1": 2})
