@@ -3,6 +3,8 @@
 import json
 import pathlib
 import re
+import sys
+import tomllib
 import warnings
 
 import chex
@@ -373,6 +375,27 @@ def test_adapters_under_a_budget_get_different_ranks():
 
 
 # ---- README --------------------------------------------------------------------------------------
+
+
+def test_without_safetensors_the_error_names_the_readmes_install_line(monkeypatch, tmp_path):
+    """issue 17, problem 4: the Adapters section gives its install line before its block, that
+    extra holds safetensors, and without safetensors the error names the same extra."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Adapters (GeoLoRA-style)", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert section.index("```bash") < section.index("```python")
+    install = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    extra = re.fullmatch(r'pip install "\.\[(\w+)\]".*', install.strip()).group(1)
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "safetensors" in extras["optional-dependencies"][extra]
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` now fails
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    model = to_adapters(nnx.Linear(6, 4, rngs=nnx.Rngs(0)), rank=2)
+    line = rf'pip install "dlrt-jax\[{extra}\]".*pip install "\.\[{extra}\]"'
+    with pytest.raises(ImportError, match=line):
+        export_peft(model, tmp_path)
+    with pytest.raises(ImportError, match=line):
+        import_peft(model, tmp_path)
 
 
 def test_readme_adapter_workflow_runs():

@@ -335,3 +335,12 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, mode):
     np.testing.assert_array_equal(
         jax.random.key_data(out["k"]), jax.random.key_data(jax.random.key(1))
     )
+
+
+def test_missing_orbax_names_the_install_line(monkeypatch):
+    """issue 17, problem 4: an optional dependency fails with the pip line that installs it."""
+    from dlrt_jax import checkpoint
+
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # `import` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'dlrt-jax\[checkpoint\]'"):
+        checkpoint.CheckpointManager("unused", read_only=True)
