@@ -41,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -242,6 +243,11 @@ def _match_commitment(restored: Any, target: Any) -> Any:
     return jax.tree_util.tree_map(one, restored, target)
 
 
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: ``False`` for orbax's ``Given directory is read only`` warning only."""
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _check_step(step: Any) -> int:
     a = np.asarray(step)
     if isinstance(step, bool) or a.shape != () or not np.issubdtype(a.dtype, np.integer) or a < 0:
@@ -303,9 +309,14 @@ class CheckpointManager:
             read_only=self.read_only,
             enable_async_checkpointing=False,
         )
-        self._mgr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE_ITEM, _META_ITEM)
-        )
+        absl = logging.getLogger("absl")
+        absl.addFilter(_drop_read_only_notice)  # orbax logs it at every read-only open
+        try:
+            self._mgr = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(_STATE_ITEM, _META_ITEM)
+            )
+        finally:
+            absl.removeFilter(_drop_read_only_notice)
 
     # -- context manager --------------------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:
