@@ -80,7 +80,7 @@ from flax import nnx
 from dlrt_jax import _layers
 from dlrt_jax import nnx as _dnnx
 from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
-from dlrt_jax._factors import LowRank
+from dlrt_jax._factors import LowRank, _check_int, default_capacity  # the core-to-adapter seam
 from dlrt_jax._transforms import parallel_bug
 from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam
 from dlrt_jax.transformer import NotConvertible, matricise, not_a_matrix_reason
@@ -152,26 +152,16 @@ def _orthonormal(rng: np.random.Generator, shape: tuple[int, int], dtype: Any) -
     return jnp.asarray(q, dtype)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _adapter_capacity(rank: int, capacity: int | None, shape: tuple[int, int], where: str) -> int:
-    n, m = shape
-    limit = min(n, m)
-    if not (_is_int(rank) and 1 <= rank <= limit):
-        raise ValueError(
-            f"{where}: `rank` must be an integer in [1, min(n, m)={limit}] for the {n} x {m} "
-            f"matrix W, got {rank!r}."
-        )
+    """The adapter's capacity, by the core's rank rule: ``rank`` in ``[1, min(n, m)]``,
+    ``capacity`` in ``[rank, min(n, m)]``, default ``max(rank, min(2 rank, default_capacity))``
+    (room to grow while the rank-adaptive integrators' ``2 c <= min(n, m)`` holds)."""
+    (n, m), bound = shape, f"min(n, m)={min(shape)}"
+    fix = f" ({where}: the {n} x {m} matrix W)"
+    rank = _check_int(rank, "rank", 1, min(shape), upper=bound, fix=fix)
     if capacity is None:
-        return max(int(rank), min(2 * int(rank), limit // 2))
-    if not (_is_int(capacity) and rank <= capacity <= limit):
-        raise ValueError(
-            f"{where}: `capacity` must be an integer in [rank={rank}, min(n, m)={limit}], got "
-            f"{capacity!r}."
-        )
-    return int(capacity)
+        return max(rank, min(2 * rank, default_capacity(shape)))
+    return _check_int(capacity, "capacity", rank, min(shape), upper=bound, fix=fix)
 
 
 class LowRankAdapter(_layers.FactorAccessors, nnx.Module):

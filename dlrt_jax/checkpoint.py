@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrt_jax._factors import is_lowrank
+from dlrt_jax._factors import _check_int, is_lowrank
 
 __all__ = [
     "CheckpointManager",
@@ -249,10 +249,7 @@ def _drop_read_only_notice(record: logging.LogRecord) -> bool:
 
 
 def _check_step(step: Any) -> int:
-    a = np.asarray(step)
-    if isinstance(step, bool) or a.shape != () or not np.issubdtype(a.dtype, np.integer) or a < 0:
-        raise ValueError(f"`step` must be an integer >= 0, got {step!r}.")
-    return int(a)
+    return _check_int(step, "step", 0)  # the core's one integer check
 
 
 # ---- manager -------------------------------------------------------------------------------------

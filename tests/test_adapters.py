@@ -121,7 +121,8 @@ def test_einsum_and_general_axes_adapters_merge():
 
     pretrained = Heads(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
-    model = to_adapters(pretrained, rank=2)
+    with pytest.warns(UserWarning, match=r"'mix' \(3 x 5\) has capacity 2"):  # 2 c > 5
+        model = to_adapters(pretrained, rank=2)
     assert isinstance(model.proj, LowRankAdapter) and model.proj.factor.shape == (8, D)
     chex.assert_trees_all_close(model(x), pretrained(x), atol=0, rtol=0)
     _randomise(model)
@@ -448,3 +449,37 @@ def test_capacity_geolora_cannot_train_warns_at_conversion():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fix the warning names converts without one
         to_adapters(pretrained, rank={"0": 2, "1": 2})
+
+
+# ---- issue 17, code review: one validation layer (the core's integer check, rank rule) ----
+
+
+def test_adapters_and_application_use_the_cores_integer_check(tmp_path):
+    import dlrt_jax._factors as core
+    from dlrt_jax import adapters, checkpoint
+    from dlrt_jax.mnist import data, models
+
+    for module in (adapters, data, models, checkpoint):
+        assert module._check_int is core._check_int, module.__name__
+    assert not hasattr(adapters, "_is_int") and not hasattr(models, "_check_positive_int")
+    # the same message everywhere: the argument, its bounds, the value
+    cases = [
+        (lambda: data.num_batches(10, 2.5), "`batch_size` must be an integer >= 1, got 2.5."),
+        (lambda: models.init_mlp(jax.random.key(0), 0), "`width` must be an integer >= 1, got 0."),
+        (lambda: checkpoint._check_step(-1), "`step` must be an integer >= 0, got -1."),
+        (
+            lambda: to_adapters(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rank=5),
+            "`rank` must be an integer in [1, min(n, m)=3], got 5.",
+        ),
+        (
+            lambda: LowRankAdapter(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), rank=3, capacity=2),
+            "`capacity` must be an integer in [3, min(n, m)=8], got 2.",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    with pytest.raises(
+        ValueError, match=re.escape("`rank` must be an integer in [1, min(n, m)=20]")
+    ):
+        models.init_lenet5(jax.random.key(0), rank=21)  # conv1 is 20 x 25

@@ -714,7 +714,7 @@ def test_num_batches():
     assert num_batches(0, 4, False) == 0
     with pytest.raises(ValueError, match="batch_size"):
         num_batches(10, 0)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="`n` must be an integer >= 0, got -1"):
         num_batches(-1, 2)
 
 

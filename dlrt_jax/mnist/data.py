@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dlrt_jax._factors import _check_int  # the core's one integer check
+
 __all__ = [
     "DATA_DIR_ENV_VAR",
     "MNIST_MEAN",
@@ -607,16 +609,6 @@ def _not_found_message(spec, roles, root, home, source, download, attempts) -> s
 
 
 # ---- training helpers ------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or isinstance(value, bool) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return v
 
 
 def preprocess(
