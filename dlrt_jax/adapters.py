@@ -828,31 +828,33 @@ def _peft_config_problems(config: dict) -> list[str]:
 
 
 def _peft_tensors(tensors: dict, lora_bias: bool) -> tuple[dict[str, dict], list[str]]:
-    """``{module name: {'A': lora_A, 'B': lora_B[, 'b': lora_B.bias]}}`` and what is wrong."""
-    roles = {".lora_A.weight": "A", ".lora_B.weight": "B"}
-    roles.update({".lora_B.bias": "b"} if lora_bias else {})
+    """``{module name: {'lora_A.weight': A, 'lora_B.weight': B[, 'lora_B.bias': b]}}`` (float64)
+    and what is wrong with the file's tensors."""
+    roles = ("lora_A.weight", "lora_B.weight") + (("lora_B.bias",) if lora_bias else ())
     modules: dict[str, dict] = {}
     unknown = []
     for key, value in tensors.items():
-        suffix = next((t for t in roles if key.startswith(PEFT_PREFIX) and key.endswith(t)), None)
-        if suffix is None:
+        role = next((r for r in roles if key.startswith(PEFT_PREFIX) and key.endswith(r)), None)
+        if role is None:
             unknown.append(key)
             continue
-        name = key[len(PEFT_PREFIX) : -len(suffix)]
-        modules.setdefault(name, {})[roles[suffix]] = np.asarray(value, np.float64)
+        name = key[len(PEFT_PREFIX) : -len(role) - 1]
+        modules.setdefault(name, {})[role] = np.asarray(value, np.float64)
     problems = [f"unknown tensor {key!r}" for key in sorted(unknown)]
     problems += [
-        f"module {nm!r} lacks its {', '.join(sorted(set(roles.values()) - set(t)))} tensor(s)"
+        f"module {nm!r} lacks its {' and '.join(r for r in roles if r not in t)}"
         for nm, t in modules.items()
-        if set(t) != set(roles.values())
+        if len(t) != len(roles)
     ]
     if not modules:
         problems.append(f"no '{PEFT_PREFIX}<module>.lora_A.weight' tensors")
     return modules, problems
 
 
-def _peft_module_problems(nm: str, layer: Any, t: dict, adapted: bool) -> list[str]:
-    """What keeps the tensors ``t`` of module ``nm`` from loading into ``layer``."""
+def _peft_module_problems(
+    nm: str, layer: Any, t: dict, adapted: bool, capacity: int | None
+) -> list[str]:
+    """What keeps the tensors ``t`` of module ``nm`` (all present) from loading into ``layer``."""
     if layer is None:
         return [f"the model has no module at {nm!r}"]
     if adapted and not isinstance(layer, LowRankAdapter):
@@ -861,21 +863,25 @@ def _peft_module_problems(nm: str, layer: Any, t: dict, adapted: bool) -> list[s
         mat = layer.matricisation if adapted else matricise(layer)
     except NotConvertible as e:
         return [f"module {nm!r} cannot take an adapter: {e}"]
-    (n, m), (k, m_a) = mat.shape, t.get("A", np.zeros((0, 0))).shape
+    (n, m), A, B = mat.shape, t["lora_A.weight"], t["lora_B.weight"]
+    k = A.shape[0]
     problems = []
-    if m_a != m or t.get("B", np.zeros((n, k))).shape != (n, k):
+    if A.shape != (k, m) or B.shape != (n, k):
         problems.append(
-            f"{nm!r} has lora_A {t['A'].shape}, lora_B {t['B'].shape}; this layer needs "
-            f"({k}, {m}) and ({n}, {k}) (torch's (out, in) layout of W: {n} x {m})"
+            f"{nm!r} has lora_A {A.shape}, lora_B {B.shape}; this layer needs ({k}, {m}) and "
+            f"({n}, {k}) (torch's (out, in) layout of W: {n} x {m})"
         )
-    elif k > min(n, m):
-        problems.append(f"rank {k} of {nm!r} exceeds min(n, m) = {min(n, m)}")
+    elif max(k, capacity or 0) > min(n, m):
+        problems.append(
+            f"{nm!r}: rank {k} and `capacity`={capacity} must be <= min(n, m) = {min(n, m)}"
+        )
     base = layer.base if adapted else layer
     bias = getattr(base, "bias", None) if isinstance(base, nnx.Linear | nnx.LinearGeneral) else None
-    if "b" in t and (bias is None or t["b"].shape != (n,)):
+    b = t.get("lora_B.bias")
+    if b is not None and (bias is None or b.shape != (n,)):
         problems.append(
             f"`lora_bias: true`: module {nm!r} has no bias of {n} entries to fold its "
-            f"lora_B.bias {t['b'].shape} into (an nnx.Linear / LinearGeneral with use_bias=True)"
+            f"lora_B.bias {b.shape} into (an nnx.Linear / LinearGeneral with use_bias=True)"
         )
     return problems
 
@@ -891,8 +897,9 @@ def import_peft(
     r"""Load a PEFT LoRA adapter (:func:`export_peft`'s layout) into a model; returns a new model.
 
     ``model`` is the pretrained model (its layers at the adapter's module paths are wrapped in
-    :class:`LowRankAdapter`, ``r`` and ``alpha`` from the config, the rest frozen as by
-    :func:`to_adapters`) or an adapted one (its adapters keep their ``r`` and ``alpha``). Each
+    :class:`LowRankAdapter` with ``r`` the file's rank of the module and ``alpha / r`` PEFT's
+    scaling of it, the rest frozen as by :func:`to_adapters`) or an adapted one (its adapters
+    keep their ``r`` and ``alpha``). Each
     module's ``scaling * B A`` (PEFT's ``scaling = alpha_pattern / rank_pattern``, or
     ``/ sqrt(rank)`` with ``use_rslora``; the global ``r``/``lora_alpha`` where a pattern has no
     entry) becomes ``(alpha / r) U S V^T`` with ``U``, ``V`` orthonormal and ``S`` diagonal of
@@ -943,21 +950,30 @@ def import_peft(
     }
     paths = {nm: nm if nm in layers or nm not in (root_name, "") else "" for nm in files}
     adapted = bool(_adapters(model))
+    capacity = None if capacity is None else _check_int(capacity, "capacity", 1)
+    roles = 3 if lora_bias else 2
     for nm, t in files.items():
-        problems += _peft_module_problems(nm, layers.get(paths[nm]), t, adapted)
+        if len(t) == roles:  # (a missing tensor is reported above)
+            problems += _peft_module_problems(nm, layers.get(paths[nm]), t, adapted, capacity)
     if problems:
         raise ValueError(
             f"import_peft: cannot load {directory} as it is (nothing was loaded):\n  "
             + "\n  ".join(problems)
         )
     r_global, alpha_global = config.get("r", 8), config.get("lora_alpha", 8)
-    if not adapted:
+    scaling = {}
+    for nm in files:  # PEFT's scaling of each module
+        r_m = _pattern(config.get("rank_pattern") or {}, nm, r_global)
+        alpha_m = _pattern(config.get("alpha_pattern") or {}, nm, alpha_global)
+        scaling[nm] = alpha_m / (math.sqrt(r_m) if config.get("use_rslora") else r_m)
+    if not adapted:  # r = the file's rank of each module (deepest name first: its own pattern)
+        deepest = sorted(files, key=lambda nm: -len(paths[nm].split(".")))
+        ranks = {re.escape(paths[nm]): len(files[nm]["lora_A.weight"]) for nm in deepest}
         wanted = set(paths.values())
         model = to_adapters(
             model,
             filter=lambda path, _m: _module_name(tuple(path)) in wanted,
-            rank=int(r_global),
-            alpha=float(alpha_global),
+            rank=ranks,
             freeze=freeze,
         )
     else:
@@ -965,15 +981,14 @@ def import_peft(
     by_name = {_module_name(p): a for p, a in _adapters(model)}
     for i, (nm, t) in enumerate(sorted(files.items())):
         a = by_name[paths[nm]]
-        r_m = _pattern(config.get("rank_pattern") or {}, nm, r_global)
-        alpha_m = _pattern(config.get("alpha_pattern") or {}, nm, alpha_global)
-        scaling = alpha_m / (math.sqrt(r_m) if config.get("use_rslora") else r_m)
-        c = max(len(t["A"]), a.capacity if capacity is None else int(capacity))
-        a.lora = LowRankParam(
-            _factor_from_lora(t["B"], t["A"], scaling / a.scale, c, a.factor.dtype, seed=i)
-        )
-        if "b" in t:
-            _fold_lora_bias(a, scaling * t["b"])
+        if not adapted:
+            a.alpha = scaling[nm] * a.r  # alpha / r is PEFT's scaling
+        A, B = t["lora_A.weight"], t["lora_B.weight"]
+        c = max(len(A), a.capacity if capacity is None else capacity)
+        mult = scaling[nm] / a.scale
+        a.lora = LowRankParam(_factor_from_lora(B, A, mult, c, a.factor.dtype, seed=i))
+        if lora_bias:
+            _fold_lora_bias(a, scaling[nm] * t["lora_B.bias"])
     return model
 
 

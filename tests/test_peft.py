@@ -134,7 +134,7 @@ def test_unknown_tensors_are_refused_by_name(tmp_path):
     msg = str(err.value)
     assert "'base_model.model.layers.0.lora_magnitude_vector'" in msg
     assert "'base_model.model.layers.0.lora_B.bias'" in msg
-    assert "'layers.0' lacks its B tensor" in msg
+    assert "'layers.0' lacks its lora_B.weight" in msg
 
 
 # ---- issue 17, problem 6: a root-module adapter exports in a form peft loads ---------------
@@ -202,3 +202,18 @@ def test_round_trip_through_peft_itself(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "theirs"))
     back = import_peft(pretrained, tmp_path / "theirs")
     chex.assert_trees_all_close(back(X), model(X), atol=1e-5)
+
+
+def test_patterned_rank_below_the_global_r_loads_into_a_small_layer(tmp_path):
+    """r = 8 globally, rank_pattern 2 for a 4 x 6 layer: each adapter takes its module's rank (was:
+    to_adapters(rank=8) refused the layer), and alpha / r is PEFT's scaling."""
+    _write(
+        tmp_path,
+        {"r": 8, "lora_alpha": 16, "rank_pattern": {"0": 2}, "alpha_pattern": {"0": 3}},
+        _tensors(),
+    )
+    loaded = import_peft(_pretrained(), tmp_path)
+    A, B = _lora(0)
+    chex.assert_trees_all_close(loaded(X), _pretrained()(X) + 1.5 * X @ A.T @ B.T, atol=1e-5)
+    adapter = loaded.layers[0]
+    assert adapter.r == 2 and adapter.scale == 1.5
