@@ -987,19 +987,23 @@ def import_peft(
         c = max(len(A), a.capacity if capacity is None else capacity)
         mult = scaling[nm] / a.scale
         a.lora = LowRankParam(_factor_from_lora(B, A, mult, c, a.factor.dtype, seed=i))
-        if lora_bias:
-            _fold_lora_bias(a, scaling[nm] * t["lora_B.bias"])
+        if lora_bias or a.lora_bias is not None:
+            _fold_lora_bias(a, scaling[nm] * t["lora_B.bias"] if lora_bias else None)
     return model
 
 
-def _fold_lora_bias(a: LowRankAdapter, b: np.ndarray) -> None:
-    """Put PEFT's ``scaling * lora_B.bias`` into the base layer's frozen bias (replacing what an
-    earlier import folded in) and keep it on the adapter for :func:`export_peft`."""
+def _fold_lora_bias(a: LowRankAdapter, b: np.ndarray | None) -> None:
+    """Put PEFT's ``scaling * lora_B.bias`` (``b``; ``None``: none) into the base layer's frozen
+    bias, replacing what an earlier import folded in, and keep it on the adapter for
+    :func:`export_peft`."""
     bias = a.base.bias
     old = 0.0 if a.lora_bias is None else np.asarray(a.lora_bias[...], np.float64)
+    new = 0.0 if b is None else b
     dtype = jnp.asarray(bias[...]).dtype
-    bias[...] = (np.asarray(bias[...], np.float64) + (b - old).reshape(bias.shape)).astype(dtype)
-    a.lora_bias = FrozenParam(jnp.asarray(b, dtype))
+    bias[...] = (np.asarray(bias[...], np.float64) + np.reshape(new - old, bias.shape)).astype(
+        dtype
+    )
+    a.lora_bias = None if b is None else FrozenParam(jnp.asarray(b, dtype))
 
 
 def _pattern(pattern: dict, name: str, default: Any) -> float:

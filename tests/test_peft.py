@@ -76,6 +76,12 @@ def test_lora_bias_is_applied_and_exported_back(tmp_path):
     chex.assert_trees_all_close(again(X), expected, atol=1e-5)
     reloaded = import_peft(loaded, tmp_path)  # into the adapted model: folded once, not twice
     chex.assert_trees_all_close(reloaded(X), expected, atol=1e-5)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _write(plain, {}, _tensors())  # the same A, B without a bias: the folded bias goes again
+    chex.assert_trees_all_close(
+        import_peft(loaded, plain)(X), pretrained(X) + 2.0 * X @ A.T @ B.T, atol=1e-5
+    )
 
 
 def test_lora_bias_without_a_base_bias_is_refused(tmp_path):
