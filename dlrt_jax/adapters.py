@@ -634,7 +634,9 @@ def export_peft(
     ``reshape``. The config has ``peft_type 'LORA'``, ``target_modules`` (the paths),
     ``r``/``lora_alpha`` (the adapters' common ``r`` and ``alpha``, the largest if they differ),
     ``rank_pattern``, ``alpha_pattern``, ``bias 'none'``, ``fan_in_fan_out false``,
-    ``use_rslora false``, ``lora_dropout 0``. PEFT reads a pattern key as a regular expression
+    ``use_rslora false``, ``lora_dropout 0``, and ``lora_bias`` (``true`` when an adapter holds a
+    bias that :func:`import_peft` folded into its base layer: each module's ``lora_B.bias`` is
+    then that bias over the module's scaling, zero for the others). PEFT reads a pattern key as a regular expression
     matched against the end of a module name and takes the first that matches, so the patterns
     are written deepest path first; ``target_modules`` entries are suffixes too, so a module
     elsewhere with the same trailing name also gets a (zero-initialised, inactive) LoRA in PEFT.
