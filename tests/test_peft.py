@@ -223,3 +223,19 @@ def test_patterned_rank_below_the_global_r_loads_into_a_small_layer(tmp_path):
     chex.assert_trees_all_close(loaded(X), _pretrained()(X) + 1.5 * X @ A.T @ B.T, atol=1e-5)
     adapter = loaded.layers[0]
     assert adapter.r == 2 and adapter.scale == 1.5
+
+
+def test_modules_the_model_lacks_or_cannot_adapt_are_named(tmp_path):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.norm = nnx.LayerNorm(6, rngs=rngs)
+            self.fc = nnx.Linear(6, 4, rngs=rngs)
+
+    tensors = {**_tensors("norm"), **_tensors("head", seed=1), **_tensors("fc", seed=2)}
+    _write(tmp_path, {}, tensors)
+    with pytest.raises(ValueError) as err:
+        import_peft(Net(nnx.Rngs(0)), tmp_path)
+    msg = str(err.value)
+    assert "nothing was loaded" in msg and "the model has no module at 'head'" in msg
+    assert "module 'norm' cannot take an adapter: a normalisation layer" in msg
+    assert "'fc'" not in msg  # the loadable module is not reported
