@@ -270,7 +270,9 @@ def _bug_galerkin_truncate(cfg: Config, carry: Carry, g: LowRank) -> Result:
     S1 = mask_block(S1, carry.rows, carry.cols)
     # U1 = U^ P[:, :c], V1 = V^ Q[:, :c] with U^, V^ orthonormal: every map into the new basis
     # is a small product (U1^T U^ = P[:, :c]^T, U1^T U0 = P[:, :c]^T (U^T U0)), none of size n
-    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank, point.rank)
+    # nothing cut (cfg.truncate False): the directions in the spans keep their place, at most 2r
+    spanned = jnp.minimum(jnp.sum(carry.rows), jnp.sum(carry.cols))
+    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank, spanned)
     Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
     new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))
     rows = new.mask[:, None]
