@@ -636,11 +636,11 @@ def export_peft(
     ``rank_pattern``, ``alpha_pattern``, ``bias 'none'``, ``fan_in_fan_out false``,
     ``use_rslora false``, ``lora_dropout 0``, and ``lora_bias`` (``true`` when an adapter holds a
     bias that :func:`import_peft` folded into its base layer: each module's ``lora_B.bias`` is
-    then that bias over the module's scaling, zero for the others). PEFT reads a pattern key as a regular expression
-    matched against the end of a module name and takes the first that matches, so the patterns
-    are written deepest path first; ``target_modules`` entries are suffixes too, so a module
-    elsewhere with the same trailing name also gets a (zero-initialised, inactive) LoRA in PEFT.
-    Needs the ``safetensors`` package
+    then that bias over the module's scaling, zero for the others). PEFT reads a pattern key as a
+    regular expression matched against the end of a module name and takes the first that
+    matches, so the patterns are written deepest path first; ``target_modules`` entries are
+    suffixes too, so a module elsewhere with the same trailing name also gets a
+    (zero-initialised, inactive) LoRA in PEFT. Needs the ``safetensors`` package
     (``pip install "dlrt-jax[peft]"``); reads the ranks, so call it outside ``jit``.
 
     PEFT never adapts a model's root module (it skips the empty module name), so an adapter on
