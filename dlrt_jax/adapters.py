@@ -559,6 +559,7 @@ def geolora(
     budget: int | None = None,
     min_rank: int = 1,
     optimizer: optax.GradientTransformation | None = None,
+    augment_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """The default adapter transform: :func:`dlrt_jax.parallel_bug` (GeoLoRA's integrator).
 
@@ -581,13 +582,21 @@ def geolora(
         min_rank: the least rank of every adapter.
         optimizer: the inner optax transform of the K-, L- and S-steps (default
             ``optax.adam(learning_rate)``).
+        augment_every: GeoLoRA's cycle (``parallel_bug``'s ``augment_every``): augment every
+            ``k`` steps, train ``S`` only in between, truncate at the cycle's end. Not with a
+            ``budget`` (the budget cuts after every step, so it would cut the augmented ranks).
 
     Examples:
         >>> from dlrt_jax.adapters import geolora
         >>> tx = geolora(1e-3, tau=0.05, budget=10_000)
     """
+    if budget is not None and augment_every != 1:
+        raise ValueError(
+            f"geolora: `budget` with `augment_every`={augment_every} is not supported: the budget "
+            "cuts the ranks after every step, the augmented ones included. Pass one of them."
+        )
     inner = optax.adam(learning_rate) if optimizer is None else optimizer
-    tx = parallel_bug(inner, tau=tau, min_rank=min_rank)
+    tx = parallel_bug(inner, tau=tau, min_rank=min_rank, augment_every=augment_every)
     return tx if budget is None else with_rank_budget(tx, budget, min_rank=min_rank)
 
 

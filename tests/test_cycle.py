@@ -163,3 +163,28 @@ def test_cycle_arguments_are_validated():
         dlrt_jax.bug(0.1, augment_every=5)
     with pytest.raises(ValueError, match="two truncation schedules"):
         dlrt_jax.parallel_bug(0.1, tau=0.1, augment_every=5, truncate_every=5)
+
+
+def test_geolora_runs_the_cycle_and_refuses_it_with_a_budget():
+    from flax import nnx
+
+    from dlrt_jax.adapters import geolora, to_adapters
+    from dlrt_jax.nnx import train_step
+
+    pretrained = nnx.Linear(12, 10, rngs=nnx.Rngs(0))
+    ka, kb, kx = jax.random.split(jax.random.key(1), 3)
+    delta = jax.random.normal(ka, (10, 2)) @ jax.random.normal(kb, (2, 12)) / 3
+    x = jax.random.normal(kx, (32, 12))
+    y = pretrained(x) + x @ delta.T
+    model = to_adapters(pretrained, rank=1, capacity=4)
+    optimizer = nnx.Optimizer(model, geolora(0.1, tau=0.05, augment_every=5), wrt=nnx.Param)
+    loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)  # noqa: E731
+    step = nnx.jit(lambda m, o, b: train_step(m, o, loss_fn, b))
+    losses, ranks = [], []
+    for _ in range(40):
+        losses.append(float(step(model, optimizer, (x, y))))
+        ranks.append(int(model.rank))
+    assert ranks[0] == 2 and ranks[1] == 2  # augmented from 1, kept through the coefficient step
+    assert losses[-1] < 0.2 * losses[0], losses
+    with pytest.raises(ValueError, match="budget"):
+        geolora(0.1, budget=1000, augment_every=5)
