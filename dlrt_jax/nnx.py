@@ -28,7 +28,7 @@ import logging
 import numbers
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -655,6 +655,11 @@ def _skip_reason(node: Any) -> str | None:
     """Why ``to_low_rank`` leaves a module with parameters alone (``None``: no parameters)."""
     if isinstance(node, _LowRankLayer):
         return "already a low-rank layer"
+    if isinstance(node, _layers.FactorAccessors):
+        return (
+            f"an adapter ({type(node).__name__} holds a trained low-rank factor on a frozen base); "
+            "conversions never touch adapters (merge them first)"
+        )
     if not isinstance(node, nnx.Module):
         return None
     names = sorted(k for k, v in vars(node).items() if isinstance(v, nnx.Param))
@@ -712,18 +717,105 @@ def _kinds() -> str:
 
 
 def _converter_for(node: Any) -> Callable[[Any, _Request, str], _Converted] | None:
-    if isinstance(node, _LowRankLayer):
+    if isinstance(node, _layers.FactorAccessors):  # a low-rank layer or an adapter
         return None
     return next((f for t, f in _CONVERTERS.items() if isinstance(node, t)), None)
+
+
+def _protected_reason(path: tuple, node: Any, owners: dict[tuple, str]) -> str | None:
+    """Why a convertible layer must not be touched: inside an adapter, or frozen weights."""
+    inside = [p for p in owners if len(p) < len(path) and path[: len(p)] == p]
+    if inside:
+        owner = max(inside, key=len)
+        return (
+            f"inside the adapter at {_path_str(owner)!r} ({owners[owner]}); conversions never "
+            "touch adapters or their frozen base layers"
+        )
+    kernel = getattr(node, "kernel", None)
+    if isinstance(kernel, nnx.Variable) and not isinstance(kernel, nnx.Param):
+        return (
+            f"frozen (its kernel is a {type(kernel).__name__}, not an nnx.Param); conversions "
+            "never touch frozen weights"
+        )
+    return None
+
+
+def _factor_owners(model: Any) -> dict[tuple, str]:
+    """``{path: type name}`` of the modules that hold a low-rank factor (low-rank layers and
+    adapters), whose sub-modules a conversion leaves alone."""
+    return {
+        tuple(path): type(node).__name__
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, _layers.FactorAccessors)
+    }
+
+
+def _tails(path: tuple) -> list[str]:
+    """The ``/``-joined trailing parts of a path, whole path first: ``a/b/c``, ``b/c``, ``c``."""
+    parts = [str(p) for p in path]
+    return ["/".join(parts[i:]) for i in range(len(parts))] or [""]
+
+
+@dataclasses.dataclass
+class _PerLayer:
+    """A setting given for every layer (an int or ``None``) or per layer by path pattern.
+
+    A pattern is a regular expression that must fully match the ``/``-joined path of the layer
+    or a trailing part of it that starts at a path element (``'fc1'`` matches ``'block/fc1'``,
+    ``'block/fc.'`` matches ``'net/block/fc1'``, ``'c1'`` does not match ``'fc1'``). The first
+    matching pattern in the mapping's order wins, as in PEFT's ``rank_pattern``; a layer no
+    pattern matches gets the default (as if the argument were not given).
+    """
+
+    name: str
+    value: Any
+    used: set = dataclasses.field(default_factory=set)
+
+    def __post_init__(self):
+        if not isinstance(self.value, Mapping):
+            return
+        for key in self.value:
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"`{self.name}` as a mapping needs path patterns (str) as keys, got "
+                    f"{key!r}; e.g. {{'fc1': 4, 'block/.*': 8}}."
+                )
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(
+                    f"`{self.name}` key {key!r} is not a valid regular expression: {e}."
+                ) from None
+
+    def __call__(self, path: tuple) -> Any:
+        if not isinstance(self.value, Mapping):
+            return self.value
+        tails = _tails(path)
+        for key, v in self.value.items():
+            if any(re.fullmatch(key, t) for t in tails):
+                self.used.add(key)
+                return v
+        return None
+
+    def check_all_used(self, paths: list[str]) -> None:
+        unused = (
+            [k for k in self.value if k not in self.used] if isinstance(self.value, Mapping) else []
+        )
+        if unused:
+            raise ValueError(
+                f"to_low_rank: `{self.name}` pattern(s) {unused} match no converted layer (a "
+                f"pattern fully matches the path or a trailing part of it, e.g. 'fc1' or "
+                f"'block/fc1'). Converted layers: {paths}."
+            )
 
 
 def to_low_rank(
     model: Any,
     *,
     filter: Any = ...,
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     tol: float | None = None,
-    capacity: int | None = None,
+    capacity: int | Mapping[str, int] | None = None,
     init: str = "svd",
     rngs: nnx.Rngs | None = None,
     report: bool = False,
@@ -754,7 +846,11 @@ def to_low_rank(
 
     Every other module with parameters (``nnx.Embed``, ``nnx.LayerNorm``, a custom module, ...)
     and every convertible layer the filter leaves out is kept as it is and listed in the summary
-    as *skipped*, with the reason.
+    as *skipped*, with the reason. **Frozen weights and adapters are never touched**, whatever
+    the filter: a layer whose ``kernel`` is a ``Variable`` that is not an ``nnx.Param`` (the
+    :class:`~dlrt_jax.adapters.FrozenParam` of :func:`~dlrt_jax.adapters.to_adapters`), an
+    adapter (:class:`~dlrt_jax.adapters.LowRankAdapter`) and the base layer inside it are skipped
+    with that reason. (Compress first, then add adapters; or merge the adapters first.)
 
     **Which rank.** With ``init='svd'`` each selected layer's matrix ``W`` (out x in; a
     convolution kernel matricised as in :class:`LowRankConv`) is replaced by its truncated SVD
@@ -762,11 +858,20 @@ def to_low_rank(
     sigma_j^2) / ||sigma||_2`` of every layer is in the summary.
 
     * ``tol``: ``r`` is the smallest rank with relative error ``<= tol``, and the capacity is
-      ``max(floor(min(n, m) / 2), r)`` (or ``capacity``, which must then be ``>= r``). Above
-      ``floor(min(n, m) / 2)`` (noted in the summary) only the fixed-rank integrators can train
-      the layer: the rank-adaptive ones augment to ``2c <= min(n, m)`` columns.
+      ``max(floor(min(n, m) / 2), r)`` (or ``capacity``, which must then be ``>= r``).
+    * a capacity above ``floor(min(n, m) / 2)`` (from ``tol``, ``rank`` or ``capacity``) gets a
+      ``UserWarning`` naming the layers, and a note in the summary: only the fixed-rank
+      integrators can train such a layer (the rank-adaptive ones augment to ``2c <= min(n, m)``
+      columns and raise at their ``init``).
     * ``rank``: that rank in every layer (capacity ``max(floor(min(n, m) / 2), rank)`` or
       ``capacity``).
+    * per layer: ``rank`` and ``capacity`` also take a mapping ``{path pattern: int}`` (as PEFT's
+      ``rank_pattern``). A pattern is a regular expression that must fully match the layer's
+      ``/``-joined path or a trailing part of it starting at a path element: ``'fc1'`` matches
+      ``fc1`` and ``block/fc1`` (not ``fc10``), ``'block/fc.'`` matches ``net/block/fc1``. The
+      **first** matching pattern in the mapping's order wins; a layer no pattern matches gets the
+      default (for ``rank``: ``tol`` if given, else the capacity rule). A pattern that matches no
+      converted layer raises ``ValueError`` (a typo is never silently ignored).
     * neither: every layer keeps its capacity's worth, ``floor(min(n, m) / 2)`` (or
       ``capacity``), of singular values, whatever that costs in accuracy: a ``UserWarning`` lists
       the layers whose relative weight error exceeds ``1e-3``. Pass ``tol`` to bound the change.
@@ -777,10 +882,13 @@ def to_low_rank(
     Args:
         model: an NNX module (or graph of modules).
         filter: which convertible layers to replace (see above).
-        rank: rank of every new factor (at most one of ``rank`` and ``tol``).
-        tol: relative weight error bound of the truncated SVD (``init='svd'`` only).
-        capacity: capacity of every new factor; default ``max(floor(min(n, m) / 2), rank)`` per
-            layer, the rank being the one ``rank`` or ``tol`` gives.
+        rank: rank of every new factor (at most one of an int ``rank`` and ``tol``), or a
+            mapping ``{path pattern: rank}`` (see above).
+        tol: relative weight error bound of the truncated SVD (``init='svd'`` only); with a
+            ``rank`` mapping, the rule of the layers no pattern matches.
+        capacity: capacity of every new factor, or a mapping ``{path pattern: capacity}``;
+            default ``max(floor(min(n, m) / 2), rank)`` per layer, the rank being the one
+            ``rank`` or ``tol`` gives.
         init: ``'svd'`` (truncated SVD of the dense kernel; bias, dtypes, precision copied) or
             ``'random'`` (the constructors' paper initialisation and a zero bias: a fresh layer of
             the same configuration; the summary has no relative error then).
@@ -822,6 +930,9 @@ def to_low_rank(
         (True, True)
         >>> int(to_low_rank(model, filter=nnx.PathContains("fc1"), rank=4).fc1.rank)
         4
+        >>> per_layer = to_low_rank(model, rank={"fc1": 4, "out": 1}, capacity={"fc.": 6})
+        >>> int(per_layer.fc1.rank), per_layer.fc1.capacity, int(per_layer.out.rank)
+        (4, 6, 1)
     """
     if init not in ("svd", "random"):
         raise ValueError(f"`init` must be 'svd' or 'random', got {init!r}.")
@@ -830,22 +941,29 @@ def to_low_rank(
             raise ValueError("`tol` applies to init='svd' only; give `rank` for init='random'.")
         if not isinstance(rngs, nnx.Rngs):
             raise ValueError("init='random' needs `rngs` (an nnx.Rngs).")
-    if rank is not None and tol is not None:
+    if rank is not None and tol is not None and not isinstance(rank, Mapping):
         raise ValueError("Give at most one of `rank` and `tol`, got both.")
     if not isinstance(report, bool):
         raise TypeError(f"`report` must be a bool, got {type(report).__name__}.")
     predicate = _to_predicate(filter)
-    request = _Request(rank, tol, capacity, init, rngs)
+    rank_of, capacity_of = _PerLayer("rank", rank), _PerLayer("capacity", capacity)
     records: list[LayerConversion] = []
+    model = nnx.clone(model)
+    owners = _factor_owners(model)
 
     def convert(path, node):
         converter, name = _converter_for(node), (_path_str(path), type(node).__name__)
-        if converter is None or not predicate(path, node):
-            reason = _skip_reason(node) if converter is None else "excluded by `filter`"
-            if reason is not None:
-                records.append(LayerConversion(*name, False, note=reason))
+        protected = None if converter is None else _protected_reason(path, node, owners)
+        if converter is None or protected or not predicate(path, node):
+            reason = _skip_reason(node) if converter is None else protected
+            if reason is not None or converter is not None:
+                records.append(LayerConversion(*name, False, note=reason or "excluded by `filter`"))
             return node
         where = f"to_low_rank at {name[0]!r}"
+        layer_rank = rank_of(path)
+        request = _Request(
+            layer_rank, None if layer_rank is not None else tol, capacity_of(path), init, rngs
+        )
         new, shape, fit = _wrap_errors(where, converter, node, request, where)
         note = ""
         if fit.capacity > default_capacity(shape):
@@ -856,15 +974,19 @@ def to_low_rank(
         records.append(LayerConversion(*name, True, shape, *fit, note))
         return new
 
-    new_model = nnx.recursive_map(convert, nnx.clone(model))
+    new_model = nnx.recursive_map(convert, model)
     summary = ConversionSummary(tuple(records))
     if not summary.converted:
         candidates = [r.path for r in summary.skipped if r.note == "excluded by `filter`"]
         raise ValueError(
             f"to_low_rank: `filter` matched no convertible layer ({_kinds()}; the filter is "
-            f"applied to those only). Candidate layers: {candidates or 'none'}.\n{summary}"
+            f"applied to those only; frozen layers and adapters are never converted). "
+            f"Candidate layers: {candidates or 'none'}.\n{summary}"
         )
+    for per_layer in (rank_of, capacity_of):
+        per_layer.check_all_used([r.path for r in summary.converted])
     _LOGGER.info("%s", summary)
+    _warn_untrainable_by_adaptive(summary)
     if init == "svd" and rank is None and tol is None:
         large = [r for r in summary.converted if r.rel_error > _WARN_ERROR]
         if large:
@@ -879,6 +1001,27 @@ def to_low_rank(
                 stacklevel=2,
             )
     return (new_model, summary) if report else new_model
+
+
+def _warn_untrainable_by_adaptive(summary: ConversionSummary) -> None:
+    """Warn about the converted layers the rank-adaptive integrators cannot train."""
+    over = [r for r in summary.converted if r.capacity > default_capacity(r.shape)]
+    if not over:
+        return
+    listed = ", ".join(
+        f"{r.path!r} ({r.shape[0]} x {r.shape[1]}: capacity {r.capacity} > "
+        f"{default_capacity(r.shape)})"
+        for r in over
+    )
+    warnings.warn(
+        f"to_low_rank: the rank-adaptive integrators (a `tau`, parallel_bug, ...) cannot train "
+        f"{listed}: they augment to 2 * capacity columns, which needs 2 * capacity <= min(n, m); "
+        "only the fixed-rank ones (bug without `tau`, projector_splitting) can. Pass a smaller "
+        "`capacity=` for these layers (a mapping sets it per layer, e.g. {'fc1': 3}) or a larger "
+        "`tol=`.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _wrap_errors(where: str, fn: Callable, *args, **kwargs):

@@ -595,7 +595,8 @@ def test_to_low_rank_tol_is_honoured_beyond_half_the_smaller_dimension():
     sigma = np.linalg.svd(W, compute_uv=False)
     tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0) / np.linalg.norm(W)
     tol = 0.5 * (tails[4] + tails[5])  # needs rank 5 > floor(6 / 2) = 3
-    new, summary = to_low_rank(model, filter="fc1", tol=tol, report=True)
+    with pytest.warns(UserWarning, match=r"cannot train 'fc1' \(6 x 6: capacity 5 > 3\)"):
+        new, summary = to_low_rank(model, filter="fc1", tol=tol, report=True)
     (rec,) = summary.converted
     assert rec.rank == int(new.fc1.rank) == 5 and rec.capacity == new.fc1.capacity == 5
     assert "fixed-rank integrators only" in rec.note
@@ -949,3 +950,81 @@ def test_plain_nnx_optimizer_holds_the_dlrt_state_like_dlrt_optimizer(name):
         nnx.as_pure(nnx.state(plain_model)), nnx.as_pure(nnx.state(alias_model)), atol=1e-5
     )
     chex.assert_trees_all_close(state, nnx.as_pure(alias.opt_state), atol=1e-5)
+
+
+# ---- conversion safety and per-layer settings (issue 17) -----------------------------------------
+
+
+def _stack(rngs):
+    return nnx.Sequential(
+        nnx.Linear(8, 16, rngs=rngs), nnx.relu, nnx.Linear(16, 12, rngs=rngs), nnx.relu,
+        nnx.Linear(12, 4, rngs=rngs),
+    )  # fmt: skip
+
+
+def test_to_low_rank_never_touches_adapters_or_frozen_layers():
+    """issue 17, problem 1: to_adapters then to_low_rank unfroze and truncated the base layers."""
+    from dlrt_jax.adapters import FrozenParam, to_adapters
+
+    model, x = _stack(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (5, 8))
+    adapted = to_adapters(model, filter="layers/0", rank=2, freeze=False)
+    lora = adapted.layers[0].lora
+    lora[...] = lora[...].replace(S=jnp.diag(jnp.arange(1.0, 1.0 + lora.capacity)))  # trained
+    before = adapted(x)
+    with pytest.warns(UserWarning, match="cannot train 'layers/2'"):  # full rank: exact
+        low, summary = to_low_rank(adapted, rank={"2": 12, "4": 4}, report=True)
+    np.testing.assert_allclose(low(x), before, atol=1e-5)  # was changed by ~80 %
+    assert type(low.layers[0].base) is nnx.Linear
+    assert type(low.layers[0].base.kernel) is FrozenParam  # still frozen
+    assert [r.path for r in summary.converted] == ["layers/2", "layers/4"]
+    notes = {r.path: r.note for r in summary.skipped}
+    assert notes.keys() == {"layers/0/base", "layers/0"}
+    assert "inside the adapter at 'layers/0'" in notes["layers/0/base"]
+    assert "an adapter" in notes["layers/0"]
+    # frozen layers outside adapters are skipped too; with nothing left, the error lists them
+    frozen = to_adapters(model, filter="layers/0", rank=2)  # freeze=True
+    with pytest.raises(ValueError, match=r"(?s)matched no convertible layer.*layers/2 .*frozen "
+                       r"\(its kernel is a FrozenParam, not an nnx.Param\)"):  # fmt: skip
+        to_low_rank(frozen, rank=2)
+    with pytest.raises(ValueError, match="matched no convertible layer"):
+        to_low_rank(frozen, filter=FrozenParam, rank=2)  # even when asked for by type
+
+
+def test_to_low_rank_per_layer_rank_and_capacity_by_path_pattern():
+    """issue 17, problem 6: rank and capacity could not be set per layer."""
+    model = _Net(nnx.Rngs(0))
+    low, summary = to_low_rank(
+        model,
+        filter=nnx.Linear,
+        rank={"block/fc2": 1, "fc.": 2, "head": 3},  # the first matching pattern wins
+        capacity={"fc2": 2},
+        report=True,
+    )
+    got = {r.path: (r.rank, r.capacity) for r in summary.converted}
+    assert got == {"fc1": (2, 3), "block/fc2": (1, 2), "head": (3, 3)}
+    assert (int(low.block.fc2.rank), low.block.fc2.capacity) == (1, 2)
+    # layers no pattern matches get the default: `tol` with a rank mapping, else the capacity
+    low = to_low_rank(model, filter=nnx.Linear, rank={"head": 1}, tol=0.0)
+    assert int(low.head.rank) == 1 and int(low.fc1.rank) == 6
+    low = to_low_rank(model, filter=nnx.Linear, rank={"head": 1}, capacity={"head": 2})
+    assert int(low.fc1.rank) == low.fc1.capacity == 3 and low.head.capacity == 2
+    # a pattern matches whole path elements, and one that matches nothing raises
+    with pytest.raises(ValueError, match=r"`rank` pattern\(s\) \['c1'\] match no converted"):
+        to_low_rank(model, filter=nnx.Linear, rank={"c1": 2, "fc1": 2})
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        to_low_rank(model, capacity={"fc[": 2})
+    with pytest.raises(TypeError, match=r"path patterns \(str\) as keys"):
+        to_low_rank(model, rank={1: 2})
+    with pytest.raises(ValueError, match=r"'head'.*rank"):  # values checked per layer, with path
+        to_low_rank(model, filter=nnx.Linear, rank={"head": 5})
+
+
+def test_to_low_rank_warns_for_layers_the_rank_adaptive_integrators_cannot_train():
+    """issue 17, problem 6: such a layer was flagged at INFO level only."""
+    model = _Net(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"cannot train 'fc1' \(6 x 6: capacity 4 > 3\)") as w:
+        to_low_rank(model, filter="fc1|head", rank=2, capacity={"fc1": 4})
+    assert "'head'" not in str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_low_rank(model, filter="fc1|head", rank=2, capacity=2)
