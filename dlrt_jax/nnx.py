@@ -8,6 +8,9 @@
 * :func:`to_low_rank`: replace chosen layers of an existing model, with a per-layer summary
   (frozen weights and adapters are never touched); :func:`register_converter` adds layer types;
   :func:`to_dense` turns the low-rank layers back into ``nnx.Linear`` / ``nnx.Conv``.
+* :func:`save_checkpoint` / :func:`restore_checkpoint`: a model and its optimiser, restored into
+  a freshly built pair at the saved capacities; :func:`export_low_rank` / :func:`load_low_rank`:
+  ``U``, ``S``, ``V`` at the active rank in safetensors, with a JSON of ranks and shapes.
 * :class:`DLRTOptimizer`, :func:`make_grad_fn`, :func:`train_step`, :func:`fit_capacity`,
   :func:`apply_capacity_policy`: the glue between ``nnx.Optimizer`` and the integrators, which
   evaluate the gradient more than once per step or change the capacities. A plain
@@ -34,6 +37,7 @@ from dlrt_jax._nnx.conversion import (
     to_dense,
     to_low_rank,
 )
+from dlrt_jax._nnx.io import export_low_rank, load_low_rank, restore_checkpoint, save_checkpoint
 from dlrt_jax._nnx.layers import (
     ConvertedLayer,
     LowRankConv,
@@ -60,10 +64,14 @@ __all__ = [
     "LowRankLinear",
     "LowRankParam",
     "apply_capacity_policy",
+    "export_low_rank",
     "fit_capacity",
     "layer_predicate",
+    "load_low_rank",
     "make_grad_fn",
     "register_converter",
+    "restore_checkpoint",
+    "save_checkpoint",
     "to_dense",
     "to_low_rank",
     "train_step",

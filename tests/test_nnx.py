@@ -27,6 +27,7 @@ from dlrt_jax.nnx import (
     apply_capacity_policy,
     fit_capacity,
     make_grad_fn,
+    to_dense,
     to_low_rank,
     train_step,
 )
@@ -1028,3 +1029,110 @@ def test_to_low_rank_warns_for_layers_the_rank_adaptive_integrators_cannot_train
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         to_low_rank(model, filter="fc1|head", rank=2, capacity=2)
+
+
+# ---- the NNX path end to end: to_dense, export, checkpoints (issue 17, problem 5) ----------------
+
+
+def test_to_dense_turns_low_rank_layers_back_into_nnx_linear_and_conv():
+    model = to_low_rank(_Net(nnx.Rngs(0)), filter="conv|fc1|head", rank=2)
+    model.block.fc2 = LowRankLinear(6, 6, rank=2, bias_init=_normal_init(), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 5, 3))
+    dense = to_dense(model)
+    assert _kinds(dense) == {
+        "conv": "Conv", "fc1": "Linear", "fc2": "Linear", "head": "Linear", "norm": "LayerNorm"
+    }  # fmt: skip
+    assert _kinds(model)["fc1"] == "LowRankLinear"  # not modified
+    np.testing.assert_allclose(dense(x), model(x), atol=1e-5)
+    W = np.asarray(model.block.fc2.factor.to_dense())
+    np.testing.assert_allclose(dense.block.fc2.kernel[...], W.T, atol=1e-6)
+    np.testing.assert_allclose(dense.block.fc2.bias[...], model.block.fc2.bias[...])
+    assert dense.conv.kernel.shape == (3, 3, 3, 6)
+    assert nnx.state(dense, LowRankParam) == nnx.State({})
+
+
+def _exportable(rngs, capacity=3):
+    return nnx.Sequential(
+        LowRankLinear(6, 8, rank=capacity, capacity=capacity, bias_init=_normal_init(), rngs=rngs),
+        nnx.LayerNorm(8, rngs=rngs),
+        LowRankLinear(8, 8, rank=capacity, capacity=capacity, rngs=rngs),
+        nnx.Linear(8, 2, rngs=rngs),
+    )
+
+
+def test_export_low_rank_writes_the_active_rank_and_loads_into_a_fresh_model(tmp_path):
+    from safetensors.numpy import load_file
+
+    from dlrt_jax.nnx import export_low_rank, load_low_rank
+
+    model = _exportable(nnx.Rngs(0))
+    k = model.layers[0].kernel
+    k[...] = k[...].replace(rank=2)  # as after rank-adaptive training: rank 2 of capacity 3
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    description = export_low_rank(model, tmp_path)
+    assert description["factors"]["layers/0/kernel"] == {
+        "shape": [8, 6], "rank": 2, "capacity": 3, "dtype": "float32"
+    }  # fmt: skip
+    tensors = load_file(tmp_path / "low_rank.safetensors")
+    assert tensors["layers/0/kernel.U"].shape == (8, 2) and tensors["layers/0/kernel.S"].shape == (
+        2,
+        2,
+    )
+    assert tensors["layers/0/kernel.V"].shape == (6, 2) and "layers/3/kernel" in tensors
+    assert set(description["arrays"]) == {
+        "layers/0/bias", "layers/1/bias", "layers/1/scale", "layers/2/bias", "layers/3/bias",
+        "layers/3/kernel",
+    }  # fmt: skip
+    fresh = _exportable(nnx.Rngs(5), capacity=4)  # other weights, a larger capacity
+    assert load_low_rank(fresh, tmp_path) is fresh
+    np.testing.assert_allclose(fresh(x), model(x), atol=1e-5)
+    assert int(fresh.layers[0].rank) == 2 and fresh.layers[0].capacity == 4
+    small = _exportable(nnx.Rngs(5), capacity=1)  # the capacity grows to the exported rank
+    np.testing.assert_allclose(load_low_rank(small, tmp_path)(x), model(x), atol=1e-5)
+    other = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"(?s)does not match.*layers/0/kernel: a low-rank factor"):
+        load_low_rank(other, tmp_path)
+
+
+def test_export_low_rank_names_the_install_line_without_safetensors(tmp_path, monkeypatch):
+    import sys
+
+    from dlrt_jax.nnx import export_low_rank
+
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match=r'pip install "dlrt-jax\[peft\]"'):
+        export_low_rank(_exportable(nnx.Rngs(0)), tmp_path)
+
+
+def test_checkpoint_restores_into_a_fresh_model_across_a_capacity_change(tmp_path):
+    from dlrt_jax.nnx import restore_checkpoint, save_checkpoint
+
+    def build():
+        model = _MLP(nnx.Rngs(0), rank=2, capacity=8)
+        return model, nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.2), wrt=nnx.Param)
+
+    x = jax.random.normal(jax.random.key(1), (16, 16))
+    batch = (x, jnp.sin(x[:, :4]))
+    loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+    policy = dlrt_jax.CapacityPolicy(every=2, headroom=1.0, min_free=2, multiple=2)
+    model, optimizer = build()
+    for step in range(1, 5):
+        train_step(model, optimizer, loss_fn, batch)
+        apply_capacity_policy(policy, step, model, optimizer)
+    assert model.l1.capacity < 8  # the policy changed the capacities
+    save_checkpoint(tmp_path, 4, model, optimizer, metadata={"tau": 0.2})
+    fresh, fresh_optimizer = build()
+    assert restore_checkpoint(tmp_path, fresh, fresh_optimizer, metadata={"tau": 0.2}) == 4
+    assert (fresh.l1.capacity, fresh.l2.capacity) == (model.l1.capacity, model.l2.capacity)
+    chex.assert_trees_all_equal(nnx.as_pure(nnx.state(fresh)), nnx.as_pure(nnx.state(model)))
+    chex.assert_trees_all_equal(
+        nnx.as_pure(nnx.state(fresh_optimizer)), nnx.as_pure(nnx.state(optimizer))
+    )
+    # training continues identically from the restored pair
+    np.testing.assert_array_equal(
+        train_step(fresh, fresh_optimizer, loss_fn, batch),
+        train_step(model, optimizer, loss_fn, batch),
+    )
+    chex.assert_trees_all_equal(nnx.as_pure(nnx.state(fresh)), nnx.as_pure(nnx.state(model)))
+    with pytest.raises(ValueError, match=r"metadata\['tau'\]"):
+        restore_checkpoint(tmp_path, *build(), metadata={"tau": 0.3})

@@ -23,6 +23,7 @@ from dlrt_jax._step import make_train_step
 __all__ = [
     "DLRTOptimizer",
     "apply_capacity_policy",
+    "check_optimizer",
     "fit_capacity",
     "make_grad_fn",
     "pure_states",
@@ -131,8 +132,9 @@ class DLRTOptimizer(nnx.Optimizer):
         super().__init__(model, _pure_init(tx), wrt=wrt, **kwargs)
 
 
-def _check_optimizer(optimizer: Any, where: str) -> None:
-    """Reject an ``nnx.Optimizer`` whose state holds a whole subtree in one ``Variable``."""
+def check_optimizer(optimizer: Any, where: str) -> None:
+    """Reject a non-``nnx.Optimizer`` and an ``nnx.Optimizer`` whose state holds a whole subtree
+    in one ``Variable`` (a plain optax state of a ``LowRank``; see :class:`DLRTOptimizer`)."""
     if not isinstance(optimizer, nnx.Optimizer):
         raise TypeError(
             f"{where}: `optimizer` must be an nnx.Optimizer, got {type(optimizer).__name__}."
@@ -187,7 +189,7 @@ def train_step(
         >>> losses[-1] < losses[0], 2 <= int(model.rank) <= 5
         (True, True)
     """
-    _check_optimizer(optimizer, "train_step")
+    check_optimizer(optimizer, "train_step")
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
 
     def pure_loss(p: Any, rest: Any, batch: Any) -> tuple[jax.Array, Any]:
@@ -223,7 +225,7 @@ def fit_capacity(model: nnx.Module, optimizer: nnx.Optimizer, **kwargs: Any) -> 
         >>> model.capacity, int(model.rank), model.kernel.get_value().U.shape
         (8, 3, (64, 8))
     """
-    _check_optimizer(optimizer, "fit_capacity")
+    check_optimizer(optimizer, "fit_capacity")
     params, opt_state = pure_states(model, optimizer)
     new_params, new_opt_state = fit_capacity_pure(params, opt_state, **kwargs)
     write_back(model, optimizer, new_params, new_opt_state)
@@ -296,7 +298,7 @@ def apply_capacity_policy(
     every = getattr(policy, "every", None)
     if _layers.is_int(every) and every >= 1 and step % every:
         return False  # nothing to read on this step (CapacityPolicy returns unchanged here)
-    _check_optimizer(optimizer, "apply_capacity_policy")
+    check_optimizer(optimizer, "apply_capacity_policy")
     params, opt_state = pure_states(model, optimizer)
     new_params, new_opt_state, resized = policy(step, params, opt_state)
     if not resized:
