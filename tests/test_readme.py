@@ -4,6 +4,7 @@ import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+NNX_PAGE = README.parent / "docs" / "nnx.md"
 
 
 def _blocks():
@@ -49,3 +50,17 @@ def test_nnx_example_trains_evaluates_and_checkpoints(capsys):
     assert dnnx.restore_checkpoint(ns["checkpoints"], model, optimizer) == 200
     restored = ns["accuracy"](model, ns["x_test"], ns["y_test"])
     assert restored == ns["accuracy"](ns["model"], ns["x_test"], ns["y_test"]) and restored > 0.7
+
+
+def test_nnx_page_trains_resumes_converts_back_and_exports(capsys):
+    """docs/nnx.md (issue 17, problem 5): every block runs in order, with its own assertions."""
+    ns: dict = {}
+    for i, code in enumerate(
+        re.findall(r"^```python\n(.*?)^```$", NNX_PAGE.read_text(), re.S | re.M)
+    ):
+        exec(compile(code, f"docs/nnx.md:block{i}", "exec"), ns)
+    assert i == 4  # build, train, resume, convert back, export
+    assert ns["after"] > 0.7 and ns["done"] == 100
+    assert ns["description"]["factors"].keys() == {"layers/0/kernel"}
+    kinds = [type(m).__name__ for m in ns["plain"].layers[::2]]
+    assert kinds == ["Linear", "Linear"], kinds
