@@ -1136,3 +1136,31 @@ def test_checkpoint_restores_into_a_fresh_model_across_a_capacity_change(tmp_pat
     chex.assert_trees_all_equal(nnx.as_pure(nnx.state(fresh)), nnx.as_pure(nnx.state(model)))
     with pytest.raises(ValueError, match=r"metadata\['tau'\]"):
         restore_checkpoint(tmp_path, *build(), metadata={"tau": 0.3})
+
+
+def test_register_converter_adds_a_layer_type_and_a_subclass_may_have_its_own():
+    """issue 17: transformer wrote into nnx's private _CONVERTERS; the registry is public now."""
+    from dlrt_jax.nnx import ConvertedLayer, register_converter
+
+    class Scaled(nnx.Linear):  # a subclass: nnx.Linear's converter refuses it
+        pass
+
+    model = nnx.Sequential(Scaled(6, 6, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="subclass Scaled"):
+        to_low_rank(model, rank=2)
+    requests = []
+
+    def convert(layer, request):
+        requests.append(request)
+        new = LowRankLinear(6, 6, rank=request.rank, rngs=nnx.Rngs(1))
+        return ConvertedLayer(new, (6, 6), request.rank, new.capacity, None)
+
+    assert register_converter(Scaled, convert) is convert
+    low, summary = to_low_rank(model, rank={"0": 2}, report=True)
+    assert type(low.layers[0]) is LowRankLinear and int(low.layers[0].rank) == 2
+    assert requests[0].where == "to_low_rank at 'layers/0'" and requests[0].init == "svd"
+    assert summary.converted[0].rank == 2
+    with pytest.raises(TypeError, match="must be a class"):
+        register_converter("Scaled", convert)
+    with pytest.raises(TypeError, match="must be callable"):
+        register_converter(Scaled, None)

@@ -444,7 +444,8 @@ def to_low_rank(
     ``model`` itself is not modified, and the layers that are not replaced are copies (new
     ``Variable`` objects, shared immutable arrays). Shared layers stay shared.
 
-    **Which layers.** The layer types in the converter table (``nnx.Linear`` and ``nnx.Conv``) are
+    **Which layers.** The layer types with a converter (``nnx.Linear``, ``nnx.Conv``,
+    ``nnx.LinearGeneral``, ``nnx.Einsum``, and those added with :func:`register_converter`) are
     converted; ``filter`` chooses among them, in flax's filter language (``nnx.filterlib``)
     applied to ``(path, layer)``:
 
