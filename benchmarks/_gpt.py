@@ -153,18 +153,5 @@ def tree_bytes(tree) -> int:
     return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def lowrank_ranks(tree) -> dict[str, int]:
-    """``{path: active rank}`` of the ``LowRank`` leaves of a pure state."""
-    out = {}
-    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=dlrt_jax.is_lowrank)[0]
-    for path, leaf in flat:
-        if dlrt_jax.is_lowrank(leaf):
-            out["/".join(_key(p) for p in path)] = int(leaf.active_rank)
-    return out
-
-
-def _key(p) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(p, attr):
-            return str(getattr(p, attr))
-    return str(p)
+#: ``{path: active rank}`` of the ``LowRank`` leaves of a pure state: the library's own helper.
+lowrank_ranks = dlrt_jax.factor_ranks

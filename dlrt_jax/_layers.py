@@ -179,8 +179,18 @@ def _is_seq(x: Any) -> bool:
     return isinstance(x, Sequence) and not isinstance(x, str)
 
 
-def _hashable(x: Any) -> Any:
-    return tuple(_hashable(a) for a in x) if isinstance(x, list | tuple) else x
+def hashable(x: Any) -> Any:
+    """``x`` with lists turned into tuples, recursively (a precision setting as a static value)."""
+    return tuple(hashable(a) for a in x) if isinstance(x, list | tuple) else x
+
+
+def path_str(path: tuple) -> str:
+    """A module path as the summaries and error messages print it: ``'block/fc1'``, ``'<root>'``."""
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+#: The default bias initialiser of every layer (what ``flax``'s ``zeros_init()`` returns).
+zeros_init = jax.nn.initializers.zeros
 
 
 class FactorAccessors:
@@ -208,7 +218,7 @@ class FactorAccessors:
 # ---- the maps -----------------------------------------------------------------------------------
 
 
-def _promote(x: jax.Array, lr: LowRank, bias: jax.Array | None, dtype: Any):
+def promote(x: jax.Array, lr: LowRank, bias: jax.Array | None, dtype: Any):
     """Cast inputs, factor and bias to ``dtype`` (default: their common result type)."""
     x = jnp.asarray(x)
     if dtype is None:
@@ -228,13 +238,13 @@ class DensePhi:
 
 def dense(lr: LowRank, bias, x, *, dtype: Any = None, precision: Any = None) -> jax.Array:
     """``x W^T + b`` over the last axis: ``((x V) S^T) U^T + b``."""
-    x, lr, bias = _promote(x, lr, bias, dtype)
+    x, lr, bias = promote(x, lr, bias, dtype)
     if x.ndim < 1 or x.shape[-1] != lr.shape[1]:
         raise ValueError(
             f"Input's last axis must have size in_features={lr.shape[1]}, got input shape "
             f"{x.shape}."
         )
-    y = lowrank_map(lr, x, DensePhi(_hashable(precision)))
+    y = lowrank_map(lr, x, DensePhi(hashable(precision)))
     return y if bias is None else y + bias
 
 
@@ -276,7 +286,7 @@ class ConvPhi:
             _padding(padding, k),
             _as_tuple(input_dilation, k, "input_dilation"),
             _as_tuple(kernel_dilation, k, "kernel_dilation"),
-            _hashable(precision),
+            hashable(precision),
         )
 
     @classmethod
@@ -311,7 +321,7 @@ class ConvPhi:
 
 def conv(lr: LowRank, bias, x, phi: ConvPhi, *, dtype: Any = None) -> jax.Array:
     """The low-rank convolution ``phi(x, V) S^T U^T + b`` (any number of batch axes)."""
-    x, lr, bias = _promote(x, lr, bias, dtype)
+    x, lr, bias = promote(x, lr, bias, dtype)
     k = len(phi.kernel_size)
     in_features = lr.shape[1] // int(np.prod(phi.kernel_size))
     if x.ndim < k + 1 or x.shape[-1] != in_features:

@@ -78,11 +78,10 @@ import optax
 from flax import nnx
 
 from dlrt_jax import _layers
-from dlrt_jax import nnx as _dnnx
 from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
 from dlrt_jax._factors import LowRank, _check_int, default_capacity  # the core-to-adapter seam
 from dlrt_jax._transforms import parallel_bug
-from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam
+from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam, layer_predicate
 from dlrt_jax.transformer import NotConvertible, matricise, not_a_matrix_reason
 
 __all__ = [
@@ -400,7 +399,7 @@ def to_adapters(
     """
     if not isinstance(report, bool) or not isinstance(freeze, bool):
         raise TypeError("`report` and `freeze` must be bools.")
-    predicate = _dnnx._to_predicate(filter)  # the filter language of to_low_rank
+    predicate = layer_predicate(filter)  # the filter language of to_low_rank
     rngs = nnx.Rngs(0) if rngs is None else rngs
     records: list[LayerConversion] = []
     per_layer = _PerLayer(rank=rank, capacity=capacity)

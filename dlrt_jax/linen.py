@@ -25,8 +25,6 @@ from dlrt_jax._factors import LowRank
 
 __all__ = ["LowRankConv", "LowRankDense"]
 
-_ZEROS = nn.initializers.zeros_init()
-
 
 def _params(module: nn.Module, kernel_shape: tuple[int, ...]) -> tuple[LowRank, jax.Array | None]:
     """The ``kernel`` factor and the ``bias`` of a layer whose dense kernel is ``kernel_shape``."""
@@ -94,7 +92,7 @@ class LowRankDense(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     kernel_init: Any = None
-    bias_init: Callable = _ZEROS
+    bias_init: Callable = _layers.zeros_init
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -145,7 +143,7 @@ class LowRankConv(nn.Module):
     param_dtype: Any = jnp.float32
     precision: Any = None
     kernel_init: Any = None
-    bias_init: Callable = _ZEROS
+    bias_init: Callable = _layers.zeros_init
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:

@@ -17,7 +17,9 @@ projected gradients ``G V``, ``U^T G V``, ``G^T U`` of the matricised ``G = dL/d
   kernel axis is either contracted with the input or kept in the output).
 * :func:`matricise` says whether and how a layer is a matrix (or why not):
   :func:`dlrt_jax.nnx.to_low_rank` uses it to convert these layers and to name the layers it
-  leaves alone, and :mod:`dlrt_jax.adapters` to put adapters on them.
+  leaves alone, and :mod:`dlrt_jax.adapters` to put adapters on them. This module registers its
+  converter with :func:`dlrt_jax.nnx.register_converter` when imported (``dlrt_jax.nnx``
+  imports it); it imports the NNX implementation modules, never :mod:`dlrt_jax.nnx` itself.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ import numpy as np
 from flax import nnx
 
 from dlrt_jax import _layers
-from dlrt_jax import nnx as _dnnx
 from dlrt_jax._factors import LowRank, lowrank_map
-from dlrt_jax.nnx import LowRankParam
+from dlrt_jax._nnx.conversion import ConversionRequest, register_converter
+from dlrt_jax._nnx.layers import ConvertedLayer, Fit, LowRankLayer, fit_rank
 
 __all__ = [
     "LowRankEinsum",
@@ -50,16 +52,6 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class _MatmulPhi:
-    """``phi(x, V) = x @ V`` at a matmul precision (hashable, equal by value)."""
-
-    precision: Any = None
-
-    def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
-        return jnp.matmul(x, V, precision=self.precision)
-
-
-@dataclasses.dataclass(frozen=True)
 class _EinsumPhi:
     """``phi(x, V) = einsum(lhs, x, V reshaped to (*contracted dims, c))`` (hashable)."""
 
@@ -70,12 +62,6 @@ class _EinsumPhi:
     def __call__(self, x: jax.Array, V: jax.Array) -> jax.Array:
         kernel = V.reshape(*self.contracted_dims, V.shape[-1])
         return jnp.einsum(self.equation, x, kernel, precision=self.precision)
-
-
-def _hashable(x: Any) -> Any:
-    if isinstance(x, list | tuple):
-        return tuple(_hashable(a) for a in x)
-    return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +132,10 @@ class Matricisation:
     def apply(self, factor: LowRank, x: jax.Array, precision: Any = None) -> jax.Array:
         """``x`` times ``W^T`` in the layer's layout, ``W = U S V^T`` (no bias)."""
         if self.kind == "einsum":
-            phi = _EinsumPhi(self.phi_equation, self.contracted_dims, _hashable(precision))
+            phi = _EinsumPhi(self.phi_equation, self.contracted_dims, _layers.hashable(precision))
             y = lowrank_map(factor, x, phi)
             return self._unflatten_einsum(y)
-        y = lowrank_map(factor, self._flatten(x), _MatmulPhi(_hashable(precision)))
+        y = lowrank_map(factor, self._flatten(x), _layers.DensePhi(_layers.hashable(precision)))
         return y.reshape(*y.shape[:-1], *self.out_features)
 
     def apply_dense(self, W: jax.Array, x: jax.Array, precision: Any = None) -> jax.Array:
@@ -356,45 +342,33 @@ def matricise(layer: Any) -> Matricisation:
 # ---- layers --------------------------------------------------------------------------------------
 
 
-def _init_factor(kernel_init, key, mat: Matricisation, rank, capacity, param_dtype) -> LowRank:
-    """The layers' initialiser (:func:`dlrt_jax._layers.init_factor`) on the matricised kernel.
+def _matricised_init(kernel_init: Any, mat: Matricisation) -> Any:
+    """``kernel_init`` for :meth:`~dlrt_jax.nnx.LowRankLayer._init_params` on the matrix ``W^T``
+    (``m x n``): a callable is called with the general kernel shape and its result matricised;
+    ``None``, a scale or an invalid value pass through (the shared init checks them)."""
+    if not callable(kernel_init):
+        return kernel_init
 
-    A callable ``kernel_init`` is called with the general kernel shape and its result matricised.
-    """
-    _layers.check_kernel_init(kernel_init)
-    init = kernel_init
-    if callable(kernel_init):
+    def init(key, _shape, dtype):
+        out = kernel_init(key, mat.kernel_shape, dtype)
+        if isinstance(out, LowRank):
+            return out
+        out = jnp.asarray(out)
+        if out.shape != mat.kernel_shape:
+            raise ValueError(
+                f"`kernel_init` returned an array of shape {out.shape}; expected the dense "
+                f"kernel shape {mat.kernel_shape} (or a LowRank)."
+            )
+        return mat.to_matrix(out).T
 
-        def init(key, _shape, dtype):
-            out = kernel_init(key, mat.kernel_shape, dtype)
-            if isinstance(out, LowRank):
-                return out
-            out = jnp.asarray(out)
-            if out.shape != mat.kernel_shape:
-                raise ValueError(
-                    f"`kernel_init` returned an array of shape {out.shape}; expected the dense "
-                    f"kernel shape {mat.kernel_shape} (or a LowRank)."
-                )
-            return mat.to_matrix(out).T
-
-    return _layers.init_factor(init, key, (mat.m, mat.n), rank, capacity, param_dtype)
-
-
-def _promote(x, lr, bias, dtype):
-    x = jnp.asarray(x)
-    if dtype is None:
-        dtype = jnp.result_type(x.dtype, lr.dtype, *(() if bias is None else (bias.dtype,)))
-    return x.astype(dtype), _layers.cast(lr, dtype), None if bias is None else bias.astype(dtype)
+    return init
 
 
 def _constrain(y: jax.Array, out_sharding: Any) -> jax.Array:
     return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)
 
 
-_ZEROS = nnx.initializers.zeros_init()
-
-
-class LowRankLinearGeneral(_dnnx._LowRankLayer):
+class LowRankLinearGeneral(LowRankLayer):
     r"""A low-rank drop-in for ``nnx.LinearGeneral`` (without ``batch_axis``).
 
     The kernel ``(*in_features, *out_features)`` is the matrix ``W^T`` reshaped, ``W`` being
@@ -450,20 +424,20 @@ class LowRankLinearGeneral(_dnnx._LowRankLayer):
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         kernel_init: Any = None,
-        bias_init: Callable = _ZEROS,
+        bias_init: Callable = _layers.zeros_init,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
         mat = _axes_matricisation(in_features, out_features, axis)
-        rank, capacity = _layers.rank_capacity(rank, capacity, mat.shape, "LowRankLinearGeneral")
-        self.kernel = LowRankParam(
-            _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
+        self._init_params(
+            (mat.m, mat.n),
+            rank,
+            capacity,
+            _matricised_init(kernel_init, mat),
+            mat.out_features if use_bias else None,
+            bias_init,
+            param_dtype,
+            rngs,
         )
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), mat.out_features, param_dtype))
-        else:
-            self.bias = nnx.data(None)
         self.in_features = mat.in_features
         self.out_features = mat.out_features
         self.axis = mat.axis
@@ -480,9 +454,23 @@ class LowRankLinearGeneral(_dnnx._LowRankLayer):
         applied to the output as a sharding constraint.
         """
         bias = self.bias[...] if self.bias is not None else None
-        x, lr, bias = _promote(inputs, self.factor, bias, self.dtype)
+        x, lr, bias = _layers.promote(inputs, self.factor, bias, self.dtype)
         y = self.matricisation.apply(lr, x, self.precision)
         return _constrain(y if bias is None else y + bias, out_sharding)
+
+    def as_dense_layer(self) -> nnx.LinearGeneral:
+        """The ``nnx.LinearGeneral`` with the kernel of ``W = U S V^T`` (formed) and this layer's
+        bias and configuration: it computes what this layer computes."""
+        return nnx.LinearGeneral(
+            self.in_features,
+            self.out_features,
+            axis=self.axis,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            **self._dense_init(self.matricisation.to_kernel),
+        )
 
     @classmethod
     def from_linear_general(
@@ -514,7 +502,7 @@ class LowRankLinearGeneral(_dnnx._LowRankLayer):
         return _from_layer(layer, rank, tol, capacity, "from_linear_general", cls=cls)[0]
 
 
-class LowRankEinsum(_dnnx._LowRankLayer):
+class LowRankEinsum(LowRankLayer):
     r"""A low-rank drop-in for an ``nnx.Einsum`` whose equation is a matrix product.
 
     The kernel's axes split into *contracted* ones (also in the input) and *kept* ones (in the
@@ -562,24 +550,24 @@ class LowRankEinsum(_dnnx._LowRankLayer):
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         kernel_init: Any = None,
-        bias_init: Callable = _ZEROS,
+        bias_init: Callable = _layers.zeros_init,
         rngs: nnx.Rngs,
     ):
-        if not isinstance(rngs, nnx.Rngs):
-            raise TypeError(f"`rngs` must be an nnx.Rngs, got {type(rngs).__name__}.")
         if not isinstance(einsum_str, str):
             raise TypeError(f"`einsum_str` must be a string, got {type(einsum_str).__name__}.")
         einsum_str = einsum_str.replace(" ", "")
         kernel_shape = tuple(int(d) for d in kernel_shape)
         mat = _einsum_matricisation(einsum_str, kernel_shape)
-        rank, capacity = _layers.rank_capacity(rank, capacity, mat.shape, "LowRankEinsum")
-        self.kernel = LowRankParam(
-            _init_factor(kernel_init, rngs.params(), mat, rank, capacity, param_dtype)
+        self._init_params(
+            (mat.m, mat.n),
+            rank,
+            capacity,
+            _matricised_init(kernel_init, mat),
+            None if bias_shape is None else tuple(bias_shape),
+            bias_init,
+            param_dtype,
+            rngs,
         )
-        if bias_shape is not None:
-            self.bias = nnx.Param(bias_init(rngs.params(), tuple(bias_shape), param_dtype))
-        else:
-            self.bias = nnx.data(None)
         self.einsum_str = einsum_str
         self.kernel_shape = kernel_shape
         self.bias_shape = None if bias_shape is None else tuple(bias_shape)
@@ -599,11 +587,24 @@ class LowRankEinsum(_dnnx._LowRankLayer):
                 f"{einsum_str!r} at call time."
             )
         bias = self.bias[...] if self.bias is not None else None
-        x, lr, bias = _promote(inputs, self.factor, bias, self.dtype)
+        x, lr, bias = _layers.promote(inputs, self.factor, bias, self.dtype)
         y = self.matricisation.apply(lr, x, self.precision)
         if bias is not None:
             y = y + bias.reshape(self.matricisation.bias_shape(y.ndim))
         return _constrain(y, out_sharding)
+
+    def as_dense_layer(self) -> nnx.Einsum:
+        """The ``nnx.Einsum`` with the kernel of ``W = U S V^T`` (formed) and this layer's bias
+        and equation: it computes what this layer computes."""
+        return nnx.Einsum(
+            self.einsum_str,
+            self.kernel_shape,
+            self.bias_shape,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            **self._dense_init(self.matricisation.to_kernel),
+        )
 
     @classmethod
     def from_einsum(
@@ -665,42 +666,24 @@ def _from_layer(layer: Any, rank, tol, capacity, where: str, cls: type | None = 
     (one SVD picks the rank, one builds the factor)."""
     mat = matricise(layer)
     W = mat.to_matrix(layer.kernel[...])
-    fit = _dnnx._fit_rank(W, rank, tol, capacity, where)
+    fit = fit_rank(W, rank, tol, capacity, where)
     return _low_rank_layer(layer, fit, W, cls=cls), fit, mat.shape
 
 
-def convert(
-    layer: Any, *, rank=None, tol=None, capacity=None, init="svd", rngs=None, where: str = ""
-) -> tuple[Any, tuple[int, int], int, int, float | None]:
-    """A low-rank replacement of an ``nnx.LinearGeneral`` / ``nnx.Einsum`` for ``to_low_rank``.
+def _convert(layer: Any, request: ConversionRequest) -> ConvertedLayer:
+    """The converter of ``nnx.LinearGeneral`` / ``nnx.Einsum`` for ``dlrt_jax.nnx.to_low_rank``.
 
-    Returns ``(new_layer, (n, m), rank, capacity, rel_error)`` (``rel_error`` ``None`` for
-    ``init='random'``). Raises :class:`NotConvertible` with the reason for a layer that is not one
-    matrix product.
+    Raises :class:`NotConvertible` with the reason for a layer that is not one matrix product.
     """
-    if init == "svd":
-        new, fit, shape = _from_layer(layer, rank, tol, capacity, where)
-        return new, shape, fit.rank, fit.capacity, fit.rel_error
+    if request.init == "svd":
+        new, fit, shape = _from_layer(
+            layer, request.rank, request.tol, request.capacity, request.where
+        )
+        return ConvertedLayer(new, shape, *fit)
     shape = matricise(layer).shape
-    r, c = _layers.rank_capacity(rank, capacity, shape, where)
-    return _low_rank_layer(layer, _dnnx._Fit(r, c, None), rngs=rngs), shape, r, c, None
+    fit = Fit(*_layers.rank_capacity(request.rank, request.capacity, shape, request.where), None)
+    return ConvertedLayer(_low_rank_layer(layer, fit, rngs=request.rngs), shape, *fit)
 
 
-def _to_low_rank_converter(node: Any, request: Any, where: str) -> Any:
-    """``dlrt_jax.nnx.to_low_rank``'s converter of ``nnx.LinearGeneral`` / ``nnx.Einsum``."""
-    new, shape, r, c, err = convert(
-        node,
-        rank=request.rank,
-        tol=request.tol,
-        capacity=request.capacity,
-        init=request.init,
-        rngs=request.rngs,
-        where=where,
-    )
-    return _dnnx._Converted(new, shape, _dnnx._Fit(r, c, err))
-
-
-# dlrt_jax.nnx imports this module at its end; its converter table (by layer type) gets the
-# general linear layers here, whichever of the two modules is imported first
 for _type in (nnx.LinearGeneral, nnx.Einsum):
-    _dnnx._CONVERTERS.setdefault(_type, _to_low_rank_converter)
+    register_converter(_type, _convert)

@@ -27,6 +27,7 @@ from dlrt_jax.nnx import (
     apply_capacity_policy,
     fit_capacity,
     make_grad_fn,
+    to_dense,
     to_low_rank,
     train_step,
 )
@@ -595,7 +596,8 @@ def test_to_low_rank_tol_is_honoured_beyond_half_the_smaller_dimension():
     sigma = np.linalg.svd(W, compute_uv=False)
     tails = np.append(np.sqrt(np.cumsum(sigma[::-1] ** 2)[::-1]), 0.0) / np.linalg.norm(W)
     tol = 0.5 * (tails[4] + tails[5])  # needs rank 5 > floor(6 / 2) = 3
-    new, summary = to_low_rank(model, filter="fc1", tol=tol, report=True)
+    with pytest.warns(UserWarning, match=r"cannot train 'fc1' \(6 x 6: capacity 5 > 3\)"):
+        new, summary = to_low_rank(model, filter="fc1", tol=tol, report=True)
     (rec,) = summary.converted
     assert rec.rank == int(new.fc1.rank) == 5 and rec.capacity == new.fc1.capacity == 5
     assert "fixed-rank integrators only" in rec.note
@@ -949,3 +951,216 @@ def test_plain_nnx_optimizer_holds_the_dlrt_state_like_dlrt_optimizer(name):
         nnx.as_pure(nnx.state(plain_model)), nnx.as_pure(nnx.state(alias_model)), atol=1e-5
     )
     chex.assert_trees_all_close(state, nnx.as_pure(alias.opt_state), atol=1e-5)
+
+
+# ---- conversion safety and per-layer settings (issue 17) -----------------------------------------
+
+
+def _stack(rngs):
+    return nnx.Sequential(
+        nnx.Linear(8, 16, rngs=rngs), nnx.relu, nnx.Linear(16, 12, rngs=rngs), nnx.relu,
+        nnx.Linear(12, 4, rngs=rngs),
+    )  # fmt: skip
+
+
+def test_to_low_rank_never_touches_adapters_or_frozen_layers():
+    """issue 17, problem 1: to_adapters then to_low_rank unfroze and truncated the base layers."""
+    from dlrt_jax.adapters import FrozenParam, to_adapters
+
+    model, x = _stack(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (5, 8))
+    adapted = to_adapters(model, filter="layers/0", rank=2, freeze=False)
+    lora = adapted.layers[0].lora
+    lora[...] = lora[...].replace(S=jnp.diag(jnp.arange(1.0, 1.0 + lora.capacity)))  # trained
+    before = adapted(x)
+    with pytest.warns(UserWarning, match="cannot train 'layers/2'"):  # full rank: exact
+        low, summary = to_low_rank(adapted, rank={"2": 12, "4": 4}, report=True)
+    np.testing.assert_allclose(low(x), before, atol=1e-5)  # was changed by ~80 %
+    assert type(low.layers[0].base) is nnx.Linear
+    assert type(low.layers[0].base.kernel) is FrozenParam  # still frozen
+    assert [r.path for r in summary.converted] == ["layers/2", "layers/4"]
+    notes = {r.path: r.note for r in summary.skipped}
+    assert notes.keys() == {"layers/0/base", "layers/0"}
+    assert "inside the adapter at 'layers/0'" in notes["layers/0/base"]
+    assert "an adapter" in notes["layers/0"]
+    # frozen layers outside adapters are skipped too; with nothing left, the error lists them
+    frozen = to_adapters(model, filter="layers/0", rank=2)  # freeze=True
+    with pytest.raises(ValueError, match=r"(?s)matched no convertible layer.*layers/2 .*frozen "
+                       r"\(its kernel is a FrozenParam, not an nnx.Param\)"):  # fmt: skip
+        to_low_rank(frozen, rank=2)
+    with pytest.raises(ValueError, match="matched no convertible layer"):
+        to_low_rank(frozen, filter=FrozenParam, rank=2)  # even when asked for by type
+
+
+def test_to_low_rank_per_layer_rank_and_capacity_by_path_pattern():
+    """issue 17, problem 6: rank and capacity could not be set per layer."""
+    model = _Net(nnx.Rngs(0))
+    low, summary = to_low_rank(
+        model,
+        filter=nnx.Linear,
+        rank={"block/fc2": 1, "fc.": 2, "head": 3},  # the first matching pattern wins
+        capacity={"fc2": 2},
+        report=True,
+    )
+    got = {r.path: (r.rank, r.capacity) for r in summary.converted}
+    assert got == {"fc1": (2, 3), "block/fc2": (1, 2), "head": (3, 3)}
+    assert (int(low.block.fc2.rank), low.block.fc2.capacity) == (1, 2)
+    # layers no pattern matches get the default: `tol` with a rank mapping, else the capacity
+    low = to_low_rank(model, filter=nnx.Linear, rank={"head": 1}, tol=0.0)
+    assert int(low.head.rank) == 1 and int(low.fc1.rank) == 6
+    low = to_low_rank(model, filter=nnx.Linear, rank={"head": 1}, capacity={"head": 2})
+    assert int(low.fc1.rank) == low.fc1.capacity == 3 and low.head.capacity == 2
+    # a pattern matches whole path elements, and one that matches nothing raises
+    with pytest.raises(ValueError, match=r"`rank` pattern\(s\) \['c1'\] match no converted"):
+        to_low_rank(model, filter=nnx.Linear, rank={"c1": 2, "fc1": 2})
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        to_low_rank(model, capacity={"fc[": 2})
+    with pytest.raises(TypeError, match=r"path patterns \(str\) as keys"):
+        to_low_rank(model, rank={1: 2})
+    with pytest.raises(ValueError, match=r"'head'.*rank"):  # values checked per layer, with path
+        to_low_rank(model, filter=nnx.Linear, rank={"head": 5})
+
+
+def test_to_low_rank_warns_for_layers_the_rank_adaptive_integrators_cannot_train():
+    """issue 17, problem 6: such a layer was flagged at INFO level only."""
+    model = _Net(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"cannot train 'fc1' \(6 x 6: capacity 4 > 3\)") as w:
+        to_low_rank(model, filter="fc1|head", rank=2, capacity={"fc1": 4})
+    assert "'head'" not in str(w[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        to_low_rank(model, filter="fc1|head", rank=2, capacity=2)
+
+
+# ---- the NNX path end to end: to_dense, export, checkpoints (issue 17, problem 5) ----------------
+
+
+def test_to_dense_turns_low_rank_layers_back_into_nnx_linear_and_conv():
+    model = to_low_rank(_Net(nnx.Rngs(0)), filter="conv|fc1|head", rank=2)
+    model.block.fc2 = LowRankLinear(6, 6, rank=2, bias_init=_normal_init(), rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 5, 5, 3))
+    dense = to_dense(model)
+    assert _kinds(dense) == {
+        "conv": "Conv", "fc1": "Linear", "fc2": "Linear", "head": "Linear", "norm": "LayerNorm"
+    }  # fmt: skip
+    assert _kinds(model)["fc1"] == "LowRankLinear"  # not modified
+    np.testing.assert_allclose(dense(x), model(x), atol=1e-5)
+    W = np.asarray(model.block.fc2.factor.to_dense())
+    np.testing.assert_allclose(dense.block.fc2.kernel[...], W.T, atol=1e-6)
+    np.testing.assert_allclose(dense.block.fc2.bias[...], model.block.fc2.bias[...])
+    assert dense.conv.kernel.shape == (3, 3, 3, 6)
+    assert nnx.state(dense, LowRankParam) == nnx.State({})
+
+
+def _exportable(rngs, capacity=3):
+    return nnx.Sequential(
+        LowRankLinear(6, 8, rank=capacity, capacity=capacity, bias_init=_normal_init(), rngs=rngs),
+        nnx.LayerNorm(8, rngs=rngs),
+        LowRankLinear(8, 8, rank=capacity, capacity=capacity, rngs=rngs),
+        nnx.Linear(8, 2, rngs=rngs),
+    )
+
+
+def test_export_low_rank_writes_the_active_rank_and_loads_into_a_fresh_model(tmp_path):
+    from safetensors.numpy import load_file
+
+    from dlrt_jax.nnx import export_low_rank, load_low_rank
+
+    model = _exportable(nnx.Rngs(0))
+    k = model.layers[0].kernel
+    k[...] = k[...].replace(rank=2)  # as after rank-adaptive training: rank 2 of capacity 3
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    description = export_low_rank(model, tmp_path)
+    assert description["factors"]["layers/0/kernel"] == {
+        "shape": [8, 6], "rank": 2, "capacity": 3, "dtype": "float32"
+    }  # fmt: skip
+    tensors = load_file(tmp_path / "low_rank.safetensors")
+    assert tensors["layers/0/kernel.U"].shape == (8, 2) and tensors["layers/0/kernel.S"].shape == (
+        2,
+        2,
+    )
+    assert tensors["layers/0/kernel.V"].shape == (6, 2) and "layers/3/kernel" in tensors
+    assert set(description["arrays"]) == {
+        "layers/0/bias", "layers/1/bias", "layers/1/scale", "layers/2/bias", "layers/3/bias",
+        "layers/3/kernel",
+    }  # fmt: skip
+    fresh = _exportable(nnx.Rngs(5), capacity=4)  # other weights, a larger capacity
+    assert load_low_rank(fresh, tmp_path) is fresh
+    np.testing.assert_allclose(fresh(x), model(x), atol=1e-5)
+    assert int(fresh.layers[0].rank) == 2 and fresh.layers[0].capacity == 4
+    small = _exportable(nnx.Rngs(5), capacity=1)  # the capacity grows to the exported rank
+    np.testing.assert_allclose(load_low_rank(small, tmp_path)(x), model(x), atol=1e-5)
+    other = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"(?s)does not match.*layers/0/kernel: a low-rank factor"):
+        load_low_rank(other, tmp_path)
+
+
+def test_export_low_rank_names_the_install_line_without_safetensors(tmp_path, monkeypatch):
+    import sys
+
+    from dlrt_jax.nnx import export_low_rank
+
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    with pytest.raises(ImportError, match=r'pip install "dlrt-jax\[peft\]"'):
+        export_low_rank(_exportable(nnx.Rngs(0)), tmp_path)
+
+
+def test_checkpoint_restores_into_a_fresh_model_across_a_capacity_change(tmp_path):
+    from dlrt_jax.nnx import restore_checkpoint, save_checkpoint
+
+    def build():
+        model = _MLP(nnx.Rngs(0), rank=2, capacity=8)
+        return model, nnx.Optimizer(model, dlrt_jax.bug(optax.adam(1e-2), tau=0.2), wrt=nnx.Param)
+
+    x = jax.random.normal(jax.random.key(1), (16, 16))
+    batch = (x, jnp.sin(x[:, :4]))
+    loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)
+    policy = dlrt_jax.CapacityPolicy(every=2, headroom=1.0, min_free=2, multiple=2)
+    model, optimizer = build()
+    for step in range(1, 5):
+        train_step(model, optimizer, loss_fn, batch)
+        apply_capacity_policy(policy, step, model, optimizer)
+    assert model.l1.capacity < 8  # the policy changed the capacities
+    save_checkpoint(tmp_path, 4, model, optimizer, metadata={"tau": 0.2})
+    fresh, fresh_optimizer = build()
+    assert restore_checkpoint(tmp_path, fresh, fresh_optimizer, metadata={"tau": 0.2}) == 4
+    assert (fresh.l1.capacity, fresh.l2.capacity) == (model.l1.capacity, model.l2.capacity)
+    chex.assert_trees_all_equal(nnx.as_pure(nnx.state(fresh)), nnx.as_pure(nnx.state(model)))
+    chex.assert_trees_all_equal(
+        nnx.as_pure(nnx.state(fresh_optimizer)), nnx.as_pure(nnx.state(optimizer))
+    )
+    # training continues identically from the restored pair
+    np.testing.assert_array_equal(
+        train_step(fresh, fresh_optimizer, loss_fn, batch),
+        train_step(model, optimizer, loss_fn, batch),
+    )
+    chex.assert_trees_all_equal(nnx.as_pure(nnx.state(fresh)), nnx.as_pure(nnx.state(model)))
+    with pytest.raises(ValueError, match=r"metadata\['tau'\]"):
+        restore_checkpoint(tmp_path, *build(), metadata={"tau": 0.3})
+
+
+def test_register_converter_adds_a_layer_type_and_a_subclass_may_have_its_own():
+    """issue 17: transformer wrote into nnx's private _CONVERTERS; the registry is public now."""
+    from dlrt_jax.nnx import ConvertedLayer, register_converter
+
+    class Scaled(nnx.Linear):  # a subclass: nnx.Linear's converter refuses it
+        pass
+
+    model = nnx.Sequential(Scaled(6, 6, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="subclass Scaled"):
+        to_low_rank(model, rank=2)
+    requests = []
+
+    def convert(layer, request):
+        requests.append(request)
+        new = LowRankLinear(6, 6, rank=request.rank, rngs=nnx.Rngs(1))
+        return ConvertedLayer(new, (6, 6), request.rank, new.capacity, None)
+
+    assert register_converter(Scaled, convert) is convert
+    low, summary = to_low_rank(model, rank={"0": 2}, report=True)
+    assert type(low.layers[0]) is LowRankLinear and int(low.layers[0].rank) == 2
+    assert requests[0].where == "to_low_rank at 'layers/0'" and requests[0].init == "svd"
+    assert summary.converted[0].rank == 2
+    with pytest.raises(TypeError, match="must be a class"):
+        register_converter("Scaled", convert)
+    with pytest.raises(TypeError, match="must be callable"):
+        register_converter(Scaled, None)

@@ -200,3 +200,24 @@ def _ranks(model):
         for path, node in nnx.iter_graph(model)
         if isinstance(node, LowRankLinearGeneral | dlrt_jax.nnx.LowRankLinear)
     }
+
+
+def test_to_dense_turns_the_block_back_into_flax_layers():
+    """issue 17, problem 5: nothing turned a trained low-rank model back into Flax layers."""
+    from dlrt_jax.nnx import to_dense
+
+    model = Block(nnx.Rngs(0))
+    low = to_low_rank(model, rank=3)
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    dense = to_dense(low)
+    for name in ("query", "key", "value", "out"):
+        assert type(getattr(low.attn, name)) is LowRankLinearGeneral
+        assert type(getattr(dense.attn, name)) is nnx.LinearGeneral
+    assert type(dense.fc1) is nnx.Linear
+    np.testing.assert_allclose(dense(tokens), low(tokens), atol=1e-5)
+    einsum = LowRankEinsum("btd,ndh->btnh", (2, 16, 8), (2, 8), rank=3, rngs=nnx.Rngs(2))
+    einsum.bias[...] = jax.random.normal(jax.random.key(3), (2, 8))
+    x = jax.random.normal(jax.random.key(4), (3, 5, 16))
+    back = einsum.as_dense_layer()
+    assert type(back) is nnx.Einsum and back.kernel.shape == (2, 16, 8)
+    np.testing.assert_allclose(back(x), einsum(x), atol=1e-5)
