@@ -330,18 +330,22 @@ def _parallel_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     # it cannot drift (folded into the small factors, never formed)
     Ub, LUinv = orthonormal_basis(x.U)
     Vb, LVinv = orthonormal_basis(x.V)
-    Q = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # U^ = [Uc | Q]
-    P = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)  # V^ = [Vc | P]
+    U_tilde = orth_complement(Ub, LUinv, dK.astype(x.dtype), m)  # U^ = [Uc | U~]
+    V_tilde = orth_complement(Vb, LVinv, dL.astype(x.dtype), m)  # V^ = [Vc | V~]
+    # S^ = [[S_, L1^T V~], [U~^T K1, 0]] in the basis of all c columns: U~^T K1 = U~^T dK and
+    # L1^T V~ = (V~^T dL)^T (U~ is orthogonal to U0), and the top-left block also takes the
+    # steps dK, dL into the inactive columns of U, V: S_ + U_in^T dK + (V_in^T dL)^T
     inactive = ~m
-    top = S_ + mask_block(Q.UcD, inactive, m) + mask_block(P.UcD, inactive, m).T
-    Sh = jnp.block([[top, P.QD.T], [Q.QD, jnp.zeros_like(Q.QD)]])
+    Ut_K1, Vt_L1 = U_tilde.QD, V_tilde.QD
+    S_top = S_ + mask_block(U_tilde.UcD, inactive, m) + mask_block(V_tilde.UcD, inactive, m).T
+    S_hat = jnp.block([[S_top, Vt_L1.T], [Ut_K1, jnp.zeros_like(Ut_K1)]])
     m2 = column_mask(2 * c, c + x.rank)
-    Sh = mask_block(Sh, m2, m2)
-    Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank, 2 * x.rank)
+    S_hat = mask_block(S_hat, m2, m2)
+    Pu, S1, Pvt, r1 = _svd_truncate(cfg, S_hat, c, x.rank, 2 * x.rank)
     Pu, Pv = Pu[:, :c], Pvt[:c, :].T
-    new = LowRank._unchecked(
-        Q.basis_times(Ub, LUinv, Pu), S1, P.basis_times(Vb, LVinv, Pv), r1.astype(jnp.float32)
-    )
+    U1 = U_tilde.basis_times(Ub, LUinv, Pu)  # U^ Pu
+    V1 = V_tilde.basis_times(Vb, LVinv, Pv)  # V^ Pv
+    new = LowRank._unchecked(U1, S1, V1, r1.astype(jnp.float32))
     # M = U1^T U0 = Pu[:c, :c]^T (U^T U0) with U^T U0 = [diag(m); 0]; N likewise.
     m1 = column_mask(c, r1)
     M = mask_block(Pu[:c].T, m1, m)
