@@ -324,8 +324,8 @@ def make_adapter(pretrained: nnx.Module, args, opts: dict, steps: int):
     )  # fmt: skip
     lr = schedule(args.lr_adapter, steps)
     if opts["rule"] == "tau":
-        tx = adapters.geolora(lr, tau=args.tau_adapter)
-        extra = {"tau": args.tau_adapter}
+        tx = adapters.geolora(lr, tau=args.tau_adapter, augment_every=args.adapter_cycle)
+        extra = {"tau": args.tau_adapter, "augment_every": args.adapter_cycle}
     elif opts["rule"] == "fixed":
         tx = adapters.geolora(lr, tau=None)  # parallel_bug truncating back to the rank
         extra = {"tau": None}
@@ -570,6 +570,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr-adapter", type=float, default=1e-2, help="LoRA / adapter Adam lr")
     p.add_argument("--tau-scratch", type=float, default=0.1, help="relative tau, from scratch")
     p.add_argument("--tau-adapter", type=float, default=0.1, help="relative tau, adapters")
+    p.add_argument(
+        "--adapter-cycle", type=int, default=1, help="augment_every of the adapter_tau rows"
+    )
     p.add_argument("--budget", type=int, help="adapter parameter budget (default: LoRA r=4's)")
     p.add_argument("--adapter-rank", type=int, default=8, help="adapters' initial rank and r")
     p.add_argument("--capacity", type=int, help="adapters' capacity, their largest rank")
