@@ -158,6 +158,7 @@ def near_identity_inverse_cholesky(gram: jax.Array, steps: int = 3) -> tuple[jax
     return Linv, ok
 
 
+@jax.jit
 def orthonormal_basis(U: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(B, Linv)`` with ``B Linv^T`` orthonormal and spanning ``span(U)``; not formed.
 
@@ -231,6 +232,7 @@ class Complement(NamedTuple):
         return U @ (Linv.T @ P[:c] + self.F @ P[c:]) + self.B @ (self.G @ P[c:])
 
 
+@jax.jit
 def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array) -> Complement:
     """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``, whose
     leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask``: the leading ``r``).
