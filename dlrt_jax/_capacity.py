@@ -25,7 +25,7 @@ from dlrt_jax._factors import (
 )
 from dlrt_jax._integrators import FactorState
 from dlrt_jax._linalg import full_precision
-from dlrt_jax._transforms import DLRTState
+from dlrt_jax._transforms import DLRTState, check
 
 __all__ = ["CapacityPolicy", "fit_capacity", "resize_capacity"]
 
@@ -299,10 +299,14 @@ class CapacityPolicy:
         """After training step ``step`` (1-based): ``(params, opt_state, resized)``.
 
         Reads the ranks only when ``step`` is a multiple of ``every``; resizes every factor to its
-        target when any factor needs it (all at once: one recompile instead of several).
+        target when any factor needs it (all at once: one recompile instead of several). At a
+        check it also runs :func:`dlrt_jax.check` on ``opt_state``: a fault that a jitted step
+        recorded (non-finite factors, a transform after DLRT in the chain) raises here.
         """
         if step % self.every:
             return params, opt_state, False
+        if opt_state is not None:  # the host syncs here anyway: report a fault the step recorded
+            check(opt_state, params)
         factors = [
             x for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank) if is_lowrank(x)
         ]

@@ -50,14 +50,24 @@ class FactorState(NamedTuple):
 
 
 class Config(NamedTuple):
-    """Static configuration shared by the phases."""
+    """Configuration shared by the phases of one step.
+
+    Attributes:
+        tx: the inner optimiser of every substep.
+        tau: truncation tolerance; ``None`` keeps every rank fixed.
+        absolute: ``tau`` is absolute rather than relative to ``||sigma||_2``.
+        min_rank, max_rank: the clamp of a truncated rank (``max_rank`` ``None``: the capacity).
+        truncate: whether this step truncates by ``tau`` (a Python bool, or a traced bool that the
+            step schedule computes). A step that does not truncate keeps the whole augmented
+            rank (``2r``, at most the capacity): new directions are kept to be judged later.
+    """
 
     tx: optax.GradientTransformation
-    tau: Any  # None: fixed rank
+    tau: Any
     absolute: bool
     min_rank: Any
     max_rank: Any
-    truncate_every: Any = 1  # truncate with `tau` every k-th step; keep up to capacity between
+    truncate: Any = True
 
 
 class Carry(NamedTuple):
@@ -162,21 +172,28 @@ def _kl_steps(cfg: Config, x: LowRank, st: FactorState, g: LowRank):
     return mask_cols(K1, m), mask_cols(L1, m), st._replace(K=st_k, L=st_l)
 
 
-def _svd_truncate(cfg: Config, Sh, capacity: int, rank):
-    """``Sh = P diag(sigma) Qt``, the new rank ``r1`` and ``S1 = diag(sigma[:r1])`` (c x c)."""
+def _svd_truncate(cfg: Config, Sh, capacity: int, rank, augmented_rank=None):
+    """``Sh = P diag(sigma) Qt``, the new rank ``r1`` and ``S1 = diag(sigma[:r1])`` (c x c).
+
+    ``r1`` is ``rank`` at a fixed rank (``tau=None``); else the truncation rank of ``sigma`` where
+    ``cfg.truncate`` holds and ``augmented_rank`` where it does not (nothing is cut), both clamped
+    to ``[min_rank, max_rank]`` and the capacity.
+    """
     P, sigma, Qt = svd(Sh)
     if cfg.tau is None:
         r1 = rank.astype(jnp.int32)
     else:
         # min/max_rank may be traced (optax.inject_hyperparams injects every numeric argument)
-        max_rank = capacity if cfg.max_rank is None else jnp.minimum(cfg.max_rank, capacity)
-        r1 = truncation_rank(
-            sigma,
-            cfg.tau,
-            absolute=cfg.absolute,
-            min_rank=jnp.minimum(cfg.min_rank, capacity),
-            max_rank=max_rank,
-        )
+        upper = capacity if cfg.max_rank is None else jnp.minimum(cfg.max_rank, capacity)
+        lower = jnp.minimum(cfg.min_rank, capacity)
+        kept = jnp.clip(augmented_rank, lower, upper).astype(jnp.int32)
+        if cfg.truncate is False:
+            r1 = kept
+        else:
+            cut = truncation_rank(
+                sigma, cfg.tau, absolute=cfg.absolute, min_rank=lower, max_rank=upper
+            )
+            r1 = cut if cfg.truncate is True else jnp.where(cfg.truncate, cut, kept)
     m1 = column_mask(capacity, r1)
     S1 = jnp.diag(jnp.where(m1, sigma[:capacity], 0.0)).astype(Sh.dtype)
     return P, S1, Qt, r1
@@ -193,13 +210,11 @@ def _finish(x: LowRank, new: LowRank, st: FactorState, M, N) -> Result:
     return Result(new, FactorState(st_k, st_l, st.S))
 
 
-# ---- basis-update & Galerkin (unconventional KLS), fixed rank and rank-adaptive -----------------
+# ---- basis-update & Galerkin (unconventional KLS), fixed rank ----------------------------------
 
 
 def _bug_basis_update(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     """K- and L-steps, new bases ``U1 = orth(K1)``, ``V1 = orth(L1)``, ``S~ = M S0 N^T``."""
-    if cfg.tau is not None:
-        return _bug_augment(cfg, carry, g)
     x = carry.x
     m = x.mask
     K1, L1, st = _kl_steps(cfg, x, carry.state, g)
@@ -212,9 +227,27 @@ def _bug_basis_update(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     return Carry(x, st, point, M, N, rows=m, cols=m)
 
 
+def _bug_galerkin(cfg: Config, carry: Carry, g: LowRank) -> Result:
+    """Galerkin S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases."""
+    x, st, point = carry.x, carry.state, carry.point
+    S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, carry.rows, carry.cols), st.S)
+    new = LowRank._unchecked(point.U, mask_block(S1, carry.rows, carry.cols), point.V, x.rank)
+    return _finish(x, new, st._replace(S=st_s), carry.M, carry.N)
+
+
+BUG_FIXED = Integrator(
+    "bug",
+    (_bug_basis_update, _bug_galerkin),
+    lambda cfg: False,
+    (frozenset("UV"), frozenset("S")),
+)
+
+
+# ---- rank-adaptive basis-update & Galerkin -------------------------------------------------------
+
+
 def _bug_augment(cfg: Config, carry: Carry, g: LowRank) -> Carry:
-    """Rank-adaptive: ``U^ = orth([K1 | U0])``, ``V^ = orth([L1 | V0])``,
-    ``S~ = (U^^T U0) S0 (V0^T V^)``."""
+    """``U^ = orth([K1 | U0])``, ``V^ = orth([L1 | V0])``, ``S~ = (U^^T U0) S0 (V0^T V^)``."""
     x = carry.x
     c = x.capacity
     K1, L1, st = _kl_steps(cfg, x, carry.state, g)
@@ -230,17 +263,16 @@ def _bug_augment(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     return Carry(x, st, point, UhU0, VhV0, rows=in_u & m2, cols=in_v & m2)
 
 
-def _bug_galerkin(cfg: Config, carry: Carry, g: LowRank) -> Result:
-    """S-step ``S1 = S~ - h U1^T G1 V1`` at the new bases, then truncation (adaptive)."""
+def _bug_galerkin_truncate(cfg: Config, carry: Carry, g: LowRank) -> Result:
+    """Galerkin S-step ``S^1 = S^0 - h U^^T G1 V^`` in the augmented bases, then truncation."""
     x, st, point = carry.x, carry.state, carry.point
     S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, carry.rows, carry.cols), st.S)
     S1 = mask_block(S1, carry.rows, carry.cols)
-    if cfg.tau is None:  # the maps M = U1^T U0, N = V1^T V0 are those of the basis update
-        new = LowRank._unchecked(point.U, S1, point.V, x.rank)
-        return _finish(x, new, st._replace(S=st_s), carry.M, carry.N)
     # U1 = U^ P[:, :c], V1 = V^ Q[:, :c] with U^, V^ orthonormal: every map into the new basis
     # is a small product (U1^T U^ = P[:, :c]^T, U1^T U0 = P[:, :c]^T (U^T U0)), none of size n
-    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank)
+    # nothing cut (cfg.truncate False): the directions in the spans keep their place, at most 2r
+    spanned = jnp.minimum(jnp.sum(carry.rows), jnp.sum(carry.cols))
+    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank, spanned)
     Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
     new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))
     rows = new.mask[:, None]
@@ -253,8 +285,8 @@ def _bug_galerkin(cfg: Config, carry: Carry, g: LowRank) -> Result:
 
 BUG = Integrator(
     "bug",
-    (_bug_basis_update, _bug_galerkin),
-    lambda cfg: cfg.tau is not None,
+    (_bug_augment, _bug_galerkin_truncate),
+    lambda cfg: True,
     (frozenset("UV"), frozenset("S")),
 )
 
@@ -305,7 +337,7 @@ def _parallel_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     Sh = jnp.block([[top, P.QD.T], [Q.QD, jnp.zeros_like(Q.QD)]])
     m2 = column_mask(2 * c, c + x.rank)
     Sh = mask_block(Sh, m2, m2)
-    Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank)
+    Pu, S1, Pvt, r1 = _svd_truncate(cfg, Sh, c, x.rank, 2 * x.rank)
     Pu, Pv = Pu[:, :c], Pvt[:c, :].T
     new = LowRank._unchecked(
         Q.basis_times(Ub, LUinv, Pu), S1, P.basis_times(Vb, LVinv, Pv), r1.astype(jnp.float32)
@@ -383,4 +415,31 @@ def _s_only_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
 
 S_ONLY = Integrator(
     "s_only", (_s_only_step,), lambda cfg: False, (frozenset("S"),), moves_bases=False
+)
+
+
+# ---- the coefficient step of the augment-train-truncate cycle ----------------------------------
+
+
+def _coefficient_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
+    """``S1 = S0 - h U0^T G V0`` in the fixed (augmented) bases; where ``cfg.truncate``, then
+    ``S1 = P diag(sigma) Q^T`` truncated by ``tau``: ``U1 = U0 P``, ``V1 = V0 Q``.
+
+    The rotation by the ``c x c`` SVD factors keeps all ``c`` columns orthonormal; the inner
+    optimiser states are transported by ``M = P^T``, ``N = Q^T`` (restricted to the new rank).
+    """
+    result = _s_only_step(cfg, carry, g)
+    if cfg.truncate is False:
+        return result
+    x, S1, st = carry.x, result.factor.S, result.state
+    m = x.mask
+    P, Sd, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, x.rank, x.rank)
+    new = LowRank._unchecked(x.U @ P, Sd, x.V @ Qt.T, r1.astype(jnp.float32))
+    M, N = mask_block(P.T, new.mask, m), mask_block(Qt, new.mask, m)
+    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N))
+    return _finish(x, new, st, M, N)
+
+
+COEFFICIENTS = Integrator(
+    "coefficients", (_coefficient_step,), lambda cfg: False, (frozenset("S"),)
 )

@@ -18,6 +18,7 @@ from dlrt_jax._linalg import full_precision
 __all__ = [
     "DLRTState",
     "bug",
+    "check",
     "bug_step",
     "kls",
     "ksl",
@@ -45,12 +46,26 @@ class DLRTState(NamedTuple):
             a tree shaped like the params, so that containers that wrap each array of the state
             (``flax.nnx.Optimizer``) keep it intact.
         other: the state of the optimiser of the leaves that are not ``LowRank``.
+        faults: an int32 vector with one entry per factor (leaf order): the bits
+            :data:`FAULT_NONFINITE`, :data:`FAULT_RANK` and :data:`FAULT_BASES` of every fault the
+            step found in the params it was given, OR-ed over the steps (a step that finds one
+            changes nothing and counts as skipped). Read by :func:`check`, which raises with the
+            cause; nothing in the step talks to the host.
     """
 
     count: jax.Array
     num_skipped: jax.Array
     factors: Any
     other: Any
+    faults: jax.Array
+
+
+#: ``DLRTState.faults`` bit: ``U``, ``S`` or ``V`` of the factor held NaN or Inf.
+FAULT_NONFINITE = 1
+#: ``DLRTState.faults`` bit: the factor's rank was not a whole number in ``[1, capacity]``.
+FAULT_RANK = 2
+#: ``DLRTState.faults`` bit: active columns of ``U`` or ``V`` were off unit norm.
+FAULT_BASES = 4
 
 
 # ---- validation (once, at the public boundary) ---------------------------------------------------
@@ -76,7 +91,7 @@ def _as_transform(optimizer: Any, name: str) -> optax.GradientTransformation:
     )
 
 
-def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every) -> None:
+def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augment_every) -> None:
     """Traced values (``optax.inject_hyperparams`` under ``jit``) were checked when first built."""
     if not isinstance(absolute, bool | np.bool_):
         raise TypeError(f"`absolute` must be a bool, got {type(absolute).__name__}.")
@@ -94,7 +109,19 @@ def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every) -> Non
     min_rank = _check_int(min_rank, "min_rank", 1)
     if max_rank is not None and not _is_traced(min_rank):
         _check_int(max_rank, "max_rank", min_rank, fix=" (or None: each factor's capacity)")
-    _check_int(truncate_every, "truncate_every", 1)
+    k = _check_int(augment_every, "augment_every", 1)
+    t = _check_int(truncate_every, "truncate_every", 1)
+    if tau is None and not _is_traced(k) and k > 1:
+        raise ValueError(
+            f"`augment_every`={k} needs a rank-adaptive transform (a `tau`): a cycle augments the "
+            "bases and truncates by `tau`. Pass `tau`, or leave augment_every=1 for a fixed rank."
+        )
+    if not _is_traced(k) and not _is_traced(t) and k > 1 and t > 1:
+        raise ValueError(
+            f"`augment_every`={k} and `truncate_every`={t} are two truncation schedules; pass "
+            "one (augment_every: augment, train S for k - 1 steps, truncate; truncate_every: "
+            "augment every step, truncate every k-th)."
+        )
 
 
 def _check_factor(x: LowRank, path: str, integrator: _int.Integrator, cfg: _int.Config) -> None:
@@ -139,49 +166,149 @@ def _check_grads(grads: Any, params: Any, where: str) -> None:
                 )
 
 
-def _check_on_manifold(name: str, params: Any, count: jax.Array) -> None:
-    """Raise if a factor is not what a DLRT step leaves (checked from the second step on).
+class _FaultDetails(NamedTuple):
+    codes: jax.Array  # int32 (..., num_factors): FAULT_* bits
+    ranks: jax.Array
+    errs: jax.Array  # max |norm - 1| of the active columns of U and V
 
-    A whole rank in ``[1, capacity]`` and unit active columns of ``U`` and ``V``: a transform after
-    DLRT in a chain (``optax.scale``, weight decay, clipping) breaks both, since it scales the
-    updates ``new - old`` of the rank and the bases. Concrete params raise ``ValueError`` here;
-    under ``jit`` a ``jax.debug.callback`` raises it when the step runs (only then: the callback
-    sits in a ``lax.cond`` branch), which surfaces as a ``JaxRuntimeError`` carrying the message.
+
+def _factor_faults(params: Any, count: jax.Array) -> _FaultDetails:
+    """What is wrong with each factor of ``params``: a traced computation, no host round-trip.
+
+    Non-finite entries are a fault at any step. From the second step on (``count > 0``), a factor
+    must also be what a DLRT step leaves: a whole rank in ``[1, capacity]`` and unit active columns
+    of ``U`` and ``V`` (a hand-made factor is accepted at the first step, which orthonormalises
+    it). A transform after DLRT in a chain (``optax.scale``, weight decay) breaks both, since it
+    scales the updates ``new - old`` of the rank and the bases.
     """
-    paths_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
-    factors = [(_path_str(p), x) for p, x in paths_leaves if is_lowrank(x)]
-    tols = [max(1e-3, 16 * float(jnp.finfo(x.dtype).eps)) for _, x in factors]
+    factors = [x for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank) if is_lowrank(x)]
+    codes, ranks, errs = [], [], []
+    for x in factors:
+        finite = _all_finite([x.U, x.S, x.V, x.rank])
+        rank = jnp.asarray(x.rank, jnp.float32)
+        bad_rank = (rank != jnp.round(rank)) | (rank < 1) | (rank > x.capacity)
+        mask = x.mask
 
-    def unit_cols_err(a, mask):  # of the active columns
-        return jnp.max(jnp.where(mask, jnp.abs(jnp.linalg.norm(a, axis=0) - 1), 0.0))
+        def unit_cols_err(a, mask=mask):  # of the active columns
+            return jnp.max(jnp.where(mask, jnp.abs(jnp.linalg.norm(a, axis=0) - 1), 0.0))
 
-    ranks = jnp.stack([jnp.asarray(x.rank, jnp.float32) for _, x in factors])
-    errs = jnp.stack(
-        [jnp.maximum(unit_cols_err(x.U, x.mask), unit_cols_err(x.V, x.mask)) for _, x in factors]
+        err = jnp.maximum(unit_cols_err(x.U), unit_cols_err(x.V))
+        tol = max(1e-3, 16 * float(jnp.finfo(x.dtype).eps))
+        checked = count > 0
+        code = jnp.where(
+            finite,
+            jnp.where(checked & bad_rank, FAULT_RANK, 0)
+            | jnp.where(checked & ~(err <= tol), FAULT_BASES, 0),
+            FAULT_NONFINITE,
+        )
+        codes.append(code.astype(jnp.int32))
+        ranks.append(rank)
+        errs.append(err)
+    return _FaultDetails(jnp.stack(codes), jnp.stack(ranks), jnp.stack(errs))
+
+
+def _fault_message(where: str, path: str, code: int, capacity: int, rank=None, err=None) -> str:
+    """The cause of one factor's fault, and what to change."""
+    if code & FAULT_NONFINITE:
+        return (
+            f"{where}: {path} holds NaN or Inf entries in U, S or V (changed outside the DLRT "
+            "step, e.g. by jax.tree.map or a bad restore). Steps from it are skipped: rebuild the "
+            "factor (LowRank.from_dense / LowRank.random) or restore a good checkpoint."
+        )
+    problems = []
+    if code & FAULT_RANK:
+        got = "" if rank is None else f" {float(rank):.7g}"
+        problems.append(f"its rank{got} is not a whole number in [1, {capacity}]")
+    if code & FAULT_BASES:
+        got = "" if err is None else f" by up to {float(err):.2g}"
+        problems.append(f"the active columns of U and V are off unit norm{got}")
+    return (
+        f"{where}: {path} is not a factor a DLRT step leaves: {' and '.join(problems)}. A "
+        "transform after the DLRT transform in an optax.chain changed its updates (each is new - "
+        "old factor, rank included): DLRT must be the last member of the chain, with gradient "
+        "clipping, reduce_on_plateau and other gradient processing before it, and its updates "
+        "must reach optax.apply_updates unchanged. The step that found it was skipped."
     )
-    caps = jnp.asarray([x.capacity for _, x in factors], jnp.float32)
-    bad = (ranks != jnp.round(ranks)) | (ranks < 1) | (ranks > caps) | ~(errs <= jnp.asarray(tols))
-    bad = bad & (count > 0)
 
-    def report(bad, ranks, errs):  # batched under vmap: a row per member
-        bad, ranks, errs = (np.asarray(a).reshape(-1, len(factors)) for a in (bad, ranks, errs))
-        for row, col in zip(*np.nonzero(bad)):
-            (path, x), r, e = factors[col], ranks[row, col], errs[row, col]
-            raise ValueError(
-                f"{name}.update: {path} is not a factor a DLRT step leaves: rank {r:.7g} (a "
-                f"whole number in [1, {x.capacity}] expected), active columns of U and V off "
-                f"unit norm by up to {e:.2g}. A transform after the DLRT transform in an "
-                "optax.chain changed its updates (each is new - old factor, rank included): "
-                "DLRT must be the last member of the chain, with gradient clipping, "
-                "reduce_on_plateau and other gradient processing before it, and its updates "
-                "must reach optax.apply_updates unchanged."
-            )
 
-    if not any(_is_traced(a) for a in (bad, count)):
-        report(*jax.device_get((bad, ranks, errs)))
-    else:
-        args = (bad, ranks, errs)
-        jax.lax.cond(jnp.any(bad), lambda: jax.debug.callback(report, *args), lambda: None)
+def _raise_faults(where: str, params: Any, details: _FaultDetails) -> None:
+    """Raise ``ValueError`` for the first faulty factor (concrete ``details``)."""
+    paths = [
+        (_path_str(p), x)
+        for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
+        if is_lowrank(x)
+    ]
+    codes, ranks, errs = (np.asarray(a).reshape(-1, len(paths)) for a in details)
+    for row, col in zip(*np.nonzero(codes)):  # batched under vmap: a row per member
+        (path, x), code = paths[col], int(codes[row, col])
+        raise ValueError(
+            _fault_message(where, path, code, x.capacity, ranks[row, col], errs[row, col])
+        )
+
+
+def check(opt_state: Any, params: Any = None) -> None:
+    """Raise if a DLRT step found a fault in the factors it was given.
+
+    The step itself never talks to the host: it records each factor's faults in
+    ``DLRTState.faults`` (non-finite entries; a rank or bases that a DLRT step does not leave,
+    which is what a transform after DLRT in an ``optax.chain`` causes) and skips the step. Call
+    ``check`` where the host syncs anyway (at the end of an epoch, at a capacity check:
+    :class:`CapacityPolicy` calls it) to turn the record into an error that names the cause.
+    Outside ``jit`` the transforms raise at once.
+
+    Args:
+        opt_state: an optimiser state that contains one or more :class:`DLRTState` (inside
+            ``optax.chain``, ``inject_hyperparams``, ``nnx.Optimizer`` state ...).
+        params: the params, optional: with them the error names the factor's path and, from the
+            current params, its rank and the bases' error.
+
+    Raises:
+        ValueError: naming the first faulty factor, its cause and what to change.
+
+    Examples:
+        >>> import jax, optax, dlrt_jax
+        >>> params = {"w": dlrt_jax.LowRank.random(jax.random.key(0), (8, 6), rank=2)}
+        >>> tx = optax.chain(dlrt_jax.parallel_bug(0.1, tau=0.1), optax.scale(0.5))  # wrong order
+        >>> state = tx.init(params)
+        >>> grads = jax.tree.map(jax.numpy.ones_like, params)
+        >>> step = jax.jit(lambda p, s: tx.update(grads, s, p))
+        >>> for _ in range(2):
+        ...     updates, state = step(params, state)
+        ...     params = optax.apply_updates(params, updates)
+        >>> dlrt_jax.check(state, params)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: dlrt_jax.check: params['w'] is not a factor a DLRT step leaves: ...
+    """
+    states = [
+        s
+        for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda s: isinstance(s, DLRTState))
+        if isinstance(s, DLRTState)
+    ]
+    for st in states:
+        codes = np.asarray(jax.device_get(st.faults))
+        if not codes.any():
+            continue
+        n = codes.shape[-1]
+        flat = codes.reshape(-1, n)
+        row, col = (int(i[0]) for i in np.nonzero(flat))
+        code = int(flat[row, col])
+        path, capacity, rank, err = f"factor {col} (leaf order)", "capacity", None, None
+        if params is not None:
+            paths = [
+                (_path_str(p), x)
+                for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
+                if is_lowrank(x)
+            ]
+            if len(paths) == n:
+                path, x = paths[col]
+                capacity = x.capacity
+                details = lambda p: _factor_faults(p, jnp.ones([], jnp.int32))
+                for _ in range(codes.ndim - 1):  # stacked params (an ensemble under vmap)
+                    details = jax.vmap(details)
+                d = details(params)
+                rank = np.asarray(d.ranks).reshape(-1, n)[row, col]
+                err = np.asarray(d.errs).reshape(-1, n)[row, col]
+        raise ValueError(_fault_message("dlrt_jax.check", path, code, capacity, rank, err))
 
 
 def _all_finite(trees) -> jax.Array:
@@ -223,9 +350,105 @@ def _check_factor_states(factors: Any, params: Any, leaves: list, idx: list[int]
 # ---- the driver ----------------------------------------------------------------------------------
 
 
+class Schedule(NamedTuple):
+    """When a step augments and when it truncates (ints, or arrays under ``inject_hyperparams``).
+
+    ``augment_every = k > 1`` is the augment-train-truncate cycle: step ``t`` of the run is an
+    integrator step (augmentation, nothing cut) when ``t % k == 0``, a coefficient step (``S`` only,
+    bases fixed) otherwise, and the last step of each cycle (``t % k == k - 1``) truncates.
+    ``truncate_every = k > 1``: every step augments, every ``k``-th truncates. Both 1: the paper's
+    step (augment and truncate every step).
+    """
+
+    augment_every: Any = 1
+    truncate_every: Any = 1
+
+    def flags(self, count: jax.Array) -> tuple[Any, Any]:
+        """``(augment, truncate)`` for the step after ``count`` steps: Python bools where static."""
+        k, t = self.augment_every, self.truncate_every
+        static = not any(_is_traced(v) or not isinstance(v, numbers.Integral) for v in (k, t))
+        if static and k == 1:
+            return True, True if t == 1 else (count + 1) % t == 0
+        k, t = jnp.asarray(k, jnp.int32), jnp.asarray(t, jnp.int32)
+        p = count % k
+        truncate = jnp.where(k == 1, (count + 1) % t == 0, p == k - 1)
+        return p == 0, truncate
+
+
+def _per_factor_step(
+    integrator: _int.Integrator,
+    cfg: _int.Config,
+    factors: list[LowRank],
+    factor_states: tuple,
+    g: list[LowRank],
+    evaluate: Callable[[list[LowRank]], list[LowRank]],
+) -> tuple[list[LowRank], tuple, jax.Array]:
+    """The phases of ``integrator`` on every factor; ``evaluate(points)`` between phases.
+
+    Returns the new factors, their inner states and whether every gradient slot read was finite.
+    """
+    finite = jnp.array(True)
+    carries = [_int.Carry(x, fs) for x, fs in zip(factors, factor_states)]
+    for k, (phase, reads) in enumerate(zip(integrator.phases, integrator.reads)):
+        if k:  # the gradient of the whole model at every factor's new point
+            g = evaluate([carry.point for carry in carries])
+        finite = finite & _all_finite([[getattr(gi, s) for s in "USV" if s in reads] for gi in g])
+        with full_precision():
+            carries = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
+    new_factors = [result.factor for result in carries]  # the last phase returns Results
+    return new_factors, tuple(result.state for result in carries), finite
+
+
+def _factor_step(
+    integrator: _int.Integrator,
+    cfg: _int.Config,
+    schedule: Schedule,
+    count: jax.Array,
+    factors: list[LowRank],
+    factor_states: tuple,
+    g: list[LowRank],
+    evaluate: Callable[[list[LowRank]], list[LowRank]],
+    fresh_gradient: Callable[[], list[LowRank]] | None,
+) -> tuple[list[LowRank], tuple, jax.Array]:
+    """One step of every factor as the schedule says: an integrator step, or a coefficient step.
+
+    With a cycle (``augment_every > 1``) the two kinds are the branches of one ``lax.switch``: a
+    coefficient step runs no factorisation (and, with ``fresh_gradient``, reads only ``U^T G V``
+    of the gradient passed in; the integrator step evaluates its own, so that the products
+    ``G V`` and ``G^T U`` are computed on augmentation steps only).
+    """
+    augment, truncate = schedule.flags(count)
+    if augment is True:
+        return _per_factor_step(
+            integrator, cfg._replace(truncate=truncate), factors, factor_states, g, evaluate
+        )
+
+    def integrate():
+        # an augmentation step truncates only when the cycle is one step long (k traced)
+        cut = False if isinstance(schedule.augment_every, numbers.Integral) else truncate
+        g_aug = g if fresh_gradient is None else fresh_gradient()
+        return _per_factor_step(
+            integrator, cfg._replace(truncate=cut), factors, factor_states, g_aug, evaluate
+        )
+
+    def coefficients(cut):
+        return lambda: _per_factor_step(
+            _int.COEFFICIENTS, cfg._replace(truncate=cut), factors, factor_states, g, evaluate
+        )
+
+    index = jnp.where(augment, 2, jnp.where(truncate, 1, 0))
+    return jax.lax.switch(index, [coefficients(False), coefficients(True), integrate])
+
+
+def _skip_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``ok``, else ``old`` (leafwise)."""
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 def _run(
     integrator: _int.Integrator,
     cfg: _int.Config,
+    schedule: Schedule,
     other: optax.GradientTransformation,
     grads: Any,
     state: DLRTState,
@@ -234,71 +457,69 @@ def _run(
 ) -> tuple[Any, Any, DLRTState]:
     """One step of ``integrator`` on every ``LowRank`` of ``params`` and of ``other`` elsewhere.
 
-    Returns ``(new_params, updates, new_state)``; on a non-finite gradient or result, ``new_params``
-    equals ``params``, the updates are zero and only the counters move. Every phase runs under
-    :func:`~dlrt_jax._linalg.full_precision`; ``grad_fn`` (the user's model) runs outside it.
+    Returns ``(new_params, updates, new_state)``. A step whose gradients or result are not finite,
+    or whose params have a fault (:func:`check`), leaves ``params`` and the inner states as they
+    are: the updates are zero and only the counters (and ``faults``) move. Every phase runs
+    under :func:`~dlrt_jax._linalg.full_precision`; ``grad_fn`` (the user's model) outside it.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_lowrank)
     g_leaves = treedef.flatten_up_to(grads)
     idx = [i for i, leaf in enumerate(leaves) if is_lowrank(leaf)]
     factor_states = _check_factor_states(state.factors, params, leaves, idx)
+    factors = [leaves[i] for i in idx]
 
-    k = cfg.truncate_every
-    if cfg.tau is not None and (not isinstance(k, numbers.Integral) or k > 1):
-        # between truncation steps nothing is cut (tau = 0: the rank grows up to the capacity),
-        # so that new directions can accumulate over `truncate_every` steps before being judged
-        # (k may be an array: optax.inject_hyperparams injects every numeric argument)
-        due = (state.count + 1) % jnp.asarray(k, jnp.int32) == 0
-        cfg = cfg._replace(tau=jnp.where(due, jnp.asarray(cfg.tau, jnp.float32), 0.0))
-    # only what the step uses is checked: the non-factor gradients and the slots each phase reads
-    finite = _all_finite([gl for leaf, gl in zip(leaves, g_leaves) if not is_lowrank(leaf)])
-    g = [g_leaves[i] for i in idx]
-    carries = [_int.Carry(leaves[i], fs) for i, fs in zip(idx, factor_states)]
-    for k, (phase, reads) in enumerate(zip(integrator.phases, integrator.reads)):
-        if k:  # the gradient of the whole model at every factor's new point
-            points = list(leaves)
-            for i, carry in zip(idx, carries):
-                points[i] = carry.point
-            points = treedef.unflatten(points)
-            evaluated = grad_fn(points)
-            _check_grads(evaluated, points, "grad_fn")
-            g = [treedef.flatten_up_to(evaluated)[i] for i in idx]
-        finite = finite & _all_finite([[getattr(gi, s) for s in "USV" if s in reads] for gi in g])
-        with full_precision():
-            carries = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
+    def evaluate(points: list[LowRank]) -> list[LowRank]:
+        full = list(leaves)
+        for i, x in zip(idx, points):
+            full[i] = x
+        full = treedef.unflatten(full)
+        evaluated = grad_fn(full)
+        _check_grads(evaluated, full, "grad_fn")
+        return [treedef.flatten_up_to(evaluated)[i] for i in idx]
 
+    fresh = None if grad_fn is None else (lambda: evaluate(factors))
+    new_factors, new_factor_states, finite = _factor_step(
+        integrator,
+        cfg,
+        schedule,
+        state.count,
+        factors,
+        factor_states,
+        [g_leaves[i] for i in idx],
+        evaluate,
+        fresh,
+    )
+
+    # the other leaves: one step of their optimiser with the first gradient
     others = [None if is_lowrank(leaf) else leaf for leaf in leaves]
     other_grads = [None if is_lowrank(leaf) else gl for leaf, gl in zip(leaves, g_leaves)]
     other_updates, other_state = other.update(
         treedef.unflatten(other_grads), state.other, treedef.unflatten(others)
     )
-    update_leaves = treedef.flatten_up_to(other_updates)
-    new_leaves, new_factor_states = list(leaves), []
-    for i, (new_x, new_fs) in zip(idx, carries):  # the last phase returns (factor, state)
-        new_leaves[i] = new_x
-        new_factor_states.append(new_fs)
-    new_factor_states = tuple(new_factor_states)
-    finite = finite & _all_finite([new_leaves[i] for i in idx])
+    other_updates = treedef.flatten_up_to(other_updates)
+    finite = finite & _all_finite([other_grads, new_factors])
 
-    def keep(new, old):
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-    for i, (old, new) in enumerate(zip(leaves, new_leaves)):
-        if is_lowrank(old):
-            delta = LowRank._unchecked(
-                new.U - old.U, new.S - old.S, new.V - old.V, new.rank - old.rank
-            )
-            update_leaves[i] = keep(delta, jax.tree.map(jnp.zeros_like, delta))
-            new_leaves[i] = keep(new, old)
-        else:
-            update_leaves[i] = keep(update_leaves[i], jnp.zeros_like(update_leaves[i]))
-            new_leaves[i] = old + update_leaves[i]
+    # s_only never moves the bases: only non-finite entries are a fault there
+    count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
+    faults = _factor_faults(params, count).codes
+    ok = finite & ~jnp.any(faults != 0)
+    new_leaves, update_leaves = list(leaves), list(other_updates)
+    for i, new in zip(idx, new_factors):
+        old = leaves[i]
+        delta = LowRank._unchecked(new.U - old.U, new.S - old.S, new.V - old.V, new.rank - old.rank)
+        update_leaves[i] = _skip_if(ok, delta, jax.tree.map(jnp.zeros_like, delta))
+        new_leaves[i] = _skip_if(ok, new, old)
+    for i, leaf in enumerate(leaves):
+        if not is_lowrank(leaf):
+            update_leaves[i] = _skip_if(ok, update_leaves[i], jnp.zeros_like(update_leaves[i]))
+            new_leaves[i] = leaf + update_leaves[i]
 
     new_state = DLRTState(
         count=optax.safe_increment(state.count),
-        num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-        factors=keep(new_factor_states, factor_states),
-        other=keep(other_state, state.other),
+        num_skipped=state.num_skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
+        factors=_skip_if(ok, new_factor_states, factor_states),
+        other=_skip_if(ok, other_state, state.other),
+        faults=state.faults | faults,
     )
     return treedef.unflatten(new_leaves), treedef.unflatten(update_leaves), new_state
 
@@ -313,12 +534,14 @@ def _build(
     min_rank: Any = 1,
     max_rank: Any = None,
     truncate_every: Any = 1,
+    augment_every: Any = 1,
 ):
-    """Validate the hyperparameters; return the config, the other optimiser and ``init``."""
-    _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every)
+    """Validate the hyperparameters; return the config, schedule, other optimiser and ``init``."""
+    _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augment_every)
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
-    cfg = _int.Config(tx, tau, absolute, min_rank, max_rank, truncate_every)
+    cfg = _int.Config(tx, tau, absolute, min_rank, max_rank)
+    schedule = Schedule(augment_every, truncate_every)
 
     def init_fn(params: optax.Params) -> DLRTState:
         paths_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
@@ -330,21 +553,28 @@ def _build(
         for path, leaf in paths_leaves:
             if is_lowrank(leaf):
                 _check_factor(leaf, _path_str(path), integrator, cfg)
+        count = jnp.zeros([], jnp.int32)
+        details = _factor_faults(params, count)
+        if not _is_traced(details.codes):
+            _raise_faults(f"{name}.init", params, details)
         with full_precision():
             factors = tuple(
                 _int.init_factor_state(tx, leaf) for _, leaf in paths_leaves if is_lowrank(leaf)
             )
         others = jax.tree.map(lambda x: None if is_lowrank(x) else x, params, is_leaf=is_lowrank)
-        count, num_skipped = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)  # two buffers
-        return DLRTState(count, num_skipped, factors, other.init(others))
+        num_skipped = jnp.zeros([], jnp.int32)  # count and num_skipped: two buffers
+        return DLRTState(count, num_skipped, factors, other.init(others), details.codes)
 
-    return cfg, other, init_fn
+    return cfg, schedule, other, init_fn
 
 
 def _dlrt_transform(
-    integrator: _int.Integrator, name: str, optimizer: Any, **kwargs: Any
+    integrator: _int.Integrator,
+    name: str,
+    optimizer: Any,
+    **kwargs: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    cfg, other, init_fn = _build(integrator, name, optimizer, **kwargs)
+    cfg, schedule, other, init_fn = _build(integrator, name, optimizer, **kwargs)
 
     def update_fn(
         updates: optax.Updates,
@@ -368,61 +598,18 @@ def _dlrt_transform(
         if grad_fn is not None and not callable(grad_fn):
             raise TypeError(f"`grad_fn` must be callable, got {type(grad_fn).__name__}.")
         _check_grads(updates, params, f"{name}.update")
-        if integrator.moves_bases:
-            _check_on_manifold(name, params, state.count)
-        _, new_updates, new_state = _run(integrator, cfg, other, updates, state, params, grad_fn)
+        count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
+        details = _factor_faults(params, count)
+        if not _is_traced(details.codes):  # outside jit: raise at once
+            _raise_faults(f"{name}.update", params, details)
+        _, new_updates, new_state = _run(
+            integrator, cfg, schedule, other, updates, state, params, grad_fn
+        )
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_DOC_PARTS = {
-    "{truncation_args}": """tau: truncation tolerance for the rank-adaptive variant; ``None``
-            keeps every rank fixed. The new rank is the smallest ``rho`` with
-            ``sqrt(sum_{j > rho} sigma_j^2) <= theta``, ``theta = tau * ||sigma||_2`` (or ``tau``
-            with ``absolute=True``), clamped to ``[min_rank, max_rank]``. A relative ``tau``
-            must lie in ``[0, 1)``.
-        absolute: use an absolute tolerance.
-        min_rank: lower bound on every rank (default 2, at most each factor's capacity).
-        max_rank: upper bound; default each factor's capacity.
-        other_optimizer: optimiser for the leaves that are not ``LowRank``.
-        truncate_every: truncate with ``tau`` on every ``k``-th step only (default 1: every
-            step); the steps in between cut nothing, so ranks rise to the capacity there and new
-            directions accumulate over ``k`` steps before they are judged. Read ranks (and run a
-            :class:`CapacityPolicy` with ``every`` a multiple of ``k``) right after a truncation
-            step, or compress with :meth:`LowRank.truncate`.""",
-    "{usage}": """Each ``LowRank`` update is the difference new - old factor, ranks included, for
-    ``optax.apply_updates``; so the transform must be the *last* member of an ``optax.chain``
-    (gradient clipping, ``optax.contrib.reduce_on_plateau`` and other gradient processing go
-    before it). A transform after it (``optax.scale``, weight decay) would leave factors off the
-    manifold: the next ``update`` raises then (a ``JaxRuntimeError`` under ``jit``). Extra
-    arguments of ``update`` other than ``grad_fn`` (``value=``, a line search's) are accepted and
-    ignored; ``optax.inject_hyperparams``, ``optax.MultiSteps`` (whose ``grad_fn`` evaluations
-    see the batch of the step that applies the accumulated gradient) and ``optax.apply_if_finite``
-    wrap it. A step whose gradients (or result) are not finite changes nothing and increments
-    ``state.num_skipped``. Under ``optax.masked``/``partition`` the transform would see other
-    groups' leaves as ``MaskedNode`` and cannot evaluate ``grad_fn``: give it the whole params.
-
-    Inner optimisers: every substep on ``K``, ``L`` and ``S`` is one step of ``optimizer`` with
-    its own state, transported into each new basis (``optax.sgd`` with or without momentum,
-    ``adam``/``adamw``, ``rmsprop``, ``adagrad``, ``adabelief``, ``lion`` work; ``adafactor`` and
-    weight decay before this transform do not). :func:`isotropic_adam` (exactly transported) and
-    :func:`reference_adam` (the paper's TensorFlow step) are written for this setting. Adam moves
-    ``W`` by about ``sqrt(r / m)`` of a dense Adam step of the same learning rate, so a factor
-    learning rate about 3x the dense one is a good start. Leaves that are not ``LowRank`` take
-    one step of ``other_optimizer`` (default: ``optimizer``, separate state) with the first
-    gradient. The method: ``docs/method.md``.""",
-}
-
-
-def _fill_doc(fn):
-    """Put the argument and usage texts shared by the transforms into ``fn``'s docstring."""
-    for marker, text in _DOC_PARTS.items():
-        fn.__doc__ = fn.__doc__.replace(marker, text)
-    return fn
-
-
-@_fill_doc
 def bug(
     optimizer: Any,
     *,
@@ -431,6 +618,7 @@ def bug(
     min_rank: int = 2,
     max_rank: int | None = None,
     other_optimizer: Any = None,
+    augment_every: int = 1,
     truncate_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Basis-update & Galerkin (the unconventional KLS integrator), fixed-rank or rank-adaptive.
@@ -440,25 +628,51 @@ def bug(
     1. K-step ``K1 = U0 S0 - h G0 V0`` and L-step ``L1 = V0 S0^T - h G0^T U0`` (independent).
     2. Fixed rank (``tau=None``): ``U1 = orth(K1)``, ``V1 = orth(L1)``,
        ``S~ = (U1^T U0) S0 (V0^T V1)``. Rank-adaptive: ``U^ = orth([K1 | U0])``,
-       ``V^ = orth([L1 | V0])`` (``2r`` columns), ``S~ = (U^T U0) S0 (V0^T V^)``.
+       ``V^ = orth([L1 | V0])`` (``2r`` columns), ``S~ = (U^^T U0) S0 (V0^T V^)``.
     3. Galerkin S-step ``S1 = S~ - h U1^T G1 V1`` with ``G1`` evaluated at ``U1 S~ V1^T`` through
-       ``grad_fn``; the adaptive variant then truncates ``S1`` by SVD to the tolerance ``tau``.
+       ``grad_fn``; the adaptive variant then truncates ``S1`` by SVD to the tolerance ``tau``:
+       the new rank is the smallest ``rho`` with ``sqrt(sum_{j > rho} sigma_j^2) <= theta``,
+       ``theta = tau ||sigma||_2`` (``tau`` with ``absolute=True``), clamped to
+       ``[min_rank, max_rank]``.
 
     ``h`` stands for one step of the inner optimiser. Two gradient evaluations per step: the one
     passed in and one through the keyword-only extra argument ``grad_fn(params) -> grads`` (leaves
     that are not ``LowRank`` are held at their current values in that evaluation). The adaptive
     variant needs ``capacity <= floor(min(n, m) / 2)`` for every factor.
 
+    **The augment-train-truncate cycle** (``augment_every = k > 1``, rank-adaptive only): step
+    ``t`` with ``t % k == 0`` is the step above without truncation (the rank grows to ``2r``, at
+    most the capacity); the other steps train only ``S`` in the fixed bases,
+    ``S1 = S0 - h U^T G V`` (one gradient evaluation, no factorisation); the last step of each
+    cycle (``t % k == k - 1``) then truncates ``S1 = P diag(sigma) Q^T`` by ``tau``,
+    ``U1 = U P``, ``V1 = V Q``. New directions get ``k`` steps to grow before they are judged. The
+    capacity must leave room for ``2r``. ``k = 1`` is the step above. ``truncate_every = k > 1``
+    instead augments every step and truncates every ``k``-th.
+
     Args:
         optimizer: inner optax transform of every substep, or a learning rate / schedule for
             plain SGD.
-        {truncation_args}
+        tau: truncation tolerance; ``None`` keeps every rank fixed. A relative ``tau`` must lie
+            in ``[0, 1)``.
+        absolute: ``theta = tau`` rather than ``tau * ||sigma||_2``.
+        min_rank: lower bound on every rank (at most each factor's capacity).
+        max_rank: upper bound; default each factor's capacity.
+        other_optimizer: optimiser for the leaves that are not ``LowRank`` (default:
+            ``optimizer``, a separate state); one step per ``update`` with the first gradient.
+        augment_every: the cycle length ``k`` (1: augment and truncate every step).
+        truncate_every: augment every step, truncate on every ``k``-th only.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
         ``update(grads, state, params, *, grad_fn, **extra_args) -> (updates, state)``.
 
-    {usage}
+    Each ``LowRank`` update is the difference new - old factor, rank included, so the transform
+    must be the last member of an ``optax.chain`` (see ``docs/method.md``, "Composition": clipping
+    and ``reduce_on_plateau`` go before it; a transform after it is recorded as a fault that
+    :func:`check` reports). A step with non-finite gradients or result changes nothing and counts
+    in ``state.num_skipped``. Inner optimisers: ``optax.sgd`` (with momentum), ``adam``,
+    ``adamw``, ``rmsprop``, ``adagrad``, ``adabelief``, ``lion``; their state is transported into
+    each new basis.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -479,15 +693,25 @@ def bug(
         Ceruti & Lubich, "An unconventional robust integrator for dynamical low-rank
         approximation", BIT 62 (2022); Ceruti, Kusch & Lubich, "A rank-adaptive robust integrator
         for dynamical low-rank approximation", BIT 62 (2022); Schotthöfer et al., "Low-rank lottery
-        tickets", NeurIPS 2022.
+        tickets", NeurIPS 2022; Schotthöfer et al., "GeoLoRA", ICLR 2025 (the cycle).
     """
-    return _dlrt_transform(_int.BUG, "bug", **locals())
+    return _dlrt_transform(
+        _int.BUG_FIXED if tau is None else _int.BUG,
+        "bug",
+        optimizer,
+        other_optimizer=other_optimizer,
+        tau=tau,
+        absolute=absolute,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        truncate_every=truncate_every,
+        augment_every=augment_every,
+    )
 
 
 kls = bug
 
 
-@_fill_doc
 def parallel_bug(
     optimizer: Any,
     *,
@@ -496,28 +720,46 @@ def parallel_bug(
     min_rank: int = 2,
     max_rank: int | None = None,
     other_optimizer: Any = None,
+    augment_every: int = 1,
     truncate_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The parallel rank-adaptive BUG integrator: one gradient evaluation per step.
 
     All substeps start from ``(U0, S0, V0)`` and the gradient ``G0`` passed to ``update``:
-    ``K1 = U0 S0 - h G0 V0``, ``L1 = V0 S0^T - h G0^T U0``, ``S_ = S0 - h U0^T G0 V0``;
-    ``U~ = orth((I - U0 U0^T) K1)`` and ``V~ = orth((I - V0 V0^T) L1)`` (projected twice);
-    ``U^ = [U0 | U~]``, ``V^ = [V0 | V~]``,
-    ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]`` (``2r x 2r``), then truncation by SVD to ``tau``
-    (``tau=None`` truncates back to the current rank). A plain optax transform: no extra
-    arguments needed (a ``grad_fn`` passed anyway is not used). Needs
+
+    1. ``K1 = U0 S0 - h G0 V0``, ``L1 = V0 S0^T - h G0^T U0``, ``S_ = S0 - h U0^T G0 V0``.
+    2. ``U~ = orth((I - U0 U0^T) K1)``, ``V~ = orth((I - V0 V0^T) L1)`` (projected twice);
+       ``U^ = [U0 | U~]``, ``V^ = [V0 | V~]``, ``S^ = [[S_, L1^T V~], [U~^T K1, 0]]``
+       (``2r x 2r``).
+    3. Truncation of ``S^`` by SVD to ``tau`` as in :func:`bug` (``tau=None``: back to the
+       current rank).
+
+    A plain optax transform: no extra arguments needed. Needs
     ``capacity <= floor(min(n, m) / 2)`` for every factor.
+
+    **The augment-train-truncate cycle** (``augment_every = k > 1``): the step above without
+    truncation every ``k`` steps, ``S``-only steps in the fixed bases in between, truncation of
+    ``S`` at the last step of each cycle (see :func:`bug`). With ``grad_fn`` passed (as
+    :func:`make_train_step` does) the augmentation step evaluates its own gradient, so that the
+    coefficient steps need only ``U^T G V`` of the gradient passed in.
 
     Args:
         optimizer: inner optax transform of every substep, or a learning rate / schedule.
-        {truncation_args}
+        tau: truncation tolerance; ``None`` keeps every rank fixed. A relative ``tau`` must lie
+            in ``[0, 1)``.
+        absolute: ``theta = tau`` rather than ``tau * ||sigma||_2``.
+        min_rank: lower bound on every rank (at most each factor's capacity).
+        max_rank: upper bound; default each factor's capacity.
+        other_optimizer: optimiser for the leaves that are not ``LowRank`` (default:
+            ``optimizer``, a separate state).
+        augment_every: the cycle length ``k`` (1: augment and truncate every step).
+        truncate_every: augment every step, truncate on every ``k``-th only.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
         ``update(grads, state, params, **extra_args) -> (updates, state)``.
 
-    {usage}
+    Composition, skipped steps and inner optimisers as for :func:`bug`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -533,15 +775,25 @@ def parallel_bug(
 
     References:
         Ceruti, Kusch & Lubich, "A parallel rank-adaptive integrator for dynamical low-rank
-        approximation", SIAM J. Sci. Comput. 46 (2024).
+        approximation", SIAM J. Sci. Comput. 46 (2024); Schotthöfer et al., "GeoLoRA", ICLR 2025.
     """
-    return _dlrt_transform(_int.PARALLEL, "parallel_bug", **locals())
+    return _dlrt_transform(
+        _int.PARALLEL,
+        "parallel_bug",
+        optimizer,
+        other_optimizer=other_optimizer,
+        tau=tau,
+        absolute=absolute,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        truncate_every=truncate_every,
+        augment_every=augment_every,
+    )
 
 
 parallel_kls = parallel_bug
 
 
-@_fill_doc
 def projector_splitting(
     optimizer: Any, *, other_optimizer: Any = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -563,7 +815,7 @@ def projector_splitting(
         An ``optax.GradientTransformationExtraArgs``;
         ``update(grads, state, params, *, grad_fn, **extra_args) -> (updates, state)``.
 
-    {usage}
+    Composition, skipped steps and inner optimisers as for :func:`bug`.
 
     References:
         Lubich & Oseledets, "A projector-splitting integrator for dynamical low-rank
@@ -577,7 +829,6 @@ def projector_splitting(
 ksl = projector_splitting
 
 
-@_fill_doc
 def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""Train only ``S`` with the bases frozen (the paper's fine-tuning after the rank search).
 
@@ -591,7 +842,7 @@ def s_only(optimizer: Any, *, other_optimizer: Any = None) -> optax.GradientTran
         An ``optax.GradientTransformationExtraArgs``;
         ``update(grads, state, params, **extra_args) -> (updates, state)``.
 
-    {usage}
+    Composition and skipped steps as for :func:`bug`.
     """
     return _dlrt_transform(_int.S_ONLY, "s_only", optimizer, other_optimizer=other_optimizer)
 
@@ -624,7 +875,11 @@ def _step(integrator, params, grad_fn, learning_rate, kwargs, name):
     unknown = set(kwargs) - {"tau", "absolute", "min_rank", "max_rank"}
     if unknown:
         raise TypeError(f"{name} got unexpected keyword arguments {sorted(unknown)}.")
-    cfg, other, init_fn = _build(integrator, name, learning_rate, **{"min_rank": 2, **kwargs})
+    if integrator is _int.BUG and kwargs.get("tau") is None:
+        integrator = _int.BUG_FIXED
+    cfg, schedule, other, init_fn = _build(
+        integrator, name, learning_rate, **{"min_rank": 2, **kwargs}
+    )
     grads = grad_fn(params)
     _check_grads(grads, params, name)
-    return _run(integrator, cfg, other, grads, init_fn(params), params, grad_fn)[0]
+    return _run(integrator, cfg, schedule, other, grads, init_fn(params), params, grad_fn)[0]

@@ -68,6 +68,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -79,7 +80,7 @@ from flax import nnx
 from dlrt_jax import _layers
 from dlrt_jax import nnx as _dnnx
 from dlrt_jax._budget import RankBudgetState, budget_cost, factor_ranks, with_rank_budget
-from dlrt_jax._factors import LowRank
+from dlrt_jax._factors import LowRank, _check_int, default_capacity  # the core-to-adapter seam
 from dlrt_jax._transforms import parallel_bug
 from dlrt_jax.nnx import ConversionSummary, LayerConversion, LowRankParam
 from dlrt_jax.transformer import NotConvertible, matricise, not_a_matrix_reason
@@ -151,26 +152,16 @@ def _orthonormal(rng: np.random.Generator, shape: tuple[int, int], dtype: Any) -
     return jnp.asarray(q, dtype)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _adapter_capacity(rank: int, capacity: int | None, shape: tuple[int, int], where: str) -> int:
-    n, m = shape
-    limit = min(n, m)
-    if not (_is_int(rank) and 1 <= rank <= limit):
-        raise ValueError(
-            f"{where}: `rank` must be an integer in [1, min(n, m)={limit}] for the {n} x {m} "
-            f"matrix W, got {rank!r}."
-        )
+    """The adapter's capacity, by the core's rank rule: ``rank`` in ``[1, min(n, m)]``,
+    ``capacity`` in ``[rank, min(n, m)]``, default ``max(rank, min(2 rank, default_capacity))``
+    (room to grow while the rank-adaptive integrators' ``2 c <= min(n, m)`` holds)."""
+    (n, m), bound = shape, f"min(n, m)={min(shape)}"
+    fix = f" ({where}: the {n} x {m} matrix W)"
+    rank = _check_int(rank, "rank", 1, min(shape), upper=bound, fix=fix)
     if capacity is None:
-        return max(int(rank), min(2 * int(rank), limit // 2))
-    if not (_is_int(capacity) and rank <= capacity <= limit):
-        raise ValueError(
-            f"{where}: `capacity` must be an integer in [rank={rank}, min(n, m)={limit}], got "
-            f"{capacity!r}."
-        )
-    return int(capacity)
+        return max(rank, min(2 * rank, default_capacity(shape)))
+    return _check_int(capacity, "capacity", rank, min(shape), upper=bound, fix=fix)
 
 
 class LowRankAdapter(_layers.FactorAccessors, nnx.Module):
@@ -248,6 +239,9 @@ class LowRankAdapter(_layers.FactorAccessors, nnx.Module):
         self.r = int(rank)
         self.alpha = float(alpha)
         self.matricisation = mat
+        # PEFT's ``lora_B.bias`` times its scaling (``n`` entries), folded into ``base``'s bias by
+        # :func:`import_peft` and written back by :func:`export_peft`; ``None``: no LoRA bias
+        self.lora_bias: FrozenParam | None = nnx.data(None)
 
     @property
     def scale(self) -> float:
@@ -290,13 +284,39 @@ class AdapterSummary(ConversionSummary):
 _CANDIDATES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
+class _PerLayer:
+    """``rank`` / ``capacity`` of :func:`to_adapters` per module name: an int for every layer,
+    or ``{pattern: value}`` read by PEFT's rule (the first key matching the end of the name);
+    remembers which keys matched."""
+
+    def __init__(self, **values: Any):
+        self.values = values
+        self.used: set[tuple[str, str]] = set()
+
+    def get(self, what: str, name: str, default: Any) -> Any:
+        value = self.values[what]
+        if not isinstance(value, dict):
+            return value
+        key = next((k for k in value if re.match(rf"(.*\.)?({k})$", name)), None)
+        self.used.add((what, key))
+        return default if key is None else value[key]
+
+    def unused(self) -> list[str]:
+        return [
+            f"{what}[{key!r}]"
+            for what, value in self.values.items()
+            for key in (value if isinstance(value, dict) else ())
+            if (what, key) not in self.used
+        ]
+
+
 def to_adapters(
     model: Any,
     *,
     filter: Any = ...,
-    rank: int = 8,
+    rank: int | dict[str, int] = 8,
     alpha: float | None = None,
-    capacity: int | None = None,
+    capacity: int | dict[str, int] | None = None,
     rngs: nnx.Rngs | None = None,
     freeze: bool = True,
     report: bool = False,
@@ -321,12 +341,29 @@ def to_adapters(
     layer with parameters that got none, with the reason (an embedding, a norm, excluded by the
     filter, not a matrix product).
 
+    **Per-layer rank and capacity.** ``rank`` and ``capacity`` are an int for every layer or a
+    dict ``{pattern: value}`` keyed by module name, PEFT's ``rank_pattern`` rule: a layer's module
+    name is its path joined by ``.`` (``'attn.query'``, ``'layers.0'``, ``''`` for the model
+    itself), and a key, a regular expression, matches the names it ends (at a ``.`` boundary:
+    ``re.match(rf"(.*\.)?({key})$", name)``, so ``'query'`` matches ``'attn.query'`` and
+    ``'block.attn.query'``, not ``'attn.query_norm'``); the first matching key in the dict's
+    order wins, and a layer no key matches takes the default (``rank`` 8; the default capacity).
+    A key that matches no adapted layer is an error (a typo would otherwise be ignored).
+
+    A layer whose capacity exceeds ``floor(min(n, m) / 2)`` (for instance a ``rank`` above that)
+    cannot be trained by :func:`geolora` or the other rank-adaptive integrators, which augment
+    the bases to ``2 * capacity`` columns: ``to_adapters`` warns (``UserWarning``), naming the
+    layer and the capacity that fits; such a layer trains only with a fixed-rank integrator
+    (:func:`dlrt_jax.projector_splitting`, :func:`dlrt_jax.s_only`).
+
     Args:
         model: the pretrained NNX model.
         filter: which layers get adapters.
-        rank: the initial rank and the ``r`` of ``alpha / r`` (see :class:`LowRankAdapter`).
-        alpha: the scale numerator (default ``rank``).
-        capacity: the capacity of every adapter (default per :class:`LowRankAdapter`).
+        rank: the initial rank and the ``r`` of ``alpha / r`` (see :class:`LowRankAdapter`): an
+            int, or a dict of module-name patterns (above).
+        alpha: the scale numerator (default each layer's ``rank``).
+        capacity: the capacity of the adapters (default per :class:`LowRankAdapter`): an int,
+            ``None`` or a dict of module-name patterns (above).
         rngs: ``nnx.Rngs`` for the adapters' random bases (default ``nnx.Rngs(0)``).
         freeze: freeze every parameter that is not an adapter (default ``True``).
         report: also return the summary.
@@ -357,12 +394,17 @@ def to_adapters(
         >>> x = jnp.ones((1, 5, 16))
         >>> bool(jnp.allclose(adapted(x), block(x)))
         True
+        >>> adapted = to_adapters(block, filter="query|value|mlp", rank={"query": 4, "mlp": 6})
+        >>> adapted.attn.query.lora.get_value(), int(adapted.attn.value.rank)
+        (LowRank(shape=(16, 16), capacity=8, rank=4, dtype=float32), 8)
     """
     if not isinstance(report, bool) or not isinstance(freeze, bool):
         raise TypeError("`report` and `freeze` must be bools.")
     predicate = _dnnx._to_predicate(filter)  # the filter language of to_low_rank
     rngs = nnx.Rngs(0) if rngs is None else rngs
     records: list[LayerConversion] = []
+    per_layer = _PerLayer(rank=rank, capacity=capacity)
+    too_large: list[str] = []
 
     def convert(path, node):
         if not isinstance(node, nnx.Module):
@@ -407,17 +449,24 @@ def to_adapters(
                 )
             )
             return node
-        c = _adapter_capacity(rank, capacity, mat.shape, where)
-        new = LowRankAdapter(node, rank=rank, capacity=c, alpha=alpha, rngs=rngs)
-        note = (
-            ""
-            if 2 * c <= min(mat.shape)
-            else ("capacity > floor(min(n, m) / 2): fixed-rank integrators only")
-        )
-        records.append(
-            LayerConversion(
-                _path_str(path), type(node).__name__, True, mat.shape, int(rank), c, None, note
+        name = _module_name(path)
+        r = per_layer.get("rank", name, 8)
+        c = _adapter_capacity(r, per_layer.get("capacity", name, None), mat.shape, where)
+        new = LowRankAdapter(node, rank=r, capacity=c, alpha=alpha, rngs=rngs)
+        note = ""
+        if 2 * c > min(mat.shape):
+            note = "capacity > floor(min(n, m) / 2): fixed-rank integrators only"
+            too_large.append(
+                f"to_adapters: the adapter on {_path_str(path)!r} ({mat.shape[0]} x "
+                f"{mat.shape[1]}) has capacity {c} > floor(min(n, m) / 2) = {min(mat.shape) // 2}"
+                ", so geolora and the other rank-adaptive integrators (which augment the bases "
+                "to 2 * capacity columns) cannot train it; pass a rank and capacity <= "
+                f"{min(mat.shape) // 2} for it (e.g. capacity={{{name!r}: "
+                f"{min(mat.shape) // 2}}}), or train with a fixed-rank integrator "
+                "(dlrt_jax.projector_splitting, dlrt_jax.s_only)."
             )
+        records.append(
+            LayerConversion(_path_str(path), type(node).__name__, True, mat.shape, r, c, None, note)
         )
         return new
 
@@ -427,11 +476,18 @@ def to_adapters(
             if isinstance(node, nnx.Module) and not isinstance(node, LowRankAdapter):
                 _freeze_module(node)
     summary = AdapterSummary(tuple(records))
-    if not summary.converted:
+    unused = per_layer.unused()
+    if not summary.converted or unused:
         raise ValueError(
             "to_adapters: `filter` selected no nnx.Linear / LinearGeneral / Einsum layer that can "
             f"take an adapter.\n{summary}"
+            if not summary.converted
+            else f"to_adapters: the pattern(s) {unused} match no adapted layer (module names: "
+            f"{[r.path.replace('/', '.') for r in summary.converted]}; a key matches the end of "
+            "a name, as PEFT's rank_pattern)."
         )
+    for message in too_large:
+        warnings.warn(message, UserWarning, stacklevel=2)
     _LOGGER.info("%s", summary)
     return (new_model, summary) if report else new_model
 
@@ -538,6 +594,18 @@ def geolora(
 # ---- PEFT LoRA layout ----------------------------------------------------------------------------
 
 
+def _safetensors_numpy():
+    """``safetensors.numpy``, or an ``ImportError`` that gives the install line."""
+    try:
+        import safetensors.numpy
+    except ImportError as e:
+        raise ImportError(
+            'The PEFT files need the safetensors package: pip install "dlrt-jax[peft]" (or, in a '
+            'clone of dlrt_jax, pip install ".[peft]").'
+        ) from e
+    return safetensors.numpy
+
+
 def _json_number(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-9 else float(x)
 
@@ -548,6 +616,7 @@ def export_peft(
     *,
     base_model_name_or_path: str | None = None,
     dtype: Any = np.float32,
+    root_name: str = "0",
 ) -> dict[str, Any]:
     r"""Write the adapters in PEFT's LoRA layout: ``adapter_config.json`` + safetensors weights.
 
@@ -565,24 +634,41 @@ def export_peft(
     ``reshape``. The config has ``peft_type 'LORA'``, ``target_modules`` (the paths),
     ``r``/``lora_alpha`` (the adapters' common ``r`` and ``alpha``, the largest if they differ),
     ``rank_pattern``, ``alpha_pattern``, ``bias 'none'``, ``fan_in_fan_out false``,
-    ``use_rslora false``, ``lora_dropout 0``. PEFT reads a pattern key as a regular expression
-    matched against the end of a module name and takes the first that matches, so the patterns
-    are written deepest path first; ``target_modules`` entries are suffixes too, so a module
-    elsewhere with the same trailing name also gets a (zero-initialised, inactive) LoRA in PEFT.
-    Needs the ``safetensors`` package
+    ``use_rslora false``, ``lora_dropout 0``, and ``lora_bias`` (``true`` when an adapter holds a
+    bias that :func:`import_peft` folded into its base layer: each module's ``lora_B.bias`` is
+    then that bias over the module's scaling, zero for the others). PEFT reads a pattern key as a
+    regular expression matched against the end of a module name and takes the first that
+    matches, so the patterns are written deepest path first; ``target_modules`` entries are
+    suffixes too, so a module elsewhere with the same trailing name also gets a
+    (zero-initialised, inactive) LoRA in PEFT. Needs the ``safetensors`` package
     (``pip install "dlrt-jax[peft]"``); reads the ranks, so call it outside ``jit``.
+
+    PEFT never adapts a model's root module (it skips the empty module name), so an adapter on
+    the root (the model is one layer) is written as the module ``root_name`` (default ``'0'``):
+    in torch, load the file into ``torch.nn.Sequential(layer)``, whose one child is ``'0'``;
+    :func:`import_peft` reads ``root_name`` back as the root.
 
     Args:
         model: the adapted model.
         directory: where to write the two files (created if missing).
         base_model_name_or_path: recorded in the config (PEFT uses it to find the base model).
         dtype: the dtype of the stored tensors (default float32).
+        root_name: the module name of an adapter on the model's root (see above).
 
     Returns:
         The config written.
-    """
-    from safetensors.numpy import save_file
 
+    Examples:
+        >>> import tempfile
+        >>> from flax import nnx
+        >>> from dlrt_jax.adapters import export_peft, to_adapters
+        >>> model = to_adapters(nnx.Sequential(nnx.Linear(6, 4, rngs=nnx.Rngs(0))), rank=2)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     config = export_peft(model, d)
+        >>> config["target_modules"], config["rank_pattern"], config["alpha_pattern"]
+        (['layers.0'], {'layers.0': 2}, {'layers.0': 2})
+    """
+    save_file = _safetensors_numpy().save_file
     found = _adapters(model)
     if not found:
         raise ValueError("export_peft: the model has no LowRankAdapter (see to_adapters).")
@@ -593,7 +679,7 @@ def export_peft(
     # so that "fc1" cannot take the rank of "block.fc1"
     found = sorted(found, key=lambda pa: (-len(pa[0]), _module_name(pa[0])))
     for path, a in found:
-        name = _module_name(path)
+        name = _module_name(path) or root_name
         U, S, V = (np.asarray(t, np.float64) for t in a.factor.masked())
         k = int(a.rank)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(
@@ -604,6 +690,13 @@ def export_peft(
         )
         rank_pattern[name] = k
         alpha_pattern[name] = _json_number(a.scale * k)
+    lora_bias = any(a.lora_bias is not None for _, a in found)
+    for path, a in found if lora_bias else ():  # PEFT's forward adds scaling * lora_B.bias
+        n = a.matricisation.shape[0]
+        b = np.zeros(n) if a.lora_bias is None else np.asarray(a.lora_bias[...], np.float64)
+        tensors[f"{PEFT_PREFIX}{_module_name(path) or root_name}.lora_B.bias"] = (
+            b / a.scale
+        ).astype(dtype)
     r = max(a.r for _, a in found)
     config = {
         "peft_type": "LORA",
@@ -619,6 +712,7 @@ def export_peft(
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
+        "lora_bias": lora_bias,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -661,28 +755,179 @@ def _factor_from_lora(
     )
 
 
+# What import_peft does with each key of PEFT's LoraConfig (peft 0.22, adapter_config.json).
+# Applied: the loaded function is read from these keys.
+_PEFT_APPLIED = frozenset(
+    ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_bias")
+)
+# Informational: no value of these changes the loaded function.
+_PEFT_INFORMATIONAL = frozenset(
+    (
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "lora_dropout",  # training only
+        # which modules PEFT wraps: here the file's tensors decide (a module PEFT wraps without
+        # tensors has B = 0 and computes its base layer)
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "megatron_config",  # Megatron's parallel layers compute the same function
+        "megatron_core",
+        "runtime_config",  # where PEFT computes (GPU offload)
+        "eva_config",  # EVA's initialisation, replaced by the file's tensors
+        "qalora_group_size",  # read only with use_qalora (refused)
+    )
+)
+# Options that change the function: accepted only at these values (PEFT's defaults, and the
+# initialisations that leave the base weights alone), else refused with the reason given.
+_CONVERT_FIRST = (
+    "this initialisation changes the base weights; save the adapter as a plain LoRA with peft's "
+    "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+)
+_PEFT_NEUTRAL: dict[str, tuple[tuple, str]] = {
+    "bias": (("none",), "trained biases of the base layers"),
+    "fan_in_fan_out": ((False,), "transposed (Conv1D) weights"),
+    "use_dora": ((False,), "DoRA's magnitude vectors"),
+    "modules_to_save": (
+        (None, []),
+        "full trained copies of these modules replace the pretrained ones; load their weights "
+        "into the model yourself and drop the key",
+    ),
+    "init_lora_weights": ((True, False, "gaussian", "eva", "orthogonal"), _CONVERT_FIRST),
+    "loftq_config": ((None, {}), "LoftQ's quantised base weights"),
+    "corda_config": ((None,), _CONVERT_FIRST),
+    "astra_config": ((None,), _CONVERT_FIRST),
+    "lora_ga_config": ((None,), _CONVERT_FIRST),
+    "trainable_token_indices": ((None,), "trained embedding rows"),
+    "alora_invocation_tokens": ((None,), "aLoRA: active only after the invocation tokens"),
+    "use_qalora": ((False,), "QALoRA's pooled inputs"),
+    "layer_replication": ((None,), "replicated layers"),
+    "target_parameters": ((None, []), "LoRA on parameters, not modules"),
+    "ensure_weight_tying": ((False,), "adapters tied across modules"),
+    "velora_config": ((None,), "a LoRA variant"),
+    "monteclora_config": ((None,), "a LoRA variant"),
+    "kasa_config": ((None,), "a LoRA variant"),
+    "arrow_config": ((None,), "a LoRA variant (routing among adapters)"),
+    "use_bdlora": ((None, False), "a LoRA variant"),
+}
+
+
+def _peft_config_problems(config: dict) -> list[str]:
+    """Every option of ``config`` that :func:`import_peft` would neither apply nor may ignore."""
+    problems = [] if config.get("peft_type") == "LORA" else ["`peft_type`: not a LoRA adapter"]
+    for key, value in config.items():
+        if key in _PEFT_APPLIED or key in _PEFT_INFORMATIONAL:
+            continue
+        allowed, why = _PEFT_NEUTRAL.get(key, ((None, False, [], {}), "an unknown PEFT option"))
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            problems.append(f"`{key}: {json.dumps(value)}` ({why})")
+    return problems
+
+
+def _peft_tensors(tensors: dict, lora_bias: bool) -> tuple[dict[str, dict], list[str]]:
+    """``{module name: {'lora_A.weight': A, 'lora_B.weight': B[, 'lora_B.bias': b]}}`` (float64)
+    and what is wrong with the file's tensors."""
+    roles = ("lora_A.weight", "lora_B.weight") + (("lora_B.bias",) if lora_bias else ())
+    modules: dict[str, dict] = {}
+    unknown = []
+    for key, value in tensors.items():
+        role = next((r for r in roles if key.startswith(PEFT_PREFIX) and key.endswith(r)), None)
+        if role is None:
+            unknown.append(key)
+            continue
+        name = key[len(PEFT_PREFIX) : -len(role) - 1]
+        modules.setdefault(name, {})[role] = np.asarray(value, np.float64)
+    problems = [f"unknown tensor {key!r}" for key in sorted(unknown)]
+    problems += [
+        f"module {nm!r} lacks its {' and '.join(r for r in roles if r not in t)}"
+        for nm, t in modules.items()
+        if len(t) != len(roles)
+    ]
+    if not modules:
+        problems.append(f"no '{PEFT_PREFIX}<module>.lora_A.weight' tensors")
+    return modules, problems
+
+
+def _peft_module_problems(
+    nm: str, layer: Any, t: dict, adapted: bool, capacity: int | None
+) -> list[str]:
+    """What keeps the tensors ``t`` of module ``nm`` (all present) from loading into ``layer``."""
+    if layer is None:
+        return [f"the model has no module at {nm!r}"]
+    if adapted and not isinstance(layer, LowRankAdapter):
+        return [f"module {nm!r} has no LowRankAdapter to load into"]
+    try:
+        mat = layer.matricisation if adapted else matricise(layer)
+    except NotConvertible as e:
+        return [f"module {nm!r} cannot take an adapter: {e}"]
+    (n, m), A, B = mat.shape, t["lora_A.weight"], t["lora_B.weight"]
+    k = A.shape[0]
+    problems = []
+    if A.shape != (k, m) or B.shape != (n, k):
+        problems.append(
+            f"{nm!r} has lora_A {A.shape}, lora_B {B.shape}; this layer needs ({k}, {m}) and "
+            f"({n}, {k}) (torch's (out, in) layout of W: {n} x {m})"
+        )
+    elif max(k, capacity or 0) > min(n, m):
+        problems.append(
+            f"{nm!r}: rank {k} and `capacity`={capacity} must be <= min(n, m) = {min(n, m)}"
+        )
+    base = layer.base if adapted else layer
+    bias = getattr(base, "bias", None) if isinstance(base, nnx.Linear | nnx.LinearGeneral) else None
+    b = t.get("lora_B.bias")
+    if b is not None and (bias is None or b.shape != (n,)):
+        problems.append(
+            f"`lora_bias: true`: module {nm!r} has no bias of {n} entries to fold its "
+            f"lora_B.bias {b.shape} into (an nnx.Linear / LinearGeneral with use_bias=True)"
+        )
+    return problems
+
+
 def import_peft(
     model: Any,
     directory: str | os.PathLike,
     *,
     capacity: int | None = None,
     freeze: bool = True,
+    root_name: str = "0",
 ) -> Any:
     r"""Load a PEFT LoRA adapter (:func:`export_peft`'s layout) into a model; returns a new model.
 
     ``model`` is the pretrained model (its layers at the adapter's module paths are wrapped in
-    :class:`LowRankAdapter`, ``r`` and ``alpha`` from the config, the rest frozen as by
-    :func:`to_adapters`) or an adapted one (its adapters keep their ``r`` and ``alpha``). Each
+    :class:`LowRankAdapter` with ``r`` the file's rank of the module and ``alpha / r`` PEFT's
+    scaling of it, the rest frozen as by :func:`to_adapters`) or an adapted one (its adapters
+    keep their ``r`` and ``alpha``). Each
     module's ``scaling * B A`` (PEFT's ``scaling = alpha_pattern / rank_pattern``, or
     ``/ sqrt(rank)`` with ``use_rslora``; the global ``r``/``lora_alpha`` where a pattern has no
     entry) becomes ``(alpha / r) U S V^T`` with ``U``, ``V`` orthonormal and ``S`` diagonal of
     the file's rank ``k`` (QR of ``B`` and ``A^T`` and an SVD of the small core), in a capacity
-    ``max(capacity, k)`` (default capacity as :class:`LowRankAdapter`).
+    ``max(capacity, k)`` (default capacity as :class:`LowRankAdapter`). A module named
+    ``root_name`` (or ``''``) that the model lacks is the model itself (see :func:`export_peft`).
+
+    Every option of the config is applied or refused by name, never ignored: ``r``,
+    ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` and ``lora_bias`` are
+    applied (``lora_bias``: ``scaling * lora_B.bias`` is added to the frozen bias of the base
+    ``nnx.Linear`` / ``LinearGeneral``, as PEFT's merge does, and kept on the adapter as
+    ``lora_bias`` so that :func:`export_peft` writes it back); the informational keys
+    (``task_type``, ``base_model_name_or_path``, ``revision``, ``inference_mode``,
+    ``lora_dropout``, ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+    ``layers_pattern``, ``megatron_config``, ``megatron_core``, ``runtime_config``,
+    ``eva_config``, ``qalora_group_size``, ``auto_mapping``, ``peft_version``) are read for
+    nothing (which modules get adapters is decided by the file's tensors); every other option
+    (``modules_to_save``, ``use_dora``, ``fan_in_fan_out``, ``bias`` other than ``'none'``,
+    initialisations that change the base weights such as ``'pissa'``, ...) is accepted only at
+    its neutral value (``None``, ``False``, empty; PEFT's default), and so is a key this importer
+    does not know. Tensors other than ``lora_A.weight``, ``lora_B.weight`` (and ``lora_B.bias``
+    with ``lora_bias``) are refused by name.
 
     Raises:
-        ValueError: for a config that is not LoRA, options this layout cannot represent
-            (``fan_in_fan_out``, ``use_dora``, a trained ``bias``), a module path the model
-            lacks, or tensors whose shapes do not match the layer.
+        ValueError: listing every refused option and tensor, module path the model lacks, and
+            tensor whose shape does not match its layer.
 
     Examples:
         >>> import tempfile, jax.numpy as jnp
@@ -693,77 +938,74 @@ def import_peft(
         >>> with tempfile.TemporaryDirectory() as d:
         ...     config = export_peft(model, d)
         ...     loaded = import_peft(pretrained, d)
-        >>> config["rank_pattern"], type(loaded).__name__
-        ({'': 2}, 'LowRankAdapter')
+        >>> config["target_modules"], type(loaded).__name__
+        (['0'], 'LowRankAdapter')
     """
-    from safetensors.numpy import load_file
-
+    load_file = _safetensors_numpy().load_file
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         config = json.load(f)
-    if config.get("peft_type") != "LORA":
+    lora_bias = config.get("lora_bias") is True
+    files, problems = _peft_tensors(load_file(os.path.join(directory, WEIGHTS_NAME)), lora_bias)
+    problems = _peft_config_problems(config) + problems
+    layers = {
+        _module_name(p): node for p, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+    }
+    paths = {nm: nm if nm in layers or nm not in (root_name, "") else "" for nm in files}
+    adapted = bool(_adapters(model))
+    capacity = None if capacity is None else _check_int(capacity, "capacity", 1)
+    roles = 3 if lora_bias else 2
+    for nm, t in files.items():
+        if len(t) == roles:  # (a missing tensor is reported above)
+            problems += _peft_module_problems(nm, layers.get(paths[nm]), t, adapted, capacity)
+    if problems:
         raise ValueError(
-            f"import_peft: not a LoRA adapter (peft_type {config.get('peft_type')!r})."
+            f"import_peft: cannot load {directory} as it is (nothing was loaded):\n  "
+            + "\n  ".join(problems)
         )
-    for key, bad in (("fan_in_fan_out", True), ("use_dora", True)):
-        if config.get(key) == bad:
-            raise ValueError(f"import_peft: `{key}: {bad}` adapters are not supported.")
-    if config.get("bias", "none") != "none":
-        raise ValueError(
-            "import_peft: adapters with trained biases (bias != 'none') are not supported."
-        )
-    tensors = load_file(os.path.join(directory, WEIGHTS_NAME))
-    names = sorted(
-        {
-            k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0]
-            for k in tensors
-            if k.startswith(PEFT_PREFIX) and ".lora_" in k
-        }
-    )
-    if not names:
-        raise ValueError(f"import_peft: no '{PEFT_PREFIX}<module>.lora_A.weight' tensors found.")
     r_global, alpha_global = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-
-    paths = {_module_name(tuple(p)) for p, _ in nnx.iter_graph(model)}
-    missing = [nm for nm in names if nm not in paths]
-    if missing:
-        raise ValueError(f"import_peft: the model has no module at {missing}.")
-    if not _adapters(model):
-        wanted = set(names)
+    scaling = {}
+    for nm in files:  # PEFT's scaling of each module
+        r_m = _pattern(config.get("rank_pattern") or {}, nm, r_global)
+        alpha_m = _pattern(config.get("alpha_pattern") or {}, nm, alpha_global)
+        scaling[nm] = alpha_m / (math.sqrt(r_m) if config.get("use_rslora") else r_m)
+    if not adapted:  # r = the file's rank of each module (deepest name first: its own pattern)
+        deepest = sorted(files, key=lambda nm: -len(paths[nm].split(".")))
+        ranks = {re.escape(paths[nm]): len(files[nm]["lora_A.weight"]) for nm in deepest}
+        wanted = set(paths.values())
         model = to_adapters(
             model,
             filter=lambda path, _m: _module_name(tuple(path)) in wanted,
-            rank=int(r_global),
-            alpha=float(alpha_global),
-            capacity=None,
+            rank=ranks,
             freeze=freeze,
         )
     else:
         model = nnx.clone(model)
     by_name = {_module_name(p): a for p, a in _adapters(model)}
-    for i, nm in enumerate(names):
-        if nm not in by_name:
-            raise ValueError(f"import_peft: module {nm!r} has no LowRankAdapter to load into.")
-        a = by_name[nm]
-        A = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_A.weight"], np.float64)
-        B = np.asarray(tensors[f"{PEFT_PREFIX}{nm}.lora_B.weight"], np.float64)
-        n, m = a.matricisation.shape
-        k = A.shape[0]
-        if A.shape != (k, m) or B.shape != (n, k):
-            raise ValueError(
-                f"import_peft: {nm!r} has lora_A {A.shape}, lora_B {B.shape}; this layer needs "
-                f"({k}, {m}) and ({n}, {k}) (torch's (out, in) layout of W: {n} x {m})."
-            )
-        r_m = _pattern(rank_pattern, nm, r_global)
-        alpha_m = _pattern(alpha_pattern, nm, alpha_global)
-        scaling = alpha_m / (math.sqrt(r_m) if rslora else r_m)
-        c = max(k, a.capacity if capacity is None else int(capacity))
-        if c > min(n, m):
-            raise ValueError(f"import_peft: rank {k} of {nm!r} exceeds min(n, m) = {min(n, m)}.")
-        a.lora = LowRankParam(_factor_from_lora(B, A, scaling / a.scale, c, a.factor.dtype, seed=i))
+    for i, (nm, t) in enumerate(sorted(files.items())):
+        a = by_name[paths[nm]]
+        if not adapted:
+            a.alpha = scaling[nm] * a.r  # alpha / r is PEFT's scaling
+        A, B = t["lora_A.weight"], t["lora_B.weight"]
+        c = max(len(A), a.capacity if capacity is None else capacity)
+        mult = scaling[nm] / a.scale
+        a.lora = LowRankParam(_factor_from_lora(B, A, mult, c, a.factor.dtype, seed=i))
+        if lora_bias or a.lora_bias is not None:
+            _fold_lora_bias(a, scaling[nm] * t["lora_B.bias"] if lora_bias else None)
     return model
+
+
+def _fold_lora_bias(a: LowRankAdapter, b: np.ndarray | None) -> None:
+    """Put PEFT's ``scaling * lora_B.bias`` (``b``; ``None``: none) into the base layer's frozen
+    bias, replacing what an earlier import folded in, and keep it on the adapter for
+    :func:`export_peft`."""
+    bias = a.base.bias
+    old = 0.0 if a.lora_bias is None else np.asarray(a.lora_bias[...], np.float64)
+    new = 0.0 if b is None else b
+    dtype = jnp.asarray(bias[...]).dtype
+    bias[...] = (np.asarray(bias[...], np.float64) + np.reshape(new - old, bias.shape)).astype(
+        dtype
+    )
+    a.lora_bias = None if b is None else FrozenParam(jnp.asarray(b, dtype))
 
 
 def _pattern(pattern: dict, name: str, default: Any) -> float:

@@ -41,6 +41,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -49,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlrt_jax._factors import is_lowrank
+from dlrt_jax._factors import _check_int, is_lowrank
 
 __all__ = [
     "CheckpointManager",
@@ -242,11 +243,13 @@ def _match_commitment(restored: Any, target: Any) -> Any:
     return jax.tree_util.tree_map(one, restored, target)
 
 
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: ``False`` for orbax's ``Given directory is read only`` warning only."""
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 def _check_step(step: Any) -> int:
-    a = np.asarray(step)
-    if isinstance(step, bool) or a.shape != () or not np.issubdtype(a.dtype, np.integer) or a < 0:
-        raise ValueError(f"`step` must be an integer >= 0, got {step!r}.")
-    return int(a)
+    return _check_int(step, "step", 0)  # the core's one integer check
 
 
 # ---- manager -------------------------------------------------------------------------------------
@@ -303,9 +306,14 @@ class CheckpointManager:
             read_only=self.read_only,
             enable_async_checkpointing=False,
         )
-        self._mgr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(_STATE_ITEM, _META_ITEM)
-        )
+        absl = logging.getLogger("absl")
+        absl.addFilter(_drop_read_only_notice)  # orbax logs it at every read-only open
+        try:
+            self._mgr = ocp.CheckpointManager(
+                self.directory, options=options, item_names=(_STATE_ITEM, _META_ITEM)
+            )
+        finally:
+            absl.removeFilter(_drop_read_only_notice)
 
     # -- context manager --------------------------------------------------------------------------
     def __enter__(self) -> CheckpointManager:

@@ -3,6 +3,9 @@
 import json
 import pathlib
 import re
+import sys
+import tomllib
+import warnings
 
 import chex
 import jax
@@ -118,7 +121,8 @@ def test_einsum_and_general_axes_adapters_merge():
 
     pretrained = Heads(nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 5, D))
-    model = to_adapters(pretrained, rank=2)
+    with pytest.warns(UserWarning, match=r"'mix' \(3 x 5\) has capacity 2"):  # 2 c > 5
+        model = to_adapters(pretrained, rank=2)
     assert isinstance(model.proj, LowRankAdapter) and model.proj.factor.shape == (8, D)
     chex.assert_trees_all_close(model(x), pretrained(x), atol=0, rtol=0)
     _randomise(model)
@@ -166,7 +170,7 @@ def test_every_integrator_trains_an_adapter_from_zero_core(make_tx, factor):
     optimizer = DLRTOptimizer(model, make_tx())
     loss_fn = lambda m, b: jnp.mean((m(b[0]) - b[1]) ** 2)  # noqa: E731
     step = nnx.jit(lambda m, o, b: train_step(m, o, loss_fn, b))
-    losses = [float(step(model, optimizer, (x, y))) for _ in range(30)]
+    losses = [float(step(model, optimizer, (x, y))) for _ in range(40)]
     assert np.all(np.isfinite(losses)) and losses[-1] < factor * losses[0], losses
     U = model.factor.U
     chex.assert_trees_all_close(U.T @ U, jnp.eye(model.capacity), atol=1e-5)
@@ -374,9 +378,108 @@ def test_adapters_under_a_budget_get_different_ranks():
 # ---- README --------------------------------------------------------------------------------------
 
 
+def test_without_safetensors_the_error_names_the_readmes_install_line(monkeypatch, tmp_path):
+    """issue 17, problem 4: the Adapters section gives its install line before its block, that
+    extra holds safetensors, and without safetensors the error names the same extra."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    section = (root / "README.md").read_text().split("## Adapters (GeoLoRA-style)", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    assert section.index("```bash") < section.index("```python")
+    install = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    extra = re.fullmatch(r'pip install "\.\[(\w+)\]".*', install.strip()).group(1)
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert "safetensors" in extras["optional-dependencies"][extra]
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # `import safetensors` now fails
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    model = to_adapters(nnx.Linear(6, 4, rngs=nnx.Rngs(0)), rank=2)
+    line = rf'pip install "dlrt-jax\[{extra}\]".*pip install "\.\[{extra}\]"'
+    with pytest.raises(ImportError, match=line):
+        export_peft(model, tmp_path)
+    with pytest.raises(ImportError, match=line):
+        import_peft(model, tmp_path)
+
+
 def test_readme_adapter_workflow_runs():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Adapters (GeoLoRA-style)", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     assert len(block.strip().splitlines()) < 15
     exec(compile(block, "README.md", "exec"), {})
+
+
+# ---- issue 17, problem 6: per-layer rank / capacity, a warning for what geolora cannot train -----
+
+
+def test_per_layer_rank_and_capacity_by_path_pattern():
+    """PEFT's rank_pattern rule: a key matches the end of the dotted module name at a '.'; the
+    first matching key wins; unmatched layers take the default."""
+    model, summary = to_adapters(
+        Block(nnx.Rngs(0)),
+        rank={"attn.query": 3, "query|key": 2, "fc1": 5, "out": 4},
+        capacity={"fc1": 7, "out": 4},
+        report=True,
+    )
+    got = {r.path: (r.rank, r.capacity) for r in summary.converted}
+    assert got == {
+        "attn/query": (3, 6),  # the first matching key, not 'query|key'
+        "attn/key": (2, 4),  # default capacity max(r, min(2 r, floor(min(n, m) / 2)))
+        "attn/value": (8, 8),  # no key: rank 8
+        "attn/out": (4, 4),
+        "fc1": (5, 7),
+        "fc2": (8, 8),
+    }
+    assert model.fc1.r == 5 and model.fc1.scale == 1.0  # alpha defaults to each layer's rank
+
+
+def test_per_layer_pattern_errors():
+    with pytest.raises(ValueError, match=r"rank\['fc3'\].*match no adapted layer"):
+        to_adapters(Block(nnx.Rngs(0)), rank={"fc3": 2})
+    with pytest.raises(ValueError, match="`capacity` must be an integer in"):
+        to_adapters(Block(nnx.Rngs(0)), rank={"fc1": 4}, capacity={"fc1": 2})
+
+
+def test_capacity_geolora_cannot_train_warns_at_conversion():
+    pretrained = nnx.Sequential(
+        nnx.Linear(6, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1))
+    )
+    with pytest.warns(UserWarning, match=r"'layers/0' \(4 x 6\) has capacity 3 > .* = 2.*geolora"):
+        model = to_adapters(pretrained, rank={"0": 3, "1": 2})
+    with pytest.raises(ValueError, match="augments the bases"):  # what the warning foretells
+        DLRTOptimizer(model, geolora(1e-2, tau=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fix the warning names converts without one
+        to_adapters(pretrained, rank={"0": 2, "1": 2})
+
+
+# ---- issue 17, code review: one validation layer (the core's integer check, rank rule) ----
+
+
+def test_adapters_and_application_use_the_cores_integer_check(tmp_path):
+    import dlrt_jax._factors as core
+    from dlrt_jax import adapters, checkpoint
+    from dlrt_jax.mnist import data, models
+
+    for module in (adapters, data, models, checkpoint):
+        assert module._check_int is core._check_int, module.__name__
+    assert not hasattr(adapters, "_is_int") and not hasattr(models, "_check_positive_int")
+    # the same message everywhere: the argument, its bounds, the value
+    cases = [
+        (lambda: data.num_batches(10, 2.5), "`batch_size` must be an integer >= 1, got 2.5."),
+        (lambda: models.init_mlp(jax.random.key(0), 0), "`width` must be an integer >= 1, got 0."),
+        (lambda: checkpoint._check_step(-1), "`step` must be an integer >= 0, got -1."),
+        (
+            lambda: to_adapters(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rank=5),
+            "`rank` must be an integer in [1, min(n, m)=3], got 5.",
+        ),
+        (
+            lambda: LowRankAdapter(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), rank=3, capacity=2),
+            "`capacity` must be an integer in [3, min(n, m)=8], got 2.",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+    with pytest.raises(
+        ValueError, match=re.escape("`rank` must be an integer in [1, min(n, m)=20]")
+    ):
+        models.init_lenet5(jax.random.key(0), rank=21)  # conv1 is 20 x 25

@@ -335,3 +335,30 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, mode):
     np.testing.assert_array_equal(
         jax.random.key_data(out["k"]), jax.random.key_data(jax.random.key(1))
     )
+
+
+def test_missing_orbax_names_the_install_line(monkeypatch):
+    """issue 17, problem 4: an optional dependency fails with the pip line that installs it."""
+    from dlrt_jax import checkpoint
+
+    monkeypatch.setitem(sys.modules, "orbax.checkpoint", None)  # `import` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'dlrt-jax\[checkpoint\]'"):
+        checkpoint.CheckpointManager("unused", read_only=True)
+
+
+def test_restore_prints_no_read_only_warning(tmp_path, caplog, capfd):
+    """issue 17, problem 7: a restore printed orbax's `WARNING:absl:Given directory is read
+    only`; it is dropped in our read-only open only, not globally."""
+    import logging
+
+    save_checkpoint(tmp_path, 0, {"x": jnp.arange(3.0)})
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        restored = restore_checkpoint(tmp_path, {"x": jnp.zeros(3)})
+        assert latest_step(tmp_path) == 0
+    out, err = capfd.readouterr()
+    assert "read only" not in caplog.text + out + err
+    assert restored["x"].tolist() == [0.0, 1.0, 2.0]
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("absl").warning("Given directory is read only=%s", "elsewhere")
+    assert "read only=elsewhere" in caplog.text  # the absl logger itself is untouched

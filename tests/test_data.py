@@ -591,6 +591,7 @@ def test_file_url_mirrors(tmp_path, registered, caplog):
     mirrors = [(tmp_path / d).as_uri() + "/" for d in ("absent", "bad", "good")]
     spec = registered(blobs, mirrors=mirrors)
     cache = tmp_path / "cache"
+    cache.mkdir()
     with caplog.at_level("INFO", logger="dlrt_jax.mnist.data"):
         ds = load_dataset(spec.name, cache)
     for role in ROLES:
@@ -607,6 +608,7 @@ def test_without_pooch(tmp_path, registered, monkeypatch):
     arrays = make_arrays()
     blobs = make_blobs(arrays)
     spec = registered(blobs, mirrors=[(tmp_path / "m").as_uri()])
+    (tmp_path / "cache").mkdir()
     with pytest.raises(ImportError, match=r'pip install "dlrt-jax\[mnist\]"'):
         load_dataset(spec.name, tmp_path / "cache")
     write_blobs(tmp_path / "cache" / spec.name, blobs)  # files in place: no pooch needed
@@ -712,7 +714,7 @@ def test_num_batches():
     assert num_batches(0, 4, False) == 0
     with pytest.raises(ValueError, match="batch_size"):
         num_batches(10, 0)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="`n` must be an integer >= 0, got -1"):
         num_batches(-1, 2)
 
 
@@ -794,3 +796,34 @@ def test_batch_iterator_validation():
         batch_iterator(x, x, 2, seed=-3, epoch=0)
     with pytest.raises(ValueError, match="start_batch"):
         batch_iterator(x, x, 2, seed=0, epoch=0, start_batch=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 17, problem 7: small problems
+# --------------------------------------------------------------------------------------------
+
+
+def test_nonexistent_data_dir_fails_before_creating_anything(tmp_path, registered, monkeypatch):
+    spec = registered(make_blobs(make_arrays()), mirrors=[(tmp_path / "m").as_uri()])
+    missing = tmp_path / "nonexistent"
+    with pytest.raises(DatasetNotFoundError, match=r"nonexistent .*does not exist.*mkdir -p"):
+        load_dataset(spec.name, missing)
+    monkeypatch.setenv(DATA_DIR_ENV_VAR, str(missing))
+    with pytest.raises(DatasetNotFoundError, match=rf"\${DATA_DIR_ENV_VAR}\) does not exist"):
+        load_dataset(spec.name)
+    assert not missing.exists()  # was: <dir>/<name>/ created before the download failed
+
+
+def test_mnist_package_lists_its_modules():
+    import dlrt_jax.mnist
+
+    assert dir(dlrt_jax.mnist) == dlrt_jax.mnist.__all__ == ["data", "models", "train"]
+    assert dlrt_jax.mnist.data is sys.modules["dlrt_jax.mnist.data"]
+    assert dlrt_jax.mnist.models.init_mlp is sys.modules["dlrt_jax.mnist.models"].init_mlp
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dlrt_jax.mnist.nope  # noqa: B018
+
+
+def test_benchmarks_readme_names_no_machines_data_path():
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "README.md").read_text()
+    assert "/work/shared" not in text and "$DLRT_DATA_DIR" in text

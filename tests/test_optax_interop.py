@@ -195,8 +195,17 @@ def test_a_transform_after_dlrt_is_caught_at_the_next_step(make):
         updates, state = tx.update(grad_fn(p), state, p, grad_fn=grad_fn)
         return optax.apply_updates(p, updates), state
 
-    with pytest.raises(jax.errors.JaxRuntimeError, match="must be the last member"):
-        jax.block_until_ready(step(p, state))
+    # under jit the step records the fault in its state and changes nothing (no host callback);
+    # dlrt_jax.check reads it where the host syncs anyway
+    p2, state2 = step(p, state)
+    chex.assert_trees_all_equal(p2, p)
+    dlrt_state = state2[0]
+    assert int(dlrt_state.num_skipped) == 1 and int(dlrt_state.faults[0]) != 0
+    with pytest.raises(ValueError, match=r"params\['w'\].*must be the last member"):
+        dlrt_jax.check(state2, p2)
+    with pytest.raises(ValueError, match=r"factor 0 .*must be the last member"):
+        dlrt_jax.check(state2)
+    dlrt_jax.check(state)  # the state before the faulty step has none
 
 
 def test_the_same_transform_before_dlrt_is_fine():
@@ -244,8 +253,11 @@ def test_the_check_under_vmap_names_the_factor_and_passes_correct_use():
         vstep = jax.jit(jax.vmap(step))
         p, state = vstep(stacked, jax.vmap(tx.init)(stacked))
         if fails:
-            with pytest.raises(jax.errors.JaxRuntimeError, match=r"params\['w'\] is not a factor"):
-                jax.block_until_ready(vstep(p, state))
+            p2, state2 = vstep(p, state)
+            faults = np.asarray(state2[0].faults)
+            assert faults.shape == (2, 1) and np.all(faults != 0), faults
+            with pytest.raises(ValueError, match=r"params\['w'\] is not a factor"):
+                dlrt_jax.check(state2, p2)
         else:
             p, state = vstep(p, state)
             assert np.all(np.asarray(state.num_skipped) == 0)

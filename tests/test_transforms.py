@@ -402,3 +402,43 @@ def test_every_product_of_a_step_is_highest_precision_and_the_model_keeps_its_ow
     model = jax.grad(lambda p: jnp.sum(p["w"].to_dense() ** 2))
     dots = _dots(lambda p, s: step(p, s, model), params, state)
     assert any("HIGHEST" not in d for d in dots)
+
+
+# ---- faults: recorded in the state, named by dlrt_jax.check ------------------------------------
+
+
+def test_a_nan_factor_is_named_at_init_and_recorded_by_a_jitted_step():
+    params = _params()
+    bad = dict(
+        params,
+        w=params["w"]._unchecked(
+            params["w"].U.at[0, 0].set(jnp.nan), params["w"].S, params["w"].V, params["w"].rank
+        ),
+    )
+    tx = dlrt_jax.parallel_bug(0.1, tau=0.1)
+    with pytest.raises(ValueError, match=r"params\['w'\] holds NaN or Inf"):
+        tx.init(bad)
+    state = jax.jit(tx.init)(bad)  # traced: recorded, not raised
+    assert int(state.faults[0]) == dlrt_jax._transforms.FAULT_NONFINITE
+    A = _lowrank_target(jax.random.key(1), 2)
+    p, state = _make_step(tx)(bad, tx.init(params), A)
+    assert int(state.num_skipped) == 1
+    assert int(state.faults[0]) == dlrt_jax._transforms.FAULT_NONFINITE
+    np.testing.assert_array_equal(np.asarray(p["w"].S), np.asarray(bad["w"].S))  # untouched
+    with pytest.raises(ValueError, match=r"params\['w'\] holds NaN or Inf") as info:
+        dlrt_jax.check(state, p)
+    assert "optax.chain" not in str(info.value)  # not mistaken for a chain-order problem
+
+
+def test_a_scaled_update_names_the_bases_and_not_a_whole_rank():
+    """A rank that is still whole is not reported as a bad rank (the bases are the problem)."""
+    params = {"w": _params(rank=CAP)["w"]}  # full rank: 0.5 * (r - r) keeps the rank whole
+    A = _lowrank_target(jax.random.key(1), CAP)
+    tx = optax.chain(dlrt_jax.bug(0.5), optax.scale(0.5))
+    grad_fn = jax.grad(lambda p: _loss(p, A))
+    state = tx.init(params)
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    p = optax.apply_updates(params, updates)
+    with pytest.raises(ValueError, match="off unit norm") as info:
+        tx.update(grad_fn(p), state, p, grad_fn=grad_fn)
+    assert "whole number" not in str(info.value)

@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dlrt_jax._factors import _check_int  # the core's one integer check
+
 __all__ = [
     "DATA_DIR_ENV_VAR",
     "MNIST_MEAN",
@@ -324,6 +326,9 @@ def get_dataset_spec(name: str) -> IDXDataset:
 # ---- files: location, verification, download, IDX parsing --------------------------------------
 
 
+_DEFAULT_SOURCE = "the default cache directory"
+
+
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, str]:
     if data_dir is not None:
         return Path(data_dir).expanduser(), "the data_dir argument"
@@ -331,7 +336,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> tuple[Path, st
         return Path(os.environ[DATA_DIR_ENV_VAR]).expanduser(), f"${DATA_DIR_ENV_VAR}"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     cache = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return cache / "dlrt_jax", "the default cache directory"
+    return cache / "dlrt_jax", _DEFAULT_SOURCE
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -496,10 +501,13 @@ def load_dataset(
     :func:`resolve_data_dir`); each file is looked up in ``<dir>/<name>/``, then in ``<dir>/``.
     With ``verify=True`` every file's size and checksums are checked before parsing. Missing
     files are downloaded into ``<dir>/<name>/`` when ``download=True`` (mirrors in order; a
-    download is moved into place only once its checksum matches).
+    download is moved into place only once its checksum matches). A data directory given by
+    ``data_dir`` or ``$DLRT_DATA_DIR`` must exist (only ``<dir>/<name>/`` is created in it); the
+    default cache directory is created when needed.
 
     Raises:
-        DatasetNotFoundError: files are missing and could not be downloaded.
+        DatasetNotFoundError: files are missing and could not be downloaded, or a given data
+            directory that would receive downloads does not exist.
         CorruptDatasetError: a file fails verification or parsing (it is never overwritten).
         ValueError: unknown dataset name.
         ImportError: a file must be downloaded and pooch is not installed.
@@ -533,8 +541,18 @@ def load_dataset(
             problem="; ".join(f"{p.name}: {why}" for p, why in bad),
         )
 
+    fetch = [r for r in ROLES if r not in paths and download]
+    if fetch and source != _DEFAULT_SOURCE and not root.is_dir():  # never create a given dir
+        raise DatasetNotFoundError(
+            f"dataset {spec.name!r}: the data directory {root} (taken from {source}) does not "
+            f"exist; nothing was created or downloaded. Create it (mkdir -p '{root}') to "
+            f"download the files into {home}, or give the directory that holds '{spec.name}/'.",
+            dataset=spec.name,
+            missing=[spec.files[r].filename for r in fetch],
+            directory=home,
+        )
     attempts: dict[str, list[str]] = {}
-    for role in [r for r in ROLES if r not in paths and download]:
+    for role in fetch:
         attempts[role] = _download(spec.files[role], spec.mirrors, home)
         if not attempts[role]:
             paths[role] = home / spec.files[role].filename
@@ -591,16 +609,6 @@ def _not_found_message(spec, roles, root, home, source, download, attempts) -> s
 
 
 # ---- training helpers ------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or isinstance(value, bool) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return v
 
 
 def preprocess(

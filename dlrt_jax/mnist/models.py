@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from dlrt_jax import LowRank, default_capacity, is_lowrank, lowrank_apply, lowrank_map
+from dlrt_jax._factors import _check_int  # the core's one integer check
 from dlrt_jax._layers import ConvPhi
 
 __all__ = [
@@ -143,40 +144,26 @@ def _check_choice(dense: bool, uv: bool) -> None:
         raise ValueError("Choose at most one of `dense=True` and `uv=True`.")
 
 
-def _check_positive_int(value: Any, name: str) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
-    ):
-        raise ValueError(f"`{name}` must be None or an integer >= 1, got {value!r}.")
-
-
 def _factor_rank(shape: tuple[int, int], rank: int | None, max_rank: int | None, where: str):
-    """``(rank, capacity)`` of one factored layer."""
+    """``(rank, capacity)`` of one factored layer: a given ``rank`` is both (an integer in
+    ``[1, min(n, m)]``, the core's rule); else both are the default capacity, at most
+    ``max_rank``."""
     n, m = shape
-    if rank is not None:
-        if rank > min(n, m):
-            raise ValueError(
-                f"{where}: `rank`={rank} exceeds min(n, m)={min(n, m)} of this {n} x {m} weight."
-            )
-        return rank, rank
-    cap = default_capacity(shape)
-    if max_rank is not None:
-        cap = min(cap, max_rank)
-    return cap, cap
+    if rank is None:
+        rank = (
+            default_capacity(shape) if max_rank is None else min(default_capacity(shape), max_rank)
+        )
+    bound = f"min(n, m)={min(n, m)}"
+    rank = _check_int(rank, "rank", 1, min(n, m), upper=bound, fix=f" ({where}: {n} x {m} weight)")
+    return rank, rank
 
 
 def _per_layer_ranks(rank: Any, count: int) -> list[int | None]:
-    if rank is None or isinstance(rank, int | np.integer):
-        _check_positive_int(rank, "rank")
-        return [rank] * count
-    ranks = list(rank)
-    if len(ranks) != count:
+    """``rank`` (``None``, an int, or ``count`` ints) as one entry per layer, each checked."""
+    ranks = [rank] * count if rank is None or np.ndim(rank) == 0 else list(rank)
+    if len(ranks) != count or (rank is not None and None in ranks):
         raise ValueError(f"`rank` must be None, an int or {count} ints, got {rank!r}.")
-    for r in ranks:
-        if r is None:
-            raise ValueError(f"`rank` entries must be integers >= 1, got {rank!r}.")
-        _check_positive_int(r, "rank")
-    return ranks
+    return [None if r is None else _check_int(r, "rank", 1) for r in ranks]
 
 
 def _singular_values(key: jax.Array, r: int, decay: float | None) -> jax.Array:
@@ -265,10 +252,10 @@ def init_mlp(
         ([250, 250, 250, 250], (500, 784), (10, 500))
     """
     for name, v in (("width", width), ("depth", depth), ("in_features", in_features)):
-        _check_positive_int(v, name)
-    _check_positive_int(num_classes, "num_classes")
+        _check_int(v, name, 1)
+    _check_int(num_classes, "num_classes", 1)
     ranks = _per_layer_ranks(rank, depth)
-    _check_positive_int(max_rank, "max_rank")
+    max_rank = None if max_rank is None else _check_int(max_rank, "max_rank", 1)
     _check_choice(dense, uv)
     if decay is not None and not decay > 0:
         raise ValueError(f"`decay` must be None or > 0, got {decay!r}.")
@@ -346,7 +333,7 @@ def init_lenet5(
         [10, 25, 250]
     """
     _check_choice(dense, uv)
-    _check_positive_int(max_rank, "max_rank")
+    max_rank = None if max_rank is None else _check_int(max_rank, "max_rank", 1)
     ranks = _per_layer_ranks(rank, 3)
     if decay is not None and not decay > 0:
         raise ValueError(f"`decay` must be None or > 0, got {decay!r}.")

@@ -1,0 +1,165 @@
+"""The augment-train-truncate cycle (``augment_every``) against the float64 NumPy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dlrt_jax
+from dlrt_jax import LowRank
+
+try:
+    import reference as ref
+except ImportError:  # pragma: no cover - depends on pytest's import mode
+    from tests import reference as ref
+
+N, M, R, CAP = 20, 16, 2, 8
+TAU = 0.05
+
+
+def _regression(rng):
+    """Y = X W*^T + noise, W* of rank 4 with singular values 4, 3, 2, 1."""
+    Uw, _, Vw = ref.random_lowrank(rng, N, M, 4)
+    W_true = Uw @ np.diag([4.0, 3.0, 2.0, 1.0]) @ Vw.T
+    X = rng.standard_normal((40, M))
+    Y = X @ W_true.T + 0.01 * rng.standard_normal((40, N))
+    loss_np, grad_np = ref.regression_loss(X, Y)
+
+    def loss_j(p):
+        W = p["w"].to_dense()
+        return 0.5 * jnp.sum((jnp.asarray(X, W.dtype) @ W.T - jnp.asarray(Y, W.dtype)) ** 2)
+
+    return grad_np, loss_j, 0.5 / np.linalg.norm(X, 2) ** 2
+
+
+def _factor(U, S, V, dtype):
+    x = LowRank(jnp.asarray(U, dtype), jnp.asarray(S, dtype), jnp.asarray(V, dtype), U.shape[1])
+    return dlrt_jax.resize_capacity({"w": x}, None, CAP)[0]
+
+
+REFERENCE_STEPS = {"bug": ref.adaptive_bug_step, "parallel_bug": ref.parallel_bug_step}
+
+
+def _run(tx, params, loss_j, steps, use_jit):
+    grad_fn = jax.grad(loss_j)
+    state = tx.init(params)
+
+    def step(p, s):
+        updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+        return optax.apply_updates(p, updates), s
+
+    step = jax.jit(step) if use_jit else step
+    out = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        out.append(params["w"])
+    return out, state
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_STEPS))
+@pytest.mark.parametrize("k", [1, 3])
+def test_cycle_matches_the_float64_reference(name, k):
+    """Ranks and W = U S V^T after every step of two cycles and a bit, float64 on both sides."""
+    steps = 2 * k + 1
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        grad_np, loss_j, h = _regression(rng)
+        U, S, V = ref.random_lowrank(rng, N, M, R)
+        augment = REFERENCE_STEPS[name]
+        tx = getattr(dlrt_jax, name)(h, tau=TAU, min_rank=1, augment_every=k)
+        xs, state = _run(tx, _factor(U, S, V, jnp.float64), loss_j, steps, use_jit=False)
+        for t in range(steps):
+            Ur, Sr, Vr, ranks = ref.cycle(
+                U, S, V, grad_np, h, TAU, k, t + 1, augment_step=augment, min_rank=1, max_rank=CAP
+            )
+            W = np.asarray(xs[t].to_dense())
+            W_ref = Ur @ Sr @ Vr.T
+            assert int(xs[t].rank) == ranks[-1], (t, int(xs[t].rank), ranks)
+            assert np.linalg.norm(W - W_ref) / np.linalg.norm(W_ref) < 1e-9, t
+        assert int(state.num_skipped) == 0
+
+
+def test_the_reference_cycle_of_one_step_is_the_integrator_step():
+    rng = np.random.default_rng(4)
+    grad_np, _, h = _regression(rng)
+    U, S, V = ref.random_lowrank(rng, N, M, R)
+    for name, step in REFERENCE_STEPS.items():
+        Uc, Sc, Vc, _ = ref.cycle(U, S, V, grad_np, h, TAU, 1, 1, augment_step=step, min_rank=1)
+        Ui, Si, Vi = step(U, S, V, grad_np, h, TAU, min_rank=1)
+        np.testing.assert_allclose(Uc @ Sc @ Vc.T, Ui @ Si @ Vi.T, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_STEPS))
+def test_coefficient_steps_keep_the_bases_and_the_rank_and_one_trace(name):
+    rng = np.random.default_rng(5)
+    _, loss_j, h = _regression(rng)
+    params = _factor(*ref.random_lowrank(rng, N, M, R), jnp.float32)
+    k = 4
+    tx = getattr(dlrt_jax, name)(optax.adam(1e-2), tau=TAU, min_rank=1, augment_every=k)
+    grad_fn = jax.grad(loss_j)
+
+    traces = []
+
+    @jax.jit
+    def step(p, s):
+        traces.append(1)  # runs once per trace
+        updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+        return optax.apply_updates(p, updates), s
+
+    state = tx.init(params)
+    xs = []
+    for _ in range(2 * k):
+        params, state = step(params, state)
+        xs.append(params["w"])
+    assert len(traces) == 1
+    assert int(xs[0].rank) == 2 * R  # augmented, nothing cut
+    for t in (1, 2):  # coefficient steps: bases and rank fixed, S moves
+        np.testing.assert_array_equal(np.asarray(xs[t].U), np.asarray(xs[0].U))
+        np.testing.assert_array_equal(np.asarray(xs[t].V), np.asarray(xs[0].V))
+        assert int(xs[t].rank) == 2 * R
+        assert not np.array_equal(np.asarray(xs[t].S), np.asarray(xs[t - 1].S))
+    assert int(xs[3].rank) <= 2 * R  # the last step of the cycle truncates
+    assert int(xs[4].rank) == min(2 * int(xs[3].rank), CAP)
+    for x in xs:  # every step leaves orthonormal bases
+        np.testing.assert_allclose(np.asarray(x.U.T @ x.U), np.eye(CAP), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(x.V.T @ x.V), np.eye(CAP), atol=1e-5)
+
+
+def test_an_injected_cycle_length_matches_the_static_one():
+    """``inject_hyperparams`` makes ``augment_every`` an array: the same steps, k = 1 included."""
+    rng = np.random.default_rng(6)
+    _, loss_j, h = _regression(rng)
+    params = _factor(*ref.random_lowrank(rng, N, M, R), jnp.float32)
+    for k in (1, 3):
+        static, _ = _run(
+            dlrt_jax.parallel_bug(h, tau=TAU, augment_every=k), params, loss_j, 5, True
+        )
+        inj = optax.inject_hyperparams(dlrt_jax.parallel_bug)(optimizer=h, tau=TAU, augment_every=k)
+        injected, _ = _run(inj, params, loss_j, 5, True)
+        for a, b in zip(static, injected):
+            assert int(a.rank) == int(b.rank)
+            np.testing.assert_allclose(
+                np.asarray(a.to_dense()), np.asarray(b.to_dense()), atol=1e-5
+            )
+
+
+def test_the_cycle_finds_the_rank_of_a_teacher_from_below_and_above():
+    """A rank-4 regression teacher: starts at ranks 1 and 8 both end at rank 4 (SGD inside)."""
+    rng = np.random.default_rng(7)
+    _, loss_j, h = _regression(rng)
+    for r0 in (1, 2 * CAP // 2):
+        U, S, V = ref.random_lowrank(rng, N, M, r0)
+        params = _factor(U, 0.1 * S, V, jnp.float32)
+        tx = dlrt_jax.parallel_bug(h, tau=0.02, min_rank=1, augment_every=5)
+        xs, _ = _run(tx, params, loss_j, 100, True)
+        assert int(xs[-1].rank) == 4, (r0, [int(x.rank) for x in xs[4::5]])
+
+
+def test_cycle_arguments_are_validated():
+    with pytest.raises(ValueError, match="augment_every"):
+        dlrt_jax.parallel_bug(0.1, tau=0.1, augment_every=0)
+    with pytest.raises(ValueError, match="needs a rank-adaptive"):
+        dlrt_jax.bug(0.1, augment_every=5)
+    with pytest.raises(ValueError, match="two truncation schedules"):
+        dlrt_jax.parallel_bug(0.1, tau=0.1, augment_every=5, truncate_every=5)
