@@ -50,6 +50,8 @@ def one_run(integrator: str, epochs: int, cache: Path, out: Path, extra: list[st
         "ranks": final["ranks"],
         "eval_params": final["eval_params"],
         "step_median_ms": 1000 * saved["history"][-1]["step_time_median_s"],
+        "epoch_s": [h["epoch_time_s"] for h in saved["history"][1:]],
+        "resizes": [h.get("resizes", []) for h in saved["history"][1:]],
     }
 
 

@@ -195,8 +195,8 @@ class CapacityPolicy:
     * every ``every`` steps the ranks are read (one host sync) and the factors are resized to
       ``t(r)`` when any capacity has left its band: ``c < t(r)`` (the rank is near the capacity:
       grow at once), or, to shrink, ``c >= shrink_at * t(r)`` and ``c > t(r) + multiple`` (at
-      least two buckets too large) when the rank has stopped falling, ``c > 2 * shrink_at *
-      t(r)`` while it falls.
+      least two buckets too large) when the rank has stopped falling, ``c > 2 t(r)`` while it
+      falls (a step at a large capacity costs many small ones: follow a falling rank early).
 
     Each resize costs a compile of the step (seconds; ten or more for the paper's MLP on a 2-core
     CPU) and a smaller capacity saves a fraction of a step's time, so shrinking is worth it only
@@ -222,8 +222,8 @@ class CapacityPolicy:
         min_free: at least this many inactive columns above the rank (>= 0).
         multiple: bucket width (>= 1).
         max_capacity: optional upper limit of every capacity.
-        shrink_at: shrink a capacity only once it is this multiple of its target (> 1; twice
-            that while the rank falls).
+        shrink_at: shrink a settled rank's capacity only once it is this multiple of its target
+            (> 1).
 
     Examples:
         >>> import jax
@@ -271,8 +271,8 @@ class CapacityPolicy:
     def needs_resize(self, x: LowRank, rank: int | None = None, falling: bool = False) -> bool:
         """Whether the capacity of ``x`` has left its band (see the class docstring).
 
-        ``falling``: the rank fell since the previous check. A capacity at most ``2 * shrink_at``
-        times its target then waits for the rank to settle, so that a rank that falls over many
+        ``falling``: the rank fell since the previous check. A capacity at most twice its target
+        then waits for the rank to settle, so that a rank that falls over many
         steps (the first epoch of a run that starts at a high rank) is followed by a few resizes
         (few compiles) rather than one at every check.
         """
@@ -280,7 +280,7 @@ class CapacityPolicy:
         if c < t:
             return True
         if falling:
-            return c > 2 * self.shrink_at * t
+            return c > 2 * t
         return c > t + self.multiple and c >= self.shrink_at * t
 
     def observe(self, params: Any) -> None:

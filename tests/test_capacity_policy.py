@@ -153,16 +153,16 @@ def test_lowrank_truncate_applies_the_rule_and_keeps_w_to_the_tail():
     assert int(jax.jit(lambda x: x.truncate(0.05))(w2).rank) == 3
 
 
-def test_a_falling_rank_waits_to_settle_unless_the_capacity_is_three_times_the_target():
+def test_a_falling_rank_waits_to_settle_unless_the_capacity_is_twice_the_target():
     p = CapacityPolicy(headroom=1.0, min_free=4, multiple=8)  # shrink_at = 1.5
     x = _factor(3, 32, shape=(128, 96))  # target(r) = bucket(r + 4)
-    assert p.needs_resize(x, rank=4) and p.needs_resize(x, rank=4, falling=True)  # 32 > 3 * 8
+    assert p.needs_resize(x, rank=4) and p.needs_resize(x, rank=4, falling=True)  # 32 > 2 * 8
     assert p.needs_resize(x, rank=9) and not p.needs_resize(x, rank=9, falling=True)  # t = 16
     assert not p.needs_resize(x, rank=13)  # t = 24: one bucket over
     assert p.needs_resize(x, rank=30, falling=True)  # growing is never deferred
     fine = CapacityPolicy(headroom=1.0, min_free=4, multiple=4)
-    assert not fine.needs_resize(x, rank=8, falling=True)  # t = 12: 32 <= 3 * 12, wait
-    assert fine.needs_resize(x, rank=8)  # settled: 32 >= 1.5 * 12, shrink
+    assert not fine.needs_resize(x, rank=13, falling=True)  # t = 20: 32 <= 2 * 20, wait
+    assert fine.needs_resize(x, rank=13)  # settled: 32 >= 1.5 * 20, shrink
 
 
 def test_observe_lets_the_first_check_see_a_rank_falling_from_the_start():
@@ -170,7 +170,7 @@ def test_observe_lets_the_first_check_see_a_rank_falling_from_the_start():
     at the first check is falling, so the policy waits instead of compiling an intermediate
     capacity; without, the first check takes the rank as settled and resizes."""
     start = {"w": _factor(32, 32, shape=(128, 96))}
-    params = {"w": _factor(9, 32, shape=(128, 96))}  # target bucket(13) = 16, 32 <= 3 * 16
+    params = {"w": _factor(9, 32, shape=(128, 96))}  # target bucket(13) = 16, 32 <= 2 * 16
     policy = CapacityPolicy(every=1, headroom=1.0, min_free=4, multiple=8)
     policy.observe(start)
     params, _, resized = policy(1, params)
