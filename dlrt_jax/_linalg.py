@@ -27,7 +27,7 @@ def full_precision():
 
 
 def _guard(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Zero out a non-finite input and report it: LAPACK's QR/SVD can loop forever on NaN."""
+    """Zero out a non-finite input and report it: an iterative SVD can loop forever on NaN."""
     ok = jnp.all(jnp.isfinite(a))
     return jnp.where(ok, a, jnp.zeros((), a.dtype)), ok
 
@@ -38,19 +38,22 @@ def _poison(ok: jax.Array, *outs: jax.Array):
 
 
 def qr(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced QR, NaN-safe: a non-finite input gives NaN outputs instead of a LAPACK call on it."""
-    a, ok = _guard(a)
-    return _poison(ok, *jnp.linalg.qr(a))
+    """Reduced Householder QR. A direct method (so is Cholesky): on a non-finite input it returns
+    non-finite outputs, which the driver's final check turns into a skipped step; no guard (a
+    guard is a reduction and two selects per call, kernels that the compiler pays for)."""
+    q, r = jnp.linalg.qr(a)
+    return q, r
 
 
 def svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVD ``a = P diag(sigma) Qt``, NaN-safe like :func:`qr`."""
+    """Thin SVD ``a = P diag(sigma) Qt``, NaN-safe: the SVD iterates, so a non-finite input is
+    replaced by zeros before the call and the outputs are NaN-filled (the step is skipped)."""
     a, ok = _guard(a)
     return _poison(ok, *jnp.linalg.svd(a, full_matrices=False))
 
 
 def orth(a: jax.Array) -> jax.Array:
-    """Orthonormal basis from a reduced Householder QR (NaN-safe, see :func:`qr`).
+    """Orthonormal basis from a reduced Householder QR (non-finite where ``a`` is: see :func:`qr`).
 
     Householder QR gives orthonormal columns even where columns of ``a`` are zero or dependent
     (an arbitrary completion there): every basis the integrators produce is orthonormal in full.
@@ -122,11 +125,10 @@ def select_or(ok: jax.Array, fast, slow: Callable[[], Any]):
 
 
 def _gram_cholesky(a: jax.Array):
-    """``(L, L^{-1}, finite)`` with ``L L^T = a^T a`` (the identity's where that is not finite)."""
+    """``(L, L^{-1})`` with ``L L^T = a^T a`` (non-finite where ``a`` is: see :func:`qr`)."""
     eye = jnp.eye(a.shape[1], dtype=a.dtype)
-    gram, finite = _guard(a.T @ a)
-    L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
-    return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True), finite
+    L = jnp.linalg.cholesky(a.T @ a)
+    return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True)
 
 
 #: Gram matrices within this Frobenius distance of ``I`` are orthonormalised without a solver.
@@ -168,11 +170,9 @@ def orthonormal_basis(U: jax.Array) -> tuple[jax.Array, jax.Array]:
     O(eps)``): folding ``Linv`` into later ``c x c`` factors re-orthonormalises ``U`` at the cost of
     its Gram matrix, so roundoff cannot accumulate over steps. Should ``U`` be far from
     orthonormal (a hand-made factor: ``||U^T U - I||_F > 0.1``), ``B`` is its Householder QR factor
-    and ``Linv = I``. NaN-safe.
+    and ``Linv = I``. Non-finite input: non-finite output.
     """
-    gram, finite = _guard(U.T @ U)
-    Linv, ok = near_identity_inverse_cholesky(gram)
-    ok = ok & finite
+    Linv, ok = near_identity_inverse_cholesky(U.T @ U)  # False where U is not finite
     return select_or(ok, (U, Linv), lambda: (orth(U), jnp.eye(U.shape[1], dtype=U.dtype)))
 
 
@@ -195,18 +195,18 @@ def cholesky_qr2(a: jax.Array) -> CholeskyQR2:
     (``cond(a) << eps^{-1/2}``, about 3e3 in float32): where ``ok`` is False the caller must use
     Householder QR.
     """
-    L1, L1inv, ok1 = _gram_cholesky(a)
+    L1, L1inv = _gram_cholesky(a)
     q1 = a @ L1inv.T
     gram2 = q1.T @ q1
     L2inv, ok2 = near_identity_inverse_cholesky(gram2)
     L2 = jnp.tril(gram2 @ L2inv.T)  # = L2inv^{-1}, since L2inv gram2 L2inv^T = I
-    ok = ok1 & ok2  # a non-finite L1inv makes gram2, so ok2, non-finite / False
+    ok = ok2  # a non-finite a or L1inv (a failed Cholesky) makes gram2 non-finite: ok2 False
     return CholeskyQR2(q1, L1inv, L2inv, L2.T @ L1.T, ok)
 
 
 def qr_fast(a: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Reduced QR ``a = Q R``: :func:`cholesky_qr2` where ``a`` is well-conditioned, else
-    Householder (:func:`qr`). NaN-safe.
+    Householder (:func:`qr`). Non-finite input: non-finite output.
 
     With ``mask``, the columns outside it are replaced by :func:`filler` first (a zero column makes
     the Cholesky factor singular); ``Q``'s columns there are an orthonormal completion and ``R`` is
