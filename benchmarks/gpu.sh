@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# GPU speed measurements of dlrt_jax (benchmarks/speed.py with GPU sizes), in under 13 minutes.
+# GPU speed measurements of dlrt_jax (benchmarks/speed.py with GPU sizes), under 15 minutes.
 #
 # For a machine with jax[cuda] installed and no network, run from anywhere in the working tree:
 #     bash benchmarks/gpu.sh            # writes speed_gpu_*.{csv,json,png} to $OUT or
 #                                       # benchmarks/results/, prints a short table last
 #     bash benchmarks/gpu.sh --smoke    # tiny shapes, a minute on a CPU: checks that it runs
+#     bash benchmarks/gpu.sh --compile  # only sections 6 and 7 (compile cost, whole runs), ~6 min
 #
 # Sections (each under its own time limit, so one slow section cannot eat the others):
 #   1. the 500-wide MLP (784-500x4-10, batch 256), every method at ranks 32, 64, 128;
@@ -16,6 +17,12 @@
 #      ranks DLRT-Net reached ([66, 67, 69, 70]), random MNIST-shaped batches;
 #   5. transformer.py --size gpu (issue 11): GPT dense vs DLRT from scratch, fine-tuning with LoRA
 #      and DLRT adapters (writes transformer_gpu.*; a table at the end of its own output).
+#   6. program_size.py (issue 16): the main job's step and every integrator against the dense
+#      Adam step: optimised HLO size, conditionals, custom calls, host callbacks, lower+compile
+#      time on the GPU, and the counts of the StableHLO exported for cuda and tpu
+#      (program_size_gpu.json);
+#   7. (--compile only) whole_run.py: python -m dlrt_jax.train_mnist against --integrator dense,
+#      3 epochs, separate processes back to back, cold then warm compilation cache.
 # Environment: PYTHON (default python), OUT (output folder), STEPS (timed steps, default 20).
 set -uo pipefail
 
@@ -52,10 +59,29 @@ e2e() {  # e2e <seconds> <tag> <rounds>: the main job's step at DLRT-Net's ranks
     fi
 }
 
+program_size() {  # program_size <seconds> <program_size.py arguments...>
+    local limit="$1"
+    shift
+    echo "== program_size (limit ${limit}s): program_size.py $*"
+    if ! timeout --signal=INT "$limit" "$PY" benchmarks/program_size.py --platforms cuda tpu "$@"; then
+        echo "!! section program_size failed or ran out of time" >&2
+        status=1
+    fi
+}
+
+if [[ "${1:-}" == "--compile" ]]; then
+    program_size 150 --integrators --json "$OUT_DIR/program_size_gpu.json"
+    echo "== whole_run (limit 240s): whole_run.py --epochs 3"
+    timeout --signal=INT 240 "$PY" benchmarks/whole_run.py --epochs 3 --tag gpu_3ep \
+        --out "$OUT_DIR" || status=1
+    exit "$status"
+fi
+
 if [[ "${1:-}" == "--smoke" ]]; then
     STEPS=3
     run 300 gpu_smoke --smoke --no-plot
     e2e 200 gpu_e2e_smoke 2
+    program_size 120 --smoke --integrators
     tags=(gpu_smoke)
 else
     run 160 gpu_mlp500 --gpu --nets mlp500 --ranks 32 64 128
@@ -63,6 +89,7 @@ else
     run 90 gpu_lenet5 --gpu --nets lenet5 --ranks 16 64
     e2e 90 gpu_e2e_ranks 30
     timeout --signal=INT 240 "$PY" benchmarks/transformer.py --size gpu --out "$OUT_DIR" || status=1
+    program_size 90 --json "$OUT_DIR/program_size_gpu.json"
     tags=(gpu_mlp500 gpu_mlp5120 gpu_lenet5)
 fi
 

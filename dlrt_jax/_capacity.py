@@ -194,13 +194,19 @@ class CapacityPolicy:
       :func:`default_capacity`);
     * every ``every`` steps the ranks are read (one host sync) and the factors are resized to
       ``t(r)`` when any capacity has left its band: ``c < t(r)`` (the rank is near the capacity:
-      grow at once), or ``c > t(r) + multiple`` (at least two buckets too large) when the rank
-      has stopped falling or ``c > 2 t(r)`` (so a rank that wobbles at a bucket edge does not
-      resize back and forth, and a rank that falls for many steps is followed by a few resizes,
-      not one per check).
+      grow at once), or, to shrink, ``c >= shrink_at * t(r)`` and ``c > t(r) + multiple`` (at
+      least two buckets too large) when the rank has stopped falling, ``c > 2 t(r)`` while it
+      falls (a step at a large capacity costs many small ones: follow a falling rank early).
+
+    Each resize costs a compile of the step (seconds; ten or more for the paper's MLP on a 2-core
+    CPU) and a smaller capacity saves a fraction of a step's time, so shrinking is worth it only
+    for a large step: with ``shrink_at = 1.5`` a run visits few capacity sets, a rank that
+    wobbles at a bucket edge does not resize back and forth, and a rank that falls for many steps
+    (the first epoch from a high start) is followed by one or two resizes, not one per check.
 
     The policy remembers the ranks of its last check (to tell a falling rank); use one policy
-    object per training run.
+    object per training run, and call :meth:`observe` on the initial params so that the first
+    check can tell a rank that is falling from its start.
 
     Every resize keeps ``W`` and the optimiser moments exactly (:func:`resize_capacity`). ``jit``
     compiles once per distinct set of capacities and keeps every compiled step in its cache, so a
@@ -216,6 +222,8 @@ class CapacityPolicy:
         min_free: at least this many inactive columns above the rank (>= 0).
         multiple: bucket width (>= 1).
         max_capacity: optional upper limit of every capacity.
+        shrink_at: shrink a settled rank's capacity only once it is this multiple of its target
+            (> 1).
 
     Examples:
         >>> import jax
@@ -234,6 +242,7 @@ class CapacityPolicy:
     min_free: int = 8
     multiple: int = 8
     max_capacity: int | None = None
+    shrink_at: float = 1.5
 
     _previous: list = dataclasses.field(default_factory=list, init=False, repr=False)
 
@@ -243,6 +252,11 @@ class CapacityPolicy:
                 setattr(self, name, _check_int(getattr(self, name), name, low))
         if not self.headroom >= 1:
             raise ValueError(f"`headroom` must be >= 1, got {self.headroom!r}.")
+        if not self.shrink_at > 1:
+            raise ValueError(
+                f"`shrink_at` must be > 1 (a capacity at its target never shrinks), got "
+                f"{self.shrink_at!r}."
+            )
 
     def _limit(self, x: LowRank) -> int:
         limit = default_capacity(x.shape) if self.max_capacity is None else self.max_capacity
@@ -257,15 +271,29 @@ class CapacityPolicy:
     def needs_resize(self, x: LowRank, rank: int | None = None, falling: bool = False) -> bool:
         """Whether the capacity of ``x`` has left its band (see the class docstring).
 
-        ``falling``: the rank fell since the previous check. A capacity more than one bucket but
-        at most twice above its target then waits for the rank to settle, so that a rank that
-        falls over many steps (the first epoch of a run that starts at a high rank) is followed
-        by a few resizes (few compiles) rather than one at every check.
+        ``falling``: the rank fell since the previous check. A capacity at most twice its target
+        then waits for the rank to settle, so that a rank that falls over many
+        steps (the first epoch of a run that starts at a high rank) is followed by a few resizes
+        (few compiles) rather than one at every check.
         """
         t, c = self.target(x, rank), x.capacity
         if c < t:
             return True
-        return c > t + self.multiple and (c > 2 * t or not falling)
+        if falling:
+            return c > 2 * t
+        return c > t + self.multiple and c >= self.shrink_at * t
+
+    def observe(self, params: Any) -> None:
+        """Record the ranks of ``params`` as those of the last check (one host sync).
+
+        Call it before training: the first check then tells a rank that has been falling since
+        the start (the rank-adaptive integrators drop most of a high initial rank within tens of
+        steps) and waits for it to settle instead of compiling an intermediate capacity.
+        """
+        factors = [
+            x for x in jax.tree_util.tree_leaves(params, is_leaf=is_lowrank) if is_lowrank(x)
+        ]
+        self._previous = [int(r) for r in jax.device_get([x.rank for x in factors])]
 
     def __call__(self, step: int, params: Any, opt_state: Any = None) -> tuple[Any, Any, bool]:
         """After training step ``step`` (1-based): ``(params, opt_state, resized)``.

@@ -27,7 +27,7 @@ def full_precision():
 
 
 def _guard(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Zero out a non-finite input and report it: LAPACK's QR/SVD can loop forever on NaN."""
+    """Zero out a non-finite input and report it: an iterative SVD can loop forever on NaN."""
     ok = jnp.all(jnp.isfinite(a))
     return jnp.where(ok, a, jnp.zeros((), a.dtype)), ok
 
@@ -38,19 +38,22 @@ def _poison(ok: jax.Array, *outs: jax.Array):
 
 
 def qr(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced QR, NaN-safe: a non-finite input gives NaN outputs instead of a LAPACK call on it."""
-    a, ok = _guard(a)
-    return _poison(ok, *jnp.linalg.qr(a))
+    """Reduced Householder QR. A direct method (so is Cholesky): on a non-finite input it returns
+    non-finite outputs, which the driver's final check turns into a skipped step; no guard (a
+    guard is a reduction and two selects per call, kernels that the compiler pays for)."""
+    q, r = jnp.linalg.qr(a)
+    return q, r
 
 
 def svd(a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Thin SVD ``a = P diag(sigma) Qt``, NaN-safe like :func:`qr`."""
+    """Thin SVD ``a = P diag(sigma) Qt``, NaN-safe: the SVD iterates, so a non-finite input is
+    replaced by zeros before the call and the outputs are NaN-filled (the step is skipped)."""
     a, ok = _guard(a)
     return _poison(ok, *jnp.linalg.svd(a, full_matrices=False))
 
 
 def orth(a: jax.Array) -> jax.Array:
-    """Orthonormal basis from a reduced Householder QR (NaN-safe, see :func:`qr`).
+    """Orthonormal basis from a reduced Householder QR (non-finite where ``a`` is: see :func:`qr`).
 
     Householder QR gives orthonormal columns even where columns of ``a`` are zero or dependent
     (an arbitrary completion there): every basis the integrators produce is orthonormal in full.
@@ -122,24 +125,54 @@ def select_or(ok: jax.Array, fast, slow: Callable[[], Any]):
 
 
 def _gram_cholesky(a: jax.Array):
-    """``(L, L^{-1}, finite)`` with ``L L^T = a^T a`` (the identity's where that is not finite)."""
+    """``(L, L^{-1})`` with ``L L^T = a^T a`` (non-finite where ``a`` is: see :func:`qr`)."""
     eye = jnp.eye(a.shape[1], dtype=a.dtype)
-    gram, finite = _guard(a.T @ a)
-    L = jnp.linalg.cholesky(jnp.where(finite, gram, eye))
-    return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True), finite
+    L = jnp.linalg.cholesky(a.T @ a)
+    return L, jax.scipy.linalg.solve_triangular(L, eye, lower=True)
 
 
+#: Gram matrices within this Frobenius distance of ``I`` are orthonormalised without a solver.
+NEAR_IDENTITY = 0.1
+
+
+def near_identity_inverse_cholesky(gram: jax.Array, steps: int = 3) -> tuple[jax.Array, jax.Array]:
+    """``(Linv, ok)``: a lower-triangular ``Linv`` with ``Linv gram Linv^T = I``, matmuls only.
+
+    For ``gram = I + E`` with ``||E||_F <= NEAR_IDENTITY`` (``ok``; also False where ``gram`` is
+    not finite). Each step replaces ``Linv`` by ``(I - Phi(E_k)) Linv`` with ``E_k = Linv gram
+    Linv^T - I`` and ``Phi(E)`` the lower triangle of ``E`` with half its diagonal (``Phi + Phi^T
+    = E``), which squares the residual: ``||E_{k+1}|| = O(||E_k||^2)``, so three steps take
+    ``0.1`` to below float32 roundoff. ``Linv`` is then ``L^{-1}`` of the Cholesky factor ``L L^T
+    = gram`` to roundoff, without the ``potrf`` / triangular-solve calls of a Cholesky (a solver
+    call and, on GPUs, a kernel launch each) or a branch.
+    """
+    c = gram.shape[0]
+    eye = jnp.eye(c, dtype=gram.dtype)
+    E = gram - eye
+    # one reduction, no separate finiteness test: a NaN or Inf in E makes the norm fail the test
+    ok = jnp.sqrt(jnp.sum(jnp.square(E))) <= NEAR_IDENTITY
+    E = jnp.where(ok, E, jnp.zeros((), E.dtype))  # a failed input gives Linv = I (then unused)
+    Linv = eye
+    for k in range(steps):
+        if k:
+            E = Linv @ gram @ Linv.T - eye
+            E = jnp.where(ok, 0.5 * (E + E.T), jnp.zeros((), E.dtype))
+        Linv = Linv - (jnp.tril(E, -1) + 0.5 * jnp.diag(jnp.diagonal(E))) @ Linv
+    return Linv, ok
+
+
+@jax.jit
 def orthonormal_basis(U: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(B, Linv)`` with ``B Linv^T`` orthonormal and spanning ``span(U)``; not formed.
 
     For the bases the integrators keep (orthonormal up to roundoff) ``B = U`` and ``Linv = L^{-1}``
-    with ``L L^T = U^T U`` (Cholesky-QR, ``Linv = I + O(eps)``): folding ``Linv`` into later
-    ``c x c`` factors re-orthonormalises ``U`` at the cost of its Gram matrix, so roundoff cannot
-    accumulate over steps. Should ``U`` be far from orthonormal (a hand-made factor: a pivot of
-    ``L`` below 1/2), ``B`` is its Householder QR factor and ``Linv = I``. NaN-safe.
+    with ``L L^T = U^T U`` (:func:`near_identity_inverse_cholesky` of the Gram matrix, ``Linv = I +
+    O(eps)``): folding ``Linv`` into later ``c x c`` factors re-orthonormalises ``U`` at the cost of
+    its Gram matrix, so roundoff cannot accumulate over steps. Should ``U`` be far from
+    orthonormal (a hand-made factor: ``||U^T U - I||_F > 0.1``), ``B`` is its Householder QR factor
+    and ``Linv = I``. Non-finite input: non-finite output.
     """
-    L, Linv, finite = _gram_cholesky(U)
-    ok = finite & jnp.all(jnp.isfinite(Linv)) & (jnp.min(jnp.diagonal(L)) > 0.5)
+    Linv, ok = near_identity_inverse_cholesky(U.T @ U)  # False where U is not finite
     return select_or(ok, (U, Linv), lambda: (orth(U), jnp.eye(U.shape[1], dtype=U.dtype)))
 
 
@@ -150,28 +183,30 @@ class CholeskyQR2(NamedTuple):
     L1inv: jax.Array
     L2inv: jax.Array
     R: jax.Array  # L2^T L1^T
-    ok: jax.Array  # finite, and Q1 close to orthonormal (max |Q1^T Q1 - I| <= 0.1)
+    ok: jax.Array  # finite, and Q1 close to orthonormal (||Q1^T Q1 - I||_F <= NEAR_IDENTITY)
 
 
 def cholesky_qr2(a: jax.Array) -> CholeskyQR2:
     """Cholesky-QR2 of ``a`` in factored form: ``a = Q R`` from two passes of ``Q = a L^{-T}``.
 
-    Matrix products only, so it runs at matmul speed where Householder QR does not, but it is only
-    accurate for well-conditioned ``a`` (``cond(a) << eps^{-1/2}``, about 3e3 in float32): where
-    ``ok`` is False the caller must use Householder QR.
+    Matrix products and one Cholesky only (the second pass, on a ``Q1`` orthonormal to about
+    ``eps cond(a)^2``, is :func:`near_identity_inverse_cholesky`), so it runs at matmul speed
+    where Householder QR does not, but it is only accurate for well-conditioned ``a``
+    (``cond(a) << eps^{-1/2}``, about 3e3 in float32): where ``ok`` is False the caller must use
+    Householder QR.
     """
-    L1, L1inv, ok1 = _gram_cholesky(a)
+    L1, L1inv = _gram_cholesky(a)
     q1 = a @ L1inv.T
-    L2, L2inv, ok2 = _gram_cholesky(q1)
     gram2 = q1.T @ q1
-    ok = ok1 & jnp.all(jnp.isfinite(L1inv)) & ok2 & jnp.all(jnp.isfinite(L2inv))
-    ok = ok & (jnp.max(jnp.abs(gram2 - jnp.eye(a.shape[1], dtype=a.dtype))) <= 0.1)
+    L2inv, ok2 = near_identity_inverse_cholesky(gram2)
+    L2 = jnp.tril(gram2 @ L2inv.T)  # = L2inv^{-1}, since L2inv gram2 L2inv^T = I
+    ok = ok2  # a non-finite a or L1inv (a failed Cholesky) makes gram2 non-finite: ok2 False
     return CholeskyQR2(q1, L1inv, L2inv, L2.T @ L1.T, ok)
 
 
 def qr_fast(a: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Reduced QR ``a = Q R``: :func:`cholesky_qr2` where ``a`` is well-conditioned, else
-    Householder (:func:`qr`). NaN-safe.
+    Householder (:func:`qr`). Non-finite input: non-finite output.
 
     With ``mask``, the columns outside it are replaced by :func:`filler` first (a zero column makes
     the Cholesky factor singular); ``Q``'s columns there are an orthonormal completion and ``R`` is
@@ -198,6 +233,7 @@ class Complement(NamedTuple):
         return U @ (Linv.T @ P[:c] + self.F @ P[c:]) + self.B @ (self.G @ P[c:])
 
 
+@jax.jit
 def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array) -> Complement:
     """An orthonormal ``Q`` (``n x c``) orthogonal to the ``c`` columns of ``Uc = U Linv^T``, whose
     leading ``r`` columns span ``(I - Uc Uc^T) D[:, :r]`` (``mask``: the leading ``r``).
@@ -212,10 +248,10 @@ def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array
     first (same span; a generic completion orthogonal to ``Uc``). Fast path: ``B = Qh R`` by
     Cholesky-QR2, ``T = Uc^T Qh = (Uc^T B) R^{-1}`` is at roundoff level and one correction
     ``Q = Qh - Uc T`` makes ``Q`` orthogonal to ``Uc``: ``G = R^{-1}``, ``F = -Linv^T T``,
-    ``Q^T D = R``. Slow path (``Q`` formed, ``B = Q``, ``F = 0``, ``G = I``): Householder where
-    Cholesky-QR2 fails; where the QR completed rank-deficient columns freely in ``R^n``, ``Qh - Uc
-    T`` is re-orthonormalised by Cholesky-QR and, should a completion lie inside ``span(Uc)``, the
-    QR of ``[Uc | B]`` is used instead.
+    ``Q^T D = R``. Slow path (one branch, straight-line; ``Q`` formed, ``B = Q``, ``F = 0``,
+    ``G = I``), where Cholesky-QR2 fails (``B`` ill-conditioned or rank-deficient) or ``T`` is not
+    small: ``Q`` = the last ``c`` columns of the Householder QR of ``[Uc | B]``, orthonormal and
+    orthogonal to ``Uc`` whatever the rank of ``B``.
     """
     c = D.shape[1]
     eye = jnp.eye(c, dtype=D.dtype)
@@ -227,20 +263,10 @@ def orth_complement(U: jax.Array, Linv: jax.Array, D: jax.Array, mask: jax.Array
     f = cholesky_qr2(B)  # Qh = Q1 L2^{-T}, R = L2^T L1^T
     Rinv = f.L1inv.T @ f.L2inv.T
     T = (Linv @ (U.T @ B)) @ Rinv  # Uc^T Qh
-    tiny = jnp.all(jnp.isfinite(T)) & (jnp.max(jnp.abs(T)) <= 1e-3)
+    tiny = jnp.max(jnp.abs(T)) <= 1e-3  # False for NaN / Inf (max propagates NaN)
 
     def slow():
-        Qh = select_or(f.ok, f.Q1 @ f.L2inv.T, lambda: qr(B)[0])
-        T = Linv @ (U.T @ Qh)
-        Q0 = Qh - U @ (Linv.T @ T)
-        L, Li, finite = _gram_cholesky(Q0)
-        ok = finite & jnp.all(jnp.isfinite(L)) & (jnp.min(jnp.diagonal(L)) > 0.25)
-        small = jnp.max(jnp.abs(T)) <= 1e-3
-
-        def robust(_):
-            return orth(jnp.concatenate([U @ Linv.T, B], axis=1))[:, c:]
-
-        Q = jax.lax.cond(ok, lambda _: jnp.where(small, Q0, Q0 @ Li.T), robust, None)
+        Q = orth(jnp.concatenate([U @ Linv.T, B], axis=1))[:, c:]
         return Q, jnp.zeros_like(eye), eye, Q.T @ D
 
     fast = (B, -(Linv.T @ T), Rinv, mask_cols(f.R, keep))

@@ -154,9 +154,42 @@ def test_lowrank_truncate_applies_the_rule_and_keeps_w_to_the_tail():
 
 
 def test_a_falling_rank_waits_to_settle_unless_the_capacity_is_twice_the_target():
-    p = CapacityPolicy(headroom=1.0, min_free=4, multiple=8)
+    p = CapacityPolicy(headroom=1.0, min_free=4, multiple=8)  # shrink_at = 1.5
     x = _factor(3, 32, shape=(128, 96))  # target(r) = bucket(r + 4)
     assert p.needs_resize(x, rank=4) and p.needs_resize(x, rank=4, falling=True)  # 32 > 2 * 8
     assert p.needs_resize(x, rank=9) and not p.needs_resize(x, rank=9, falling=True)  # t = 16
     assert not p.needs_resize(x, rank=13)  # t = 24: one bucket over
     assert p.needs_resize(x, rank=30, falling=True)  # growing is never deferred
+    fine = CapacityPolicy(headroom=1.0, min_free=4, multiple=4)
+    assert not fine.needs_resize(x, rank=13, falling=True)  # t = 20: 32 <= 2 * 20, wait
+    assert fine.needs_resize(x, rank=13)  # settled: 32 >= 1.5 * 20, shrink
+
+
+def test_observe_lets_the_first_check_see_a_rank_falling_from_the_start():
+    """A run that starts at rank = capacity: with the start observed, a rank already far below it
+    at the first check is falling, so the policy waits instead of compiling an intermediate
+    capacity; without, the first check takes the rank as settled and resizes."""
+    start = {"w": _factor(32, 32, shape=(128, 96))}
+    params = {"w": _factor(9, 32, shape=(128, 96))}  # target bucket(13) = 16, 32 <= 2 * 16
+    policy = CapacityPolicy(every=1, headroom=1.0, min_free=4, multiple=8)
+    policy.observe(start)
+    params, _, resized = policy(1, params)
+    assert not resized and params["w"].capacity == 32
+    params, _, resized = policy(2, params)  # the same rank: settled, 32 >= 1.5 * 16
+    assert resized and params["w"].capacity == 16
+    unprimed = CapacityPolicy(every=1, headroom=1.0, min_free=4, multiple=8)
+    assert unprimed(1, {"w": _factor(9, 32, shape=(128, 96))})[2]
+
+
+def test_a_small_saving_does_not_buy_a_compile():
+    """Two buckets over, but less than shrink_at times the target: the capacity stays (a resize
+    costs a compile, the smaller step saves little); a larger shrink_at keeps more."""
+    x = _factor(30, 56, shape=(128, 128))
+    p = CapacityPolicy(headroom=1.0, min_free=8, multiple=8)
+    assert p.target(x, rank=34) == 48 and not p.needs_resize(x, rank=34)  # 56 < 1.5 * 48
+    assert p.target(x, rank=30) == 40 and not p.needs_resize(x, rank=30)  # 56 < 1.5 * 40
+    assert p.target(x, rank=28) == 40 and not p.needs_resize(x, rank=28)
+    assert p.target(x, rank=24) == 32 and p.needs_resize(x, rank=24)  # 56 >= 1.5 * 32
+    assert not CapacityPolicy(min_free=8, shrink_at=2.0).needs_resize(x, rank=24)
+    with pytest.raises(ValueError, match="shrink_at"):
+        CapacityPolicy(shrink_at=1.0)

@@ -316,6 +316,8 @@ def test_cli_help_shows_the_defaults(monkeypatch, capsys):
     tau_help = "--tau TAU relative truncation tolerance in [0, 1) of the rank-adaptive"
     assert f"{tau_help} integrators (default 0.09); an error with the fixed-rank" in out
     assert "(default: None)" not in out.split("--tau")[2].split("--integrator")[0]
+    assert "dense: the same MLP with dense weights (Glorot-uniform) trained by Adam at --lr" in out
+    assert "--no-compile-cache" in out and "~/.cache/dlrt_jax/jax" in out
 
 
 def test_cli_tau_with_a_fixed_rank_integrator_is_an_error(monkeypatch):
@@ -348,3 +350,69 @@ def test_cli_preset_paper_selects_the_reference_dynamics(tmp_path):
     assert config["integrator"] == "bug" and config["inner"] == "reference"
     assert config["factor_lr"] == config["lr"] and config["init_scale"] == 1
     assert 2 <= min(saved["final"]["ranks"]) <= max(saved["final"]["ranks"]) <= 8
+
+
+# ---- the dense baseline and the compilation cache (issue 16) ------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _private_compile_cache(monkeypatch, tmp_path):
+    """Runs of the CLI cache their compiles in the test's own directory, not the user's."""
+    monkeypatch.setenv(train_mnist.COMPILE_CACHE_ENV_VAR, str(tmp_path / "jax-cache"))
+
+
+def _dense_argv(out, *extra):
+    argv = ["--integrator", "dense", "--epochs", "1", "--width", "16", "--batch-size", "32"]
+    return argv + ["--out", str(out), "--no-progress", *extra]
+
+
+def test_cli_dense_baseline_runs_the_same_pipeline(monkeypatch, tmp_path):
+    monkeypatch.setattr(train_mnist, "load_mnist", _fake_mnist)
+    results = train_mnist.run(_dense_argv(tmp_path / "out"))
+    final, history = results["final"], results["history"]
+    assert final["ranks"] == [] and final["capacities"] == []
+    dense = 784 * 16 + 3 * 16 * 16 + 16 * 10
+    assert final["eval_params"] == final["train_params"] == final["dense_params"] == dense
+    assert history[1]["steps"] == 2 and history[1]["test_loss"] != history[0]["test_loss"]
+    assert Path(results["paths"]["json"]).name == "mnist_dense_adam_w16.json"
+    assert Path(results["paths"]["png"]).is_file()
+    assert results["config"]["integrator"] == "dense" and final["wall_time_s"] > 0
+    # the transform is Adam at --lr on every leaf
+    tx, _ = train_mnist.build_transform("dense", 0.1, other_optimizer=optax.adam(1e-3))
+    p, g = {"w": jnp.ones((2, 2))}, {"w": jnp.full((2, 2), 5.0)}
+    u, _ = tx.update(g, tx.init(p), p)
+    np.testing.assert_allclose(u["w"], -1e-3 * np.ones((2, 2)), rtol=1e-4)  # Adam's first step
+    for flag in ("--tau", "--rank", "--max-rank"):
+        with pytest.raises(SystemExit, match=f"{flag} applies to the low-rank integrators"):
+            train_mnist.run(_dense_argv(tmp_path, flag, "4"))
+
+
+def test_compile_cache_makes_a_second_run_compile_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(train_mnist, "load_mnist", _fake_mnist)
+    cache = tmp_path / "cache"
+    before = jax.config.jax_compilation_cache_dir
+    jax.clear_caches()  # each run as in a new process: nothing compiled in memory
+    train_mnist.run(_dense_argv(tmp_path / "a", "--compile-cache", str(cache)))
+    files = set(cache.iterdir())
+    assert any(f.name.startswith("jit_step") for f in files), sorted(f.name for f in files)
+    assert jax.config.jax_compilation_cache_dir == before  # the settings come back
+    jax.clear_caches()
+    events = []
+
+    def listen(name, **kwargs):
+        events.append(name)
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        train_mnist.run(_dense_argv(tmp_path / "b", "--compile-cache", str(cache)))
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    assert "/jax/compilation_cache/cache_hits" in events
+    assert "/jax/compilation_cache/cache_misses" not in events
+    assert set(cache.iterdir()) == files
+    # --no-compile-cache: the default directory ($DLRT_COMPILE_CACHE here) is not touched
+    default = Path(os.environ[train_mnist.COMPILE_CACHE_ENV_VAR])
+    train_mnist.run(_dense_argv(tmp_path / "c", "--no-compile-cache"))
+    assert not default.exists()
+    train_mnist.run(_dense_argv(tmp_path / "d"))
+    assert any(default.iterdir())  # on by default

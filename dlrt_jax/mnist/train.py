@@ -12,12 +12,18 @@ rank; ``jit`` compiles once per set of capacities.
 
 At the end it prints a table (test accuracy, ranks, parameters and compression at evaluation and
 in training, wall time, time per step) and writes ``mnist_<integrator>_tau<tau>_w<width>.json`` and
-``.png`` (accuracy and ranks per epoch) to ``--out``.
+``.png`` (accuracy and ranks per epoch) to ``--out``. ``--integrator dense`` runs the same pipeline
+with dense weights and Adam (the baseline; ``mnist_dense_adam_w<width>.*``).
+
+Compiled steps go to JAX's persistent compilation cache (``--compile-cache``, by default
+``$DLRT_COMPILE_CACHE`` or ``~/.cache/dlrt_jax/jax``), so that a second run of the same job
+compiles nothing; ``--no-compile-cache`` turns it off.
 
 Examples:
     ```bash
     OPENBLAS_NUM_THREADS=1 python -m dlrt_jax.train_mnist --epochs 10 --tau 0.09
     dlrt-mnist --subset 2048 --epochs 1 --width 64 --out /tmp/run   # a quick run
+    dlrt-mnist --integrator dense --epochs 10                       # the dense baseline
     ```
 
 The helpers :func:`load_mnist`, :func:`make_step`, :func:`evaluate`, :func:`train` and
@@ -27,6 +33,7 @@ The helpers :func:`load_mnist`, :func:`make_step`, :func:`evaluate`, :func:`trai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -75,6 +82,7 @@ INTEGRATORS = {
     "parallel_bug": ("parallel rank-adaptive BUG (1 gradient evaluation)", True, False),
     "ksl": ("projector-splitting KSL, fixed rank (3 gradient evaluations)", False, True),
     "bug_fixed": ("fixed-rank BUG (2 gradient evaluations)", False, True),
+    "dense": ("dense layers trained by Adam at --lr (the baseline, no DLRT)", False, False),
 }
 
 
@@ -131,7 +139,9 @@ def build_transform(
 
     ``optimizer`` trains ``K``, ``L``, ``S``; ``other_optimizer`` (default: ``optimizer``) the
     biases and the dense classifier. ``tau`` and ``truncate_every`` are used by the rank-adaptive
-    integrators (``bug``, ``parallel_bug``) only.
+    integrators (``bug``, ``parallel_bug``) only. ``"dense"`` is the baseline without DLRT:
+    ``other_optimizer`` (default ``optimizer``; a learning rate means Adam) trains every leaf of
+    dense params.
 
     Examples:
         >>> import optax
@@ -141,6 +151,11 @@ def build_transform(
     """
     if integrator not in INTEGRATORS:
         raise ValueError(f"`integrator` must be one of {sorted(INTEGRATORS)}, got {integrator!r}.")
+    if integrator == "dense":  # the baseline: one optimiser for every leaf, no DLRT
+        tx = other_optimizer if other_optimizer is not None else optimizer
+        if not isinstance(tx, optax.GradientTransformation):
+            tx = optax.adam(tx)
+        return optax.with_extra_args_support(tx), False
     adaptive = INTEGRATORS[integrator][1]
     if adaptive and tau is None:
         raise ValueError(f"`{integrator}` is rank-adaptive and needs `tau` (> 0).")
@@ -340,9 +355,11 @@ def train(
         )
     history = [_record(0, params, apply_fn, data)]
     has_factors = bool(_capacities(params))
+    if has_factors and capacity_policy is not None:
+        capacity_policy.observe(params)  # so its first check tells a rank falling from the start
     total_steps = num_resizes = 0
     for epoch in range(1, epochs + 1):
-        losses, step_times = [], []
+        losses, step_times, resizes = [], [], []
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"{desc} epoch {epoch}/{epochs}",
@@ -361,6 +378,8 @@ def train(
                 total_steps += 1
                 params, opt_state, resized = capacity_policy(total_steps, params, opt_state)
                 num_resizes += int(resized)
+                if resized:
+                    resizes.append([total_steps, _capacities(params)])
             if has_factors and epoch == 1 and i + 1 == fit_capacity_after_steps:
                 params, opt_state = dlrt_jax.fit_capacity(
                     params, opt_state, max_capacity=max_capacity
@@ -381,6 +400,7 @@ def train(
             "num_skipped": _num_skipped(opt_state),
             "num_resizes": num_resizes,
             "compiled_steps": step._cache_size(),
+            "resizes": resizes,  # [step, capacities after] of each resize in this epoch
         }
         history.append(_record(epoch, params, apply_fn, data, extra))
         if (
@@ -410,6 +430,60 @@ def _num_skipped(opt_state: Any) -> int | None:
         if isinstance(s, dlrt_jax.DLRTState)
     ]
     return int(sum(int(s.num_skipped) for s in states)) if states else None
+
+
+# ---- the persistent compilation cache ---------------------------------------------------------
+
+
+def default_compile_cache_dir() -> Path:
+    """``$DLRT_COMPILE_CACHE``, else ``$XDG_CACHE_HOME/dlrt_jax/jax`` (``~/.cache/dlrt_jax/jax``).
+
+    A directory of this user's: JAX trusts its cache (whoever can write to it can run code in
+    the process that reads it), so do not point it at a directory others can write to.
+    """
+    env = os.environ.get(COMPILE_CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dlrt_jax" / "jax"
+
+
+@contextlib.contextmanager
+def compile_cache(path: str | os.PathLike[str] | None):
+    """Use JAX's persistent compilation cache in ``path`` inside the block (``None``: leave JAX's
+    settings alone). Every compiled program is cached (no minimum compile time), so that a
+    second run of the same job compiles nothing; the previous settings come back afterwards.
+
+    Examples:
+        >>> import tempfile
+        >>> with compile_cache(tempfile.mkdtemp()) as d:
+        ...     d is not None
+        True
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    if path is None:
+        yield None
+        return
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_enable_compilation_cache",
+    )
+    before = {n: getattr(jax.config, n) for n in names}
+    values = dict(zip(names, (str(path), 0.0, 0, True)))
+    for n, v in values.items():
+        jax.config.update(n, v)
+    cc.reset_cache()  # JAX decides once per process whether to use the cache: decide again
+    try:
+        yield path
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+        cc.reset_cache()
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -520,6 +594,7 @@ def _final_table(history: Sequence[dict[str, Any]], dense_params: int, wall: flo
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+COMPILE_CACHE_ENV_VAR = "DLRT_COMPILE_CACHE"  # default directory of the compilation cache
 DEFAULT_TAU = 0.09  # --tau of the rank-adaptive integrators when not given
 DEFAULT_FIXED_RANK = 32  # --rank of the fixed-rank integrators: min(32, width // 4, --max-rank)
 
@@ -548,7 +623,11 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TAU:g}); an error with the fixed-rank ksl / bug_fixed",
     )
     p.add_argument(
-        "--integrator", choices=sorted(INTEGRATORS), default="parallel_bug", help="DLRT integrator"
+        "--integrator",
+        choices=sorted(INTEGRATORS),
+        default="parallel_bug",
+        help="DLRT integrator, or dense: the same MLP with dense weights (Glorot-uniform) trained "
+        "by Adam at --lr, through the same pipeline, to compare wall time, accuracy and parameters",
     )
     p.add_argument(
         "--inner", choices=sorted(INNER), default="adam", help="optimiser of the K, L, S steps"
@@ -624,6 +703,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--subset", type=int, default=None, help="use the first N training examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="JAX's persistent compilation cache, so that a second run compiles nothing (default: "
+        f"${COMPILE_CACHE_ENV_VAR} or ~/.cache/dlrt_jax/jax)",
+    )
+    p.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not use the persistent compilation cache (every run compiles its steps)",
+    )
     return p
 
 
@@ -646,7 +737,19 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     message (no traceback) naming ``--data-dir`` and ``$DLRT_DATA_DIR``.
     """
     args = _parser().parse_args(argv)
-    if args.tau is not None and not INTEGRATORS[args.integrator][1] and args.preset is None:
+    dense = args.integrator == "dense" and args.preset is None
+    if dense:
+        for flag, value in (
+            ("--tau", args.tau),
+            ("--rank", args.rank),
+            ("--max-rank", args.max_rank),
+        ):
+            if value is not None:
+                raise SystemExit(
+                    f"{flag} applies to the low-rank integrators; --integrator dense trains the "
+                    f"dense layers with Adam at --lr: drop {flag}"
+                )
+    elif args.tau is not None and not INTEGRATORS[args.integrator][1] and args.preset is None:
         raise SystemExit(
             f"--tau applies to the rank-adaptive integrators (bug, parallel_bug); "
             f"--integrator {args.integrator} keeps a fixed rank (--rank): drop --tau or choose a "
@@ -678,9 +781,36 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "--check-every must be a multiple of --truncate-every (between truncations the "
             "ranks sit at the capacity, so the capacity policy must read them after one)"
         )
-    if not adaptive and args.rank is None:
+    if not adaptive and not dense and args.rank is None:
         cap = args.max_rank or DEFAULT_FIXED_RANK
         args.rank = max(1, min(DEFAULT_FIXED_RANK, args.width // 4, cap))
+    if args.no_compile_cache:
+        args.compile_cache = None
+    elif args.compile_cache is None:
+        args.compile_cache = str(default_compile_cache_dir())
+    with compile_cache(args.compile_cache):
+        return _train_and_report(args, adaptive, dense)
+
+
+def _init_params(args: argparse.Namespace, adaptive: bool, dense: bool) -> Any:
+    key = jax.random.key(args.seed)
+    if not dense:
+        return models.init_mlp(
+            key,
+            args.width,
+            rank=None if adaptive else args.rank,
+            max_rank=args.max_rank,
+            scale=args.init_scale,
+        )
+    # the dense baseline: Glorot-uniform hidden weights (the usual dense initialisation)
+    params = models.init_mlp(key, args.width, dense=True)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(params) - 1)
+    for k, layer in zip(keys, params[:-1]):
+        layer["w"] = jax.nn.initializers.glorot_uniform()(k, layer["w"].shape, jnp.float32)
+    return params
+
+
+def _train_and_report(args: argparse.Namespace, adaptive: bool, dense: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     try:
         data = load_mnist(args.data_dir, subset=args.subset)
@@ -690,13 +820,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{message}\n\nOn the command line: pass --data-dir DIR (the directory holding "
             f"mnist/) or set the {DATA_DIR_ENV_VAR} environment variable."
         ) from None
-    params = models.init_mlp(
-        jax.random.key(args.seed),
-        args.width,
-        rank=None if adaptive else args.rank,
-        max_rank=args.max_rank,
-        scale=args.init_scale,
-    )
+    params = _init_params(args, adaptive, dense)
     tx, _ = build_transform(
         args.integrator,
         inner_optimizer(args.inner, args.factor_lr),
@@ -735,12 +859,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tau_tag = f"tau{args.tau:g}" if adaptive else f"rank{args.rank or 'cap'}"
+    if dense:
+        tau_tag = "adam"
     stem = f"mnist_{args.integrator}_{tau_tag}_w{args.width}"
     final = dict(history[-1])
     final["dense_params"] = dense_params
     final["wall_time_s"] = wall
     final["train_time_s"] = sum(e.get("epoch_time_s", 0.0) for e in history)
     final["steps"] = sum(e.get("steps", 0) for e in history)
+    final["compiled_steps"] = max((e.get("compiled_steps", 0) for e in history), default=0)
     results = {
         "config": vars(args),
         "integrator": INTEGRATORS[args.integrator][0],
