@@ -188,14 +188,16 @@ def parallel_bug_step(U, S, V, grad_fn, h, tau, *, absolute=False, min_rank=2, m
 
 
 def cycle(U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_rank=None):
-    """The augment-train-truncate cycle: `steps` steps from (U, S, V); returns (U, S, V, ranks).
+    """The augment-train-truncate cycle: `steps` steps from (U, S, V).
+
+    Returns (U, S, V, history) with history[t] = (rank, W) after step t.
 
     Step t (from 0): if t % k == 0, `augment_step` (an adaptive integrator step above) with nothing
     cut (tau = 0, absolute: the rank grows to 2r, at most max_rank); otherwise the coefficient step
     S <- S - h U^T G(U S V^T) V with U, V fixed. Then, if t % k == k - 1, truncate(U, S, V, tau)
     (SVD of S). k = 1 is the integrator's own step: the same singular values are cut.
     """
-    ranks = []
+    history = []
     for t in range(steps):
         if t % k == 0:
             U, S, V = augment_step(
@@ -205,8 +207,8 @@ def cycle(U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_r
             S = S - h * U.T @ grad_fn(U @ S @ V.T) @ V
         if t % k == k - 1:
             U, S, V = truncate(U, S, V, tau, min_rank=min_rank, max_rank=max_rank)
-        ranks.append(S.shape[0])
-    return U, S, V, ranks
+        history.append((S.shape[0], U @ S @ V.T))
+    return U, S, V, history
 
 
 def gradient_descent_dense(W, grad_fn, h, steps):

@@ -313,7 +313,7 @@ def test_cli_help_shows_the_defaults(monkeypatch, capsys):
     out = " ".join(capsys.readouterr().out.split())
     for text in ("(default: 10)", "(default: 256)", "(default: 500)", "(default 0.09)"):
         assert text in out, text
-    tau_help = "--tau TAU relative truncation tolerance in [0, 1) of the rank-adaptive"
+    tau_help = "--tau TAU relative truncation tolerance in (0, 1) of the rank-adaptive"
     assert f"{tau_help} integrators (default 0.09); an error with the fixed-rank" in out
     assert "(default: None)" not in out.split("--tau")[2].split("--integrator")[0]
     assert "dense: the same MLP with dense weights (Glorot-uniform) trained by Adam at --lr" in out
@@ -416,3 +416,35 @@ def test_compile_cache_makes_a_second_run_compile_nothing(monkeypatch, tmp_path)
     assert not default.exists()
     train_mnist.run(_dense_argv(tmp_path / "d"))
     assert any(default.iterdir())  # on by default
+
+
+def test_cli_augment_every_runs_the_cycle_and_checks_its_arguments(tmp_path):
+    base = ["--subset", "512", "--epochs", "1", "--width", "32", "--batch-size", "32"]
+    base += ["--data-dir", _data_dir(), "--out", str(tmp_path), "--no-progress"]
+    results = train_mnist.run(base + ["--augment-every", "4", "--check-every", "8"])
+    saved = json.loads(Path(results["paths"]["json"]).read_text())
+    assert saved["config"]["augment_every"] == 4
+    assert saved["history"][1]["steps"] == 16 and saved["history"][1]["num_skipped"] == 0
+    with pytest.raises(SystemExit, match="multiple of --augment-every"):
+        train_mnist.run(base + ["--augment-every", "4", "--check-every", "6"])
+    with pytest.raises(SystemExit, match="pass one of them"):
+        train_mnist.run(base + ["--augment-every", "4", "--truncate-every", "4"])
+
+
+def test_train_reports_a_fault_the_steps_recorded_at_the_end_of_the_epoch():
+    """A transform after DLRT corrupts the factors; the jitted steps only record it, and the
+    training loop raises at the epoch's end, naming the cause."""
+    rng = np.random.default_rng(0)
+    data = (
+        rng.random((64, 784), dtype=np.float32),
+        rng.integers(0, 10, 64).astype(np.int32),
+        rng.random((16, 784), dtype=np.float32),
+        rng.integers(0, 10, 16).astype(np.int32),
+    )
+    params = models.init_mlp(jax.random.key(0), 16, max_rank=4)
+    tx = optax.chain(dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.1), optax.scale(0.5))
+    with pytest.raises(ValueError, match="must be the last member"):
+        train_mnist.train(
+            params, tx, apply_fn=models.mlp_apply, data=data, epochs=1, batch_size=16,
+            progress=False,
+        )  # fmt: skip

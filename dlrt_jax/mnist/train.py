@@ -131,6 +131,7 @@ def build_transform(
     max_rank: int | None = None,
     other_optimizer: optax.GradientTransformation | float | None = None,
     truncate_every: int = 1,
+    augment_every: int = 1,
 ) -> tuple[optax.GradientTransformationExtraArgs, bool]:
     """The DLRT transform named ``integrator`` and whether it evaluates ``grad_fn``.
 
@@ -138,8 +139,9 @@ def build_transform(
     :func:`dlrt_jax.make_train_step` always pass ``grad_fn``.
 
     ``optimizer`` trains ``K``, ``L``, ``S``; ``other_optimizer`` (default: ``optimizer``) the
-    biases and the dense classifier. ``tau`` and ``truncate_every`` are used by the rank-adaptive
-    integrators (``bug``, ``parallel_bug``) only. ``"dense"`` is the baseline without DLRT:
+    biases and the dense classifier. ``tau``, ``truncate_every`` and ``augment_every`` (the
+    augment-train-truncate cycle) are used by the rank-adaptive integrators (``bug``,
+    ``parallel_bug``) only. ``"dense"`` is the baseline without DLRT:
     ``other_optimizer`` (default ``optimizer``; a learning rate means Adam) trains every leaf of
     dense params.
 
@@ -160,14 +162,12 @@ def build_transform(
     if adaptive and tau is None:
         raise ValueError(f"`{integrator}` is rank-adaptive and needs `tau` (> 0).")
     kw = {"other_optimizer": other_optimizer}
+    if adaptive:
+        kw.update(truncate_every=truncate_every, augment_every=augment_every)
     if integrator == "bug":
-        tx = dlrt_jax.bug(
-            optimizer, tau=tau, max_rank=max_rank, truncate_every=truncate_every, **kw
-        )
+        tx = dlrt_jax.bug(optimizer, tau=tau, max_rank=max_rank, **kw)
     elif integrator == "parallel_bug":
-        tx = dlrt_jax.parallel_bug(
-            optimizer, tau=tau, max_rank=max_rank, truncate_every=truncate_every, **kw
-        )
+        tx = dlrt_jax.parallel_bug(optimizer, tau=tau, max_rank=max_rank, **kw)
     elif integrator == "ksl":
         tx = dlrt_jax.projector_splitting(optimizer, **kw)
     else:
@@ -391,6 +391,8 @@ def train(
             bar.update(1)
         bar.close()
         epoch_time = time.perf_counter() - t_epoch
+        if has_factors:  # the host syncs here anyway: a fault the steps recorded raises now
+            dlrt_jax.check(opt_state, params)
         extra = {
             "train_loss": float(np.mean([float(x) for x in losses])),
             "epoch_time_s": epoch_time,
@@ -619,7 +621,7 @@ def _parser() -> argparse.ArgumentParser:
         "--tau",
         type=float,
         default=None,
-        help=f"relative truncation tolerance in [0, 1) of the rank-adaptive integrators (default "
+        help=f"relative truncation tolerance in (0, 1) of the rank-adaptive integrators (default "
         f"{DEFAULT_TAU:g}); an error with the fixed-rank ksl / bug_fixed",
     )
     p.add_argument(
@@ -657,6 +659,14 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="truncate with tau every N steps (ranks stay at the capacity in between)",
+    )
+    p.add_argument(
+        "--augment-every",
+        type=int,
+        default=1,
+        help="the augment-train-truncate cycle: augment every N steps, train S alone in between, "
+        "truncate at the cycle's end (1: the paper's step; use --headroom 2 and a --check-every "
+        "that is a multiple of N)",
     )
     p.add_argument(
         "--check-every",
@@ -774,8 +784,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.factor_lr = args.lr * (1.0 if args.preset == "paper" else FACTOR_LR_SCALE)
     if not args.factor_lr > 0 or not args.init_scale > 0:
         raise SystemExit("--factor-lr and --init-scale must be > 0")
-    if args.truncate_every < 1 or args.check_every < 0:
-        raise SystemExit("--truncate-every must be >= 1 and --check-every >= 0")
+    if args.truncate_every < 1 or args.augment_every < 1 or args.check_every < 0:
+        raise SystemExit("--truncate-every and --augment-every must be >= 1 and --check-every >= 0")
+    if args.truncate_every > 1 and args.augment_every > 1:
+        raise SystemExit("--truncate-every and --augment-every: pass one of them")
+    if args.augment_every > 1 and args.check_every and args.check_every % args.augment_every:
+        raise SystemExit(
+            "--check-every must be a multiple of --augment-every (the ranks are augmented "
+            "within a cycle, so the capacity policy must read them right after a truncation)"
+        )
     if args.truncate_every > 1 and args.check_every and args.check_every % args.truncate_every:
         raise SystemExit(
             "--check-every must be a multiple of --truncate-every (between truncations the "
@@ -828,6 +845,7 @@ def _train_and_report(args: argparse.Namespace, adaptive: bool, dense: bool) -> 
         max_rank=args.max_rank,
         other_optimizer=optax.adam(args.lr),
         truncate_every=args.truncate_every,
+        augment_every=args.augment_every,
     )
     policy = None
     if adaptive and args.check_every:
