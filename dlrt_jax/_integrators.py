@@ -106,6 +106,10 @@ class Integrator(NamedTuple):
     name: str
     phases: tuple[Phase, ...]
     augments: Callable[[Config], bool]  # builds 2c-column bases, so needs 2c <= min(n, m)
+    # the gradient slots ("U": G V, "S": U^T G V, "V": G^T U) each phase reads. Only these are
+    # checked for finiteness, so that under jit XLA drops the products of the others (the
+    # S-step's evaluation then costs two of the three backward products of a layer less)
+    reads: tuple[frozenset[str], ...]
     moves_bases: bool = True  # False: U and V stay as given (only S is trained)
 
     @property
@@ -235,6 +239,7 @@ BUG_FIXED = Integrator(
     "bug",
     (_bug_basis_update, _bug_galerkin),
     lambda cfg: False,
+    (frozenset("UV"), frozenset("S")),
 )
 
 
@@ -282,6 +287,7 @@ BUG = Integrator(
     "bug",
     (_bug_augment, _bug_galerkin_truncate),
     lambda cfg: True,
+    (frozenset("UV"), frozenset("S")),
 )
 
 
@@ -348,7 +354,7 @@ def _parallel_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     return _finish(x, new, FactorState(st_k, st_l, st_s), M, N)
 
 
-PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True)
+PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True, (frozenset("USV"),))
 
 
 # ---- projector-splitting KSL (Lie-Trotter) -------------------------------------------------------
@@ -395,6 +401,7 @@ KSL = Integrator(
     "projector_splitting",
     (_ksl_k, _ksl_s, _ksl_l),
     lambda cfg: False,
+    (frozenset("U"), frozenset("S"), frozenset("V")),
 )
 
 
@@ -410,7 +417,9 @@ def _s_only_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     return Result(new, st._replace(S=st_s))
 
 
-S_ONLY = Integrator("s_only", (_s_only_step,), lambda cfg: False, moves_bases=False)
+S_ONLY = Integrator(
+    "s_only", (_s_only_step,), lambda cfg: False, (frozenset("S"),), moves_bases=False
+)
 
 
 # ---- the coefficient step of the augment-train-truncate cycle ----------------------------------
@@ -435,4 +444,6 @@ def _coefficient_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     return _finish(x, new, st, M, N)
 
 
-COEFFICIENTS = Integrator("coefficients", (_coefficient_step,), lambda cfg: False)
+COEFFICIENTS = Integrator(
+    "coefficients", (_coefficient_step,), lambda cfg: False, (frozenset("S"),)
+)

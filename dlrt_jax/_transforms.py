@@ -312,20 +312,31 @@ def check(opt_state: Any, params: Any = None) -> None:
 
 
 def _all_finite(trees) -> jax.Array:
-    """Whether every inexact leaf of ``trees`` is finite: one reduction over all of them.
+    """Whether every inexact leaf of ``trees`` is finite, in few reductions.
 
-    The leaves are flattened into one vector (XLA fuses the concatenation into the reduction), so
-    the check is one kernel however many arrays it covers: a reduction per array made the
-    finiteness checks the largest part of the step's program and compile time.
+    The leaves are flattened and concatenated into vectors of at most the largest leaf's size
+    (XLA fuses each concatenation into its reduction), so the check costs a few kernels however
+    many arrays it covers (a reduction per array made the finiteness checks the largest part of
+    the step's program and compile time) and allocates nothing larger than the largest leaf.
     """
     leaves = [
-        jnp.ravel(leaf).astype(jnp.float32)
+        jnp.ravel(leaf)
         for leaf in jax.tree_util.tree_leaves(trees)
         if jnp.issubdtype(leaf.dtype, jnp.inexact)
     ]
-    if not leaves:
-        return jnp.array(True)
-    return jnp.all(jnp.isfinite(jnp.concatenate(leaves)))
+    cap = max((leaf.size for leaf in leaves), default=0)
+    bins, current, size = [], [], 0
+    for leaf in leaves:
+        if current and size + leaf.size > cap:
+            bins.append(current)
+            current, size = [], 0
+        current.append(leaf.astype(jnp.float32))
+        size += leaf.size
+    bins += [current] if current else []
+    ok = jnp.array(True)
+    for b in bins:
+        ok = ok & jnp.all(jnp.isfinite(jnp.concatenate(b)))
+    return ok
 
 
 def _check_factor_states(factors: Any, params: Any, leaves: list, idx: list[int]) -> tuple:
@@ -391,21 +402,22 @@ def _per_factor_step(
     factor_states: tuple,
     g: list[LowRank],
     evaluate: Callable[[list[LowRank]], list[LowRank]],
-) -> tuple[list[LowRank], tuple]:
+) -> tuple[list[LowRank], tuple, jax.Array]:
     """The phases of ``integrator`` on every factor; ``evaluate(points)`` between phases.
 
-    Returns the new factors and their inner states. A non-finite gradient slot that a phase reads
-    reaches the new factor in every integrator (the QR/SVD guards of ``_linalg`` turn a
-    non-finite input into NaN outputs), so the driver checks only the new factors.
+    Returns the new factors, their inner states and whether every gradient slot read was finite
+    (one check over all of them).
     """
+    reads = []
     carries = [_int.Carry(x, fs) for x, fs in zip(factors, factor_states)]
-    for k, phase in enumerate(integrator.phases):
+    for k, (phase, slots) in enumerate(zip(integrator.phases, integrator.reads)):
         if k:  # the gradient of the whole model at every factor's new point
             g = evaluate([carry.point for carry in carries])
+        reads += [getattr(gi, s) for gi in g for s in "USV" if s in slots]
         with full_precision():
             carries = [phase(cfg, carry, gi) for carry, gi in zip(carries, g)]
     new_factors = [result.factor for result in carries]  # the last phase returns Results
-    return new_factors, tuple(result.state for result in carries)
+    return new_factors, tuple(result.state for result in carries), _all_finite(reads)
 
 
 def _factor_step(
@@ -418,7 +430,7 @@ def _factor_step(
     g: list[LowRank],
     evaluate: Callable[[list[LowRank]], list[LowRank]],
     fresh_gradient: Callable[[], list[LowRank]] | None,
-) -> tuple[list[LowRank], tuple]:
+) -> tuple[list[LowRank], tuple, jax.Array]:
     """One step of every factor as the schedule says: an integrator step, or a coefficient step.
 
     With a cycle (``augment_every > 1``) the two kinds are the branches of one ``lax.switch``: a
@@ -487,7 +499,7 @@ def _run(
         return [treedef.flatten_up_to(evaluated)[i] for i in idx]
 
     fresh = None if grad_fn is None else (lambda: evaluate(factors))
-    new_factors, new_factor_states = _factor_step(
+    new_factors, new_factor_states, finite = _factor_step(
         integrator,
         cfg,
         schedule,
@@ -506,7 +518,7 @@ def _run(
         treedef.unflatten(other_grads), state.other, treedef.unflatten(others)
     )
     other_updates = treedef.flatten_up_to(other_updates)
-    finite = _all_finite([other_grads, [(x.U, x.S, x.V) for x in new_factors]])
+    finite = finite & _all_finite([other_grads, [(x.U, x.S, x.V) for x in new_factors]])
 
     # s_only never moves the bases: only non-finite entries are a fault there
     count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
