@@ -688,12 +688,12 @@ def bug(
         ``update(grads, state, params, *, grad_fn, **extra_args) -> (updates, state)``.
 
     Each ``LowRank`` update is the difference new - old factor, rank included, so the transform
-    must be the last member of an ``optax.chain`` (see ``docs/method.md``, "Composition": clipping
-    and ``reduce_on_plateau`` go before it; a transform after it is recorded as a fault that
-    :func:`check` reports). A step with non-finite gradients or result changes nothing and counts
-    in ``state.num_skipped``. Inner optimisers: ``optax.sgd`` (with momentum), ``adam``,
-    ``adamw``, ``rmsprop``, ``adagrad``, ``adabelief``, ``lion``; their state is transported into
-    each new basis.
+    must be the last member of an ``optax.chain`` (clipping and ``reduce_on_plateau`` go before it;
+    a transform after it is recorded as a fault that :func:`check` reports; ``docs/method.md``,
+    "What the integrators guarantee"). A step with non-finite gradients or result changes
+    nothing and counts in ``state.num_skipped``. Inner optimisers: ``optax.sgd`` (with
+    momentum), ``adam``, ``adamw``, ``rmsprop``, ``adagrad``, ``adabelief``, ``lion``; their state
+    is transported into each new basis.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
