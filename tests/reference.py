@@ -187,6 +187,11 @@ def parallel_bug_step(U, S, V, grad_fn, h, tau, *, absolute=False, min_rank=2, m
     return _truncate_or_keep(Uh, Sh, Vh, r, tau, absolute, min_rank, max_rank)
 
 
+def s_only_step(U, S, V, grad_fn, h):
+    """S fine-tuning: S1 = S - h U^T G(U S V^T) V with U and V fixed."""
+    return U, S - h * U.T @ grad_fn(U @ S @ V.T) @ V, V
+
+
 def cycle(U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_rank=None):
     """The augment-train-truncate cycle: `steps` steps from (U, S, V).
 
