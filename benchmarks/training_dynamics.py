@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument(
         "--weight-decay", type=float, default=0.0, help="adamw inside (with --inner adam)"
     )
+    p.add_argument("--eps", type=float, default=1e-8, help="Adam's eps inside (with --inner adam)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the other parameters")
     p.add_argument("--tau", type=float, default=0.09)
     p.add_argument("--headroom", type=float, default=None, help="default: 1 (k=1), 2 (k>1)")
@@ -61,7 +62,9 @@ def main() -> None:
         params = models.init_mlp(key, args.width, max_rank=args.start_rank, scale=args.init_scale)
         make = getattr(dlrt_jax, args.integrator)
         if args.inner == "adam" and args.weight_decay:
-            inner = optax.adamw(args.factor_lr, weight_decay=args.weight_decay)
+            inner = optax.adamw(args.factor_lr, eps=args.eps, weight_decay=args.weight_decay)
+        elif args.inner == "adam":
+            inner = optax.adam(args.factor_lr, eps=args.eps)
         else:
             inner = inner_optimizer(args.inner, args.factor_lr)
         tx = make(
