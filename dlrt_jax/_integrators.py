@@ -186,14 +186,16 @@ def _svd_truncate(cfg: Config, Sh, capacity: int, rank, augmented_rank=None):
         # min/max_rank may be traced (optax.inject_hyperparams injects every numeric argument)
         upper = capacity if cfg.max_rank is None else jnp.minimum(cfg.max_rank, capacity)
         lower = jnp.minimum(cfg.min_rank, capacity)
-        kept = jnp.clip(augmented_rank, lower, upper).astype(jnp.int32)
-        if cfg.truncate is False:
-            r1 = kept
-        else:
+        if cfg.truncate is not True:  # nothing cut on this step, or on some steps (traced)
+            kept = jnp.clip(augmented_rank, lower, upper).astype(jnp.int32)
+        if cfg.truncate is not False:
             cut = truncation_rank(
                 sigma, cfg.tau, absolute=cfg.absolute, min_rank=lower, max_rank=upper
             )
-            r1 = cut if cfg.truncate is True else jnp.where(cfg.truncate, cut, kept)
+        if cfg.truncate is True or cfg.truncate is False:
+            r1 = cut if cfg.truncate else kept
+        else:
+            r1 = jnp.where(cfg.truncate, cut, kept)
     m1 = column_mask(capacity, r1)
     S1 = jnp.diag(jnp.where(m1, sigma[:capacity], 0.0)).astype(Sh.dtype)
     return P, S1, Qt, r1
@@ -270,8 +272,10 @@ def _bug_galerkin_truncate(cfg: Config, carry: Carry, g: LowRank) -> Result:
     S1 = mask_block(S1, carry.rows, carry.cols)
     # U1 = U^ P[:, :c], V1 = V^ Q[:, :c] with U^, V^ orthonormal: every map into the new basis
     # is a small product (U1^T U^ = P[:, :c]^T, U1^T U0 = P[:, :c]^T (U^T U0)), none of size n
-    # nothing cut (cfg.truncate False): the directions in the spans keep their place, at most 2r
-    spanned = jnp.minimum(jnp.sum(carry.rows), jnp.sum(carry.cols))
+    # a step that cuts nothing keeps the directions in the spans, at most 2r of them
+    spanned = (
+        None if cfg.truncate is True else jnp.minimum(jnp.sum(carry.rows), jnp.sum(carry.cols))
+    )
     P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank, spanned)
     Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
     new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))

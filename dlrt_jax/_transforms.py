@@ -231,13 +231,18 @@ def _fault_message(where: str, path: str, code: int, capacity: int, rank=None, e
     )
 
 
-def _raise_faults(where: str, params: Any, details: _FaultDetails) -> None:
-    """Raise ``ValueError`` for the first faulty factor (concrete ``details``)."""
-    paths = [
+def _factor_paths(params: Any) -> list[tuple[str, LowRank]]:
+    """``(path, factor)`` of every ``LowRank`` of ``params``, in leaf order."""
+    return [
         (_path_str(p), x)
         for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
         if is_lowrank(x)
     ]
+
+
+def _raise_faults(where: str, params: Any, details: _FaultDetails) -> None:
+    """Raise ``ValueError`` for the first faulty factor (concrete ``details``)."""
+    paths = _factor_paths(params)
     codes, ranks, errs = (np.asarray(a).reshape(-1, len(paths)) for a in details)
     for row, col in zip(*np.nonzero(codes)):  # batched under vmap: a row per member
         (path, x), code = paths[col], int(codes[row, col])
@@ -294,11 +299,7 @@ def check(opt_state: Any, params: Any = None) -> None:
         code = int(flat[row, col])
         path, capacity, rank, err = f"factor {col} (leaf order)", "capacity", None, None
         if params is not None:
-            paths = [
-                (_path_str(p), x)
-                for p, x in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
-                if is_lowrank(x)
-            ]
+            paths = _factor_paths(params)
             if len(paths) == n:
                 path, x = paths[col]
                 capacity = x.capacity
@@ -483,6 +484,12 @@ def _run(
     are: the updates are zero and only the counters (and ``faults``) move. Every phase runs
     under :func:`~dlrt_jax._linalg.full_precision`; ``grad_fn`` (the user's model) outside it.
     """
+    # s_only never moves the bases: only non-finite entries are a fault there
+    count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
+    details = _factor_faults(params, count)
+    if not _is_traced(details.codes):  # outside jit: raise at once
+        _raise_faults(f"{integrator.name}.update", params, details)
+    faults = details.codes
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=is_lowrank)
     g_leaves = treedef.flatten_up_to(grads)
     idx = [i for i, leaf in enumerate(leaves) if is_lowrank(leaf)]
@@ -496,7 +503,8 @@ def _run(
         full = treedef.unflatten(full)
         evaluated = grad_fn(full)
         _check_grads(evaluated, full, "grad_fn")
-        return [treedef.flatten_up_to(evaluated)[i] for i in idx]
+        evaluated = treedef.flatten_up_to(evaluated)
+        return [evaluated[i] for i in idx]
 
     fresh = None if grad_fn is None else (lambda: evaluate(factors))
     new_factors, new_factor_states, finite = _factor_step(
@@ -520,9 +528,6 @@ def _run(
     other_updates = treedef.flatten_up_to(other_updates)
     finite = finite & _all_finite([other_grads, [(x.U, x.S, x.V) for x in new_factors]])
 
-    # s_only never moves the bases: only non-finite entries are a fault there
-    count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
-    faults = _factor_faults(params, count).codes
     ok = finite & ~jnp.any(faults != 0)
     new_leaves, update_leaves = list(leaves), list(other_updates)
     for i, new in zip(idx, new_factors):
@@ -619,10 +624,6 @@ def _dlrt_transform(
         if grad_fn is not None and not callable(grad_fn):
             raise TypeError(f"`grad_fn` must be callable, got {type(grad_fn).__name__}.")
         _check_grads(updates, params, f"{name}.update")
-        count = state.count if integrator.moves_bases else jnp.zeros([], jnp.int32)
-        details = _factor_faults(params, count)
-        if not _is_traced(details.codes):  # outside jit: raise at once
-            _raise_faults(f"{name}.update", params, details)
         _, new_updates, new_state = _run(
             integrator, cfg, schedule, other, updates, state, params, grad_fn
         )
