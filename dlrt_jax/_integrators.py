@@ -60,6 +60,9 @@ class Config(NamedTuple):
         truncate: whether this step truncates by ``tau`` (a Python bool, or a traced bool that the
             step schedule computes). A step that does not truncate keeps the whole augmented
             rank (``2r``, at most the capacity): new directions are kept to be judged later.
+        prior: whether a direction new to a basis starts its elementwise second moments at the
+            mean of the others (``True``, or a traced bool) or at zero (``False``):
+            :func:`transport`.
     """
 
     tx: optax.GradientTransformation
@@ -68,6 +71,7 @@ class Config(NamedTuple):
     min_rank: Any
     max_rank: Any
     truncate: Any = True
+    prior: Any = False
 
 
 class Carry(NamedTuple):
@@ -122,7 +126,7 @@ def init_factor_state(tx: optax.GradientTransformation, x: LowRank) -> FactorSta
     return FactorState(K=tx.init(U @ S), L=tx.init(V @ S.T), S=tx.init(S))
 
 
-def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
+def transport(state: Any, shape: tuple[int, ...], left=None, right=None, prior=False) -> Any:
     r"""Carry an inner optimiser state into a new basis.
 
     A moment ``m`` of a factor with the factor's ``shape`` becomes ``left @ m @ right.T`` (either
@@ -132,14 +136,18 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
     ``SECOND_MOMENT_FIELDS``) are transported with the elementwise squares of the maps, ``(M∘M) nu
     (N∘N)^T``: the diagonal of the transported covariance when entries are uncorrelated. This keeps
     them non-negative and is exact when the basis change permutes or flips basis vectors. Directions
-    new to the basis start with zero moments; directions dropped by truncation lose theirs. Other
-    leaves (counts, hyperparameters) are left alone.
+    new to the basis start with a zero first moment, and a zero second moment or, with ``prior``
+    (a bool, or a traced one), the mean second moment of the old entries
+    (:func:`_transport_second_moment`); directions dropped by truncation lose theirs. Other leaves
+    (counts, hyperparameters) are left alone.
     """
 
     def move(path, leaf):
         if not hasattr(leaf, "shape") or tuple(leaf.shape) != tuple(shape):
             return leaf
         quadratic = any(getattr(k, "name", None) in SECOND_MOMENT_FIELDS for k in path)
+        if quadratic and prior is not False:
+            return _transport_second_moment(leaf, left, right, prior)
         out = leaf
         if left is not None:
             out = (jnp.square(left) if quadratic else left).astype(leaf.dtype) @ out
@@ -148,6 +156,30 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None) -> Any:
         return out
 
     return jax.tree_util.tree_map_with_path(move, state)
+
+
+def _transport_second_moment(nu, left, right, prior=True):
+    """``(M∘M) nu (N∘N)^T``, and the layer's mean second moment for what the old basis does not
+    cover.
+
+    An entry ``(i, j)`` of the new basis is covered by the old one with weight ``a_i b_j``
+    (``a = (M∘M) 1``, ``b = (N∘N) 1``: 1 for a direction inside the old span, 0 for a direction
+    new to it). The uncovered weight ``1 - a_i b_j`` gets the mean of the old moments (over the
+    covered entries), the best prior for a coordinate the optimiser has never seen: a zero there
+    would make the first step of an elementwise-normalised optimiser (Adam) on a new direction as
+    large as its learning rate, whatever the size of its gradient.
+    """
+    ones = lambda k: jnp.ones((k,), nu.dtype)  # noqa: E731
+    out, a, b = nu, ones(nu.shape[0]), ones(nu.shape[1])
+    if left is not None:
+        sq = jnp.square(left).astype(nu.dtype)
+        out, a = sq @ out, jnp.sum(sq, axis=1)
+    if right is not None:
+        sq = jnp.square(right).astype(nu.dtype)
+        out, b = out @ sq.T, jnp.sum(sq, axis=1)
+    covered = jnp.minimum(a[:, None] * b[None, :], 1.0)
+    mean = jnp.sum(out) / jnp.maximum(jnp.sum(covered), 1.0)
+    return out + jnp.where(prior, (1.0 - covered) * mean, 0.0).astype(nu.dtype)
 
 
 def _inner_step(tx, value, grad, state):
@@ -201,14 +233,14 @@ def _svd_truncate(cfg: Config, Sh, capacity: int, rank, augmented_rank=None):
     return P, S1, Qt, r1
 
 
-def _finish(x: LowRank, new: LowRank, st: FactorState, M, N) -> Result:
+def _finish(cfg: Config, x: LowRank, new: LowRank, st: FactorState, M, N) -> Result:
     """Transport the K- and L-states (which live in the old bases) into the new ones.
 
     ``M = U1^T U0`` and ``N = V1^T V0`` restricted to the active columns (rows: the new rank,
     columns: the old one).
     """
-    st_k = transport(st.K, (x.shape[0], x.capacity), right=N)
-    st_l = transport(st.L, (x.shape[1], x.capacity), right=M)
+    st_k = transport(st.K, (x.shape[0], x.capacity), right=N, prior=cfg.prior)
+    st_l = transport(st.L, (x.shape[1], x.capacity), right=M, prior=cfg.prior)
     return Result(new, FactorState(st_k, st_l, st.S))
 
 
@@ -225,7 +257,7 @@ def _bug_basis_update(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     M = mask_block(U1.T @ x.U, m, m)
     N = mask_block(V1.T @ x.V, m, m)
     point = LowRank._unchecked(U1, (M @ _masked_s(x)) @ N.T, V1, x.rank)
-    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N))
+    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N, prior=cfg.prior))
     return Carry(x, st, point, M, N, rows=m, cols=m)
 
 
@@ -234,7 +266,7 @@ def _bug_galerkin(cfg: Config, carry: Carry, g: LowRank) -> Result:
     x, st, point = carry.x, carry.state, carry.point
     S1, st_s = _inner_step(cfg.tx, point.S, mask_block(g.S, carry.rows, carry.cols), st.S)
     new = LowRank._unchecked(point.U, mask_block(S1, carry.rows, carry.cols), point.V, x.rank)
-    return _finish(x, new, st._replace(S=st_s), carry.M, carry.N)
+    return _finish(cfg, x, new, st._replace(S=st_s), carry.M, carry.N)
 
 
 BUG_FIXED = Integrator(
@@ -260,7 +292,7 @@ def _bug_augment(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     UhU0, VhV0 = Uh.T @ U0, Vh.T @ V0
     M, N = mask_block(UhU0, m2, m), mask_block(VhV0, m2, m)
     point = LowRank._unchecked(Uh, (M @ S0) @ N.T, Vh, 2 * x.rank)
-    st = st._replace(S=transport(st.S, (c, c), left=M, right=N))
+    st = st._replace(S=transport(st.S, (c, c), left=M, right=N, prior=cfg.prior))
     # only directions of span([K1 | U0]) x span([L1 | V0]) get the Galerkin update
     return Carry(x, st, point, UhU0, VhV0, rows=in_u & m2, cols=in_v & m2)
 
@@ -281,10 +313,10 @@ def _bug_galerkin_truncate(cfg: Config, carry: Carry, g: LowRank) -> Result:
     new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))
     rows = new.mask[:, None]
     left, right = jnp.where(rows, Pc.T, 0.0), jnp.where(rows, Qc.T, 0.0)
-    st_s = transport(st_s, point.S.shape, left=left, right=right)
+    st_s = transport(st_s, point.S.shape, left=left, right=right, prior=cfg.prior)
     M = mask_block(Pc.T @ carry.M, new.mask, x.mask)
     N = mask_block(Qc.T @ carry.N, new.mask, x.mask)
-    return _finish(x, new, st._replace(S=st_s), M, N)
+    return _finish(cfg, x, new, st._replace(S=st_s), M, N)
 
 
 BUG = Integrator(
@@ -354,8 +386,8 @@ def _parallel_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     m1 = column_mask(c, r1)
     M = mask_block(Pu[:c].T, m1, m)
     N = mask_block(Pv[:c].T, m1, m)
-    st_s = transport(st_s, (c, c), left=M, right=N)
-    return _finish(x, new, FactorState(st_k, st_l, st_s), M, N)
+    st_s = transport(st_s, (c, c), left=M, right=N, prior=cfg.prior)
+    return _finish(cfg, x, new, FactorState(st_k, st_l, st_s), M, N)
 
 
 PARALLEL = Integrator("parallel_bug", (_parallel_step,), lambda cfg: True, (frozenset("USV"),))
@@ -380,7 +412,7 @@ def _ksl_s(cfg: Config, carry: Carry, g: LowRank) -> Carry:
     """Backward S-step ``S~ = S^ + h U1^T G(U1 S^ V0^T) V0``."""
     x, st, point = carry.x, carry.state, carry.point
     m = x.mask
-    st_s = transport(st.S, point.S.shape, left=carry.M)
+    st_s = transport(st.S, point.S.shape, left=carry.M, prior=cfg.prior)
     update, st_s = cfg.tx.update(mask_block(g.S, m, m), st_s, point.S)
     St = mask_block(point.S - update.astype(point.S.dtype), m, m)
     point = LowRank._unchecked(point.U, St, point.V, x.rank)
@@ -391,13 +423,13 @@ def _ksl_l(cfg: Config, carry: Carry, g: LowRank) -> Result:
     """L-step ``L1 = V0 S~^T - h G(U1 S~ V0^T)^T U1``, ``(V1, S1^T) = qr(L1)``."""
     x, st, point = carry.x, carry.state, carry.point
     m = x.mask
-    st_l = transport(st.L, (x.shape[1], x.capacity), right=carry.M)
+    st_l = transport(st.L, (x.shape[1], x.capacity), right=carry.M, prior=cfg.prior)
     L1, st_l = _inner_step(cfg.tx, point.V @ point.S.T, mask_cols(g.V, m), st_l)
     V1, R = qr_fast(mask_cols(L1, m), m)
     new = LowRank._unchecked(point.U, mask_block(R.T, m, m), V1, x.rank)
     N = mask_block(V1.T @ point.V, m, m)
-    st_s = transport(st.S, point.S.shape, right=N)
-    st_k = transport(st.K, (x.shape[0], x.capacity), right=N)
+    st_s = transport(st.S, point.S.shape, right=N, prior=cfg.prior)
+    st_k = transport(st.K, (x.shape[0], x.capacity), right=N, prior=cfg.prior)
     return Result(new, FactorState(st_k, st_l, st_s))
 
 
@@ -444,8 +476,8 @@ def _coefficient_step(cfg: Config, carry: Carry, g: LowRank) -> Result:
     P, Sd, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, x.rank, x.rank)
     new = LowRank._unchecked(x.U @ P, Sd, x.V @ Qt.T, r1.astype(jnp.float32))
     M, N = mask_block(P.T, new.mask, m), mask_block(Qt, new.mask, m)
-    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N))
-    return _finish(x, new, st, M, N)
+    st = st._replace(S=transport(st.S, (x.capacity, x.capacity), left=M, right=N, prior=cfg.prior))
+    return _finish(cfg, x, new, st, M, N)
 
 
 COEFFICIENTS = Integrator(

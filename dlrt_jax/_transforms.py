@@ -124,6 +124,24 @@ def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augmen
         )
 
 
+NEW_MOMENTS = ("zero", "mean")
+
+
+def _prior(new_moments: str | None, augment_every: Any) -> Any:
+    """``Config.prior`` from ``new_moments``; its default: ``"mean"`` in a cycle (``k > 1``, a
+    traced bool where ``k`` is injected), ``"zero"`` for the paper's step."""
+    if new_moments is None:
+        if _is_traced(augment_every) or not isinstance(augment_every, numbers.Integral):
+            return jnp.asarray(augment_every) > 1
+        return augment_every > 1
+    if new_moments not in NEW_MOMENTS:
+        raise ValueError(
+            f"`new_moments` must be one of {NEW_MOMENTS} or None (the default: 'mean' with "
+            f"augment_every > 1, 'zero' otherwise), got {new_moments!r}."
+        )
+    return new_moments == "mean"
+
+
 def _check_factor(x: LowRank, path: str, integrator: _int.Integrator, cfg: _int.Config) -> None:
     n, m = x.shape
     c = x.capacity
@@ -561,12 +579,15 @@ def _build(
     max_rank: Any = None,
     truncate_every: Any = 1,
     augment_every: Any = 1,
+    new_moments: str | None = None,
 ):
     """Validate the hyperparameters; return the config, schedule, other optimiser and ``init``."""
     _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augment_every)
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
-    cfg = _int.Config(tx, tau, absolute, min_rank, max_rank)
+    cfg = _int.Config(
+        tx, tau, absolute, min_rank, max_rank, prior=_prior(new_moments, augment_every)
+    )
     schedule = Schedule(augment_every, truncate_every)
 
     def init_fn(params: optax.Params) -> DLRTState:
@@ -642,6 +663,7 @@ def bug(
     other_optimizer: Any = None,
     augment_every: int = 1,
     truncate_every: int = 1,
+    new_moments: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Basis-update & Galerkin (the unconventional KLS integrator), fixed-rank or rank-adaptive.
 
@@ -683,6 +705,14 @@ def bug(
             ``optimizer``, a separate state); one step per ``update`` with the first gradient.
         augment_every: the cycle length ``k`` (1: augment and truncate every step).
         truncate_every: augment every step, truncate on every ``k``-th only.
+        new_moments: ``"mean"`` or ``"zero"``: the second moments a new direction starts with
+            (see :func:`bug`; default ``"mean"`` with ``augment_every > 1``, else ``"zero"``).
+        new_moments: how a direction new to a basis starts the inner optimiser's elementwise
+            second moments (Adam's ``nu``): ``"mean"``, the mean of the factor's others, so that
+            its first steps are in proportion to its gradient; or ``"zero"``, which makes Adam's
+            first step there as large as its learning rate whatever the gradient. Default:
+            ``"mean"`` in a cycle (``augment_every > 1``; with zeros the cycle's ranks grow to
+            the capacity), ``"zero"`` otherwise (the paper's step as before).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
@@ -728,6 +758,7 @@ def bug(
         max_rank=max_rank,
         truncate_every=truncate_every,
         augment_every=augment_every,
+        new_moments=new_moments,
     )
 
 
@@ -744,6 +775,7 @@ def parallel_bug(
     other_optimizer: Any = None,
     augment_every: int = 1,
     truncate_every: int = 1,
+    new_moments: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The parallel rank-adaptive BUG integrator: one gradient evaluation per step.
 
@@ -810,6 +842,7 @@ def parallel_bug(
         max_rank=max_rank,
         truncate_every=truncate_every,
         augment_every=augment_every,
+        new_moments=new_moments,
     )
 
 

@@ -143,6 +143,63 @@ def test_an_injected_cycle_length_matches_the_static_one():
             )
 
 
+def _nu(state):
+    """Adam's second moments of the S-step, per factor."""
+    return np.asarray(state.factors[0].S[0].nu)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_new_moments_default_is_mean_in_a_cycle_and_zero_otherwise(k):
+    """``new_moments``: the default is 'zero' for the paper's step and 'mean' in a cycle, static
+    or injected; the two priors give different second moments once a basis has grown."""
+    rng = np.random.default_rng(8)
+    _, loss_j, _ = _regression(rng)
+    params = _factor(*ref.random_lowrank(rng, N, M, R), jnp.float32)
+    runs = {}
+    for nm in (None, "zero", "mean"):
+        tx = dlrt_jax.parallel_bug(optax.adam(0.05), tau=TAU, augment_every=k, new_moments=nm)
+        runs[nm] = _run(tx, params, loss_j, 2 * k + 1, True)[1]
+    inj = optax.inject_hyperparams(dlrt_jax.parallel_bug)(
+        optimizer=optax.adam(0.05), tau=TAU, augment_every=k
+    )
+    injected = _run(inj, params, loss_j, 2 * k + 1, True)[1]
+    default = "zero" if k == 1 else "mean"
+    np.testing.assert_array_equal(_nu(runs[None]), _nu(runs[default]))
+    np.testing.assert_allclose(_nu(injected.inner_state), _nu(runs[default]), rtol=1e-4, atol=1e-9)
+    assert np.max(np.abs(_nu(runs["zero"]) - _nu(runs["mean"]))) > 1e-6
+
+
+def test_mean_second_moments_keep_bug_with_adam_from_diverging():
+    """Rank-adaptive ``bug`` with Adam 0.1 on the README regression: zero second moments for the
+    augmented directions make every new coordinate move by the learning rate at once, and the
+    run diverges; the mean prior converges."""
+    key = jax.random.key(0)
+    X = jax.random.normal(key, (256, 40))
+    A = jax.random.normal(jax.random.key(1), (30, 3)) @ jax.random.normal(
+        jax.random.key(2), (3, 40)
+    )
+    Y = X @ (A / 10).T
+
+    def loss(p):
+        return 0.5 * jnp.mean(jnp.sum((p["w"](X) - Y) ** 2, axis=-1))
+
+    final = {}
+    for nm in ("zero", "mean"):
+        tx = dlrt_jax.bug(optax.adam(0.1), tau=0.05, new_moments=nm)
+        params = {"w": LowRank.random(key, (30, 40), rank=6, capacity=10)}
+        step = dlrt_jax.make_train_step(loss, tx)
+        state = tx.init(params)
+        for _ in range(150):
+            params, state, _ = step(params, state)
+        final[nm] = float(loss(params))
+    assert final["mean"] < 0.1 < 1.0 < final["zero"], final
+
+
+def test_new_moments_is_validated():
+    with pytest.raises(ValueError, match="new_moments"):
+        dlrt_jax.parallel_bug(0.1, tau=0.1, new_moments="ones")
+
+
 def test_the_cycle_finds_the_rank_of_a_teacher_from_below_and_above():
     """A rank-4 regression teacher: starts at ranks 1 and 8 both end at rank 4 (SGD inside)."""
     rng = np.random.default_rng(7)
