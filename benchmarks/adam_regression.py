@@ -1,7 +1,8 @@
 """The README's low-rank regression with Adam inside: final loss after 300 steps per integrator.
 
 Rank-adaptive ``bug`` and ``parallel_bug`` (tau 0.05, start rank 6, capacity 10, target of rank
-3), Adam at several learning rates, the paper's step (``k = 1``) and the cycle (``k = 10``):
+3), Adam at several learning rates, the paper's step (``k = 1``) and the cycle (``k = 10``), each
+with its default ``new_moments`` and with the other one:
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/adam_regression.py
 """
@@ -33,8 +34,11 @@ def loss(params):
 
 def main() -> None:
     makes = {"bug": dlrt_jax.bug, "parallel_bug": dlrt_jax.parallel_bug}
-    for (name, make), lr, k in itertools.product(makes.items(), [1e-1, 3e-2, 1e-2], [1, 10]):
-        tx = make(optax.adam(lr), tau=0.05, augment_every=k)
+    cases = [(1, "zero"), (1, "mean"), (10, "mean"), (10, "zero")]  # default first
+    for (name, make), lr, (k, moments) in itertools.product(
+        makes.items(), [1e-1, 3e-2, 1e-2], cases
+    ):
+        tx = make(optax.adam(lr), tau=0.05, augment_every=k, new_moments=moments)
         params = {"w": dlrt_jax.LowRank.random(KEY, (30, 40), rank=6, capacity=10)}
         params["b"] = jnp.zeros(30)
         step = dlrt_jax.make_train_step(lambda p: loss(p), tx)
@@ -42,7 +46,7 @@ def main() -> None:
         for _ in range(300):
             params, state, _ = step(params, state)
         print(
-            f"{name:13s} adam {lr:<5g} k {k:2d}: loss {float(loss(params)):.2e}, rank "
+            f"{name:13s} adam {lr:<5g} k {k:2d} {moments:4s}: loss {float(loss(params)):.2e}, rank "
             f"{int(params['w'].active_rank)}",
             flush=True,
         )

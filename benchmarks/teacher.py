@@ -56,6 +56,9 @@ def run(make_tx, r0, W_true, steps, seed=0):
 CONFIGS = {
     "k=1 adam 1e-2": lambda: dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.1),
     "k=10 adam 1e-2": lambda: dlrt_jax.parallel_bug(optax.adam(1e-2), tau=0.1, augment_every=10),
+    "k=10 adam, zero": lambda: dlrt_jax.parallel_bug(
+        optax.adam(1e-2), tau=0.1, augment_every=10, new_moments="zero"
+    ),
     "k=1 sgd 0.5": lambda: dlrt_jax.parallel_bug(optax.sgd(0.5), tau=0.1),
     "k=10 sgd 0.5": lambda: dlrt_jax.parallel_bug(optax.sgd(0.5), tau=0.1, augment_every=10),
 }

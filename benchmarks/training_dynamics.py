@@ -39,6 +39,12 @@ def main() -> None:
         "--weight-decay", type=float, default=0.0, help="adamw inside (with --inner adam)"
     )
     p.add_argument("--eps", type=float, default=1e-8, help="Adam's eps inside (with --inner adam)")
+    p.add_argument(
+        "--new-moments",
+        choices=["zero", "mean"],
+        default=None,
+        help="second moments of new directions (default: mean with --k > 1, else zero)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the other parameters")
     p.add_argument("--tau", type=float, default=0.09)
     p.add_argument("--headroom", type=float, default=None, help="default: 1 (k=1), 2 (k>1)")
@@ -46,6 +52,12 @@ def main() -> None:
     p.add_argument("--init-scale", type=float, default=0.1)
     p.add_argument("--width", type=int, default=500)
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument(
+        "--final-fixed-epochs",
+        type=int,
+        default=0,
+        help="the last N of --epochs at fixed ranks (tau=None, the optimiser state carried on)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subset", type=int, default=None)
     p.add_argument("--tag", default="")
@@ -72,21 +84,43 @@ def main() -> None:
             tau=args.tau,
             other_optimizer=optax.adam(args.lr),
             augment_every=args.k,
+            new_moments=args.new_moments,
         )
         headroom = args.headroom or (1.0 if args.k == 1 else 2.0)
         every = args.check_every or (10 if args.k == 1 else args.k)
         policy = dlrt_jax.CapacityPolicy(every=every, headroom=headroom)
+    fixed = args.final_fixed_epochs if not args.dense else 0
+    if not 0 <= fixed <= args.epochs:
+        p.error("--final-fixed-epochs must be in [0, --epochs]")
     result = train(
         params,
         tx,
         apply_fn=models.mlp_apply,
         data=data,
-        epochs=args.epochs,
+        epochs=args.epochs - fixed,
         batch_size=256,
         seed=args.seed,
         progress=False,
         capacity_policy=policy,
     )
+    if fixed:
+        # the same inner optimisers and state, ranks held: parallel_bug truncates back to them
+        tx = make(inner, tau=None, other_optimizer=optax.adam(args.lr))
+        more = train(
+            result.params,
+            tx,
+            apply_fn=models.mlp_apply,
+            data=data,
+            epochs=fixed,
+            batch_size=256,
+            seed=args.seed + 1,  # other shuffles than the first epochs'
+            progress=False,
+            opt_state=result.opt_state,
+            capacity_policy=policy,
+        )
+        for h in more.history[1:]:
+            h["epoch"] += args.epochs - fixed
+        result = result._replace(history=result.history + more.history[1:])
     wall = time.perf_counter() - t0
     row = {
         "config": vars(args),

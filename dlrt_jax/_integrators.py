@@ -159,15 +159,18 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None, prior=F
 
 
 def _transport_second_moment(nu, left, right, prior=True):
-    """``(M∘M) nu (N∘N)^T``, and the layer's mean second moment for what the old basis does not
-    cover.
+    """``(M∘M) nu (N∘N)^T``, and the factor's typical second moment for what the old basis does
+    not cover.
 
     An entry ``(i, j)`` of the new basis is covered by the old one with weight ``a_i b_j``
     (``a = (M∘M) 1``, ``b = (N∘N) 1``: 1 for a direction inside the old span, 0 for a direction
-    new to it). The uncovered weight ``1 - a_i b_j`` gets the mean of the old moments (over the
-    covered entries), the best prior for a coordinate the optimiser has never seen: a zero there
+    new to it). Where ``prior`` holds, the uncovered weight ``1 - a_i b_j`` gets the geometric
+    mean of the transported moments (weighted by coverage): the typical size of a squared
+    gradient of this factor, a prior for a coordinate the optimiser has never seen. A zero there
     would make the first step of an elementwise-normalised optimiser (Adam) on a new direction as
-    large as its learning rate, whatever the size of its gradient.
+    large as its learning rate, whatever the size of its gradient; the arithmetic mean is set by
+    the few strongest coordinates (second moments span orders of magnitude) and slows every new
+    direction down to their scale (measured: ``benchmarks/README.md``, "Training dynamics").
     """
     ones = lambda k: jnp.ones((k,), nu.dtype)  # noqa: E731
     out, a, b = nu, ones(nu.shape[0]), ones(nu.shape[1])
@@ -178,8 +181,12 @@ def _transport_second_moment(nu, left, right, prior=True):
         sq = jnp.square(right).astype(nu.dtype)
         out, b = out @ sq.T, jnp.sum(sq, axis=1)
     covered = jnp.minimum(a[:, None] * b[None, :], 1.0)
-    mean = jnp.sum(out) / jnp.maximum(jnp.sum(covered), 1.0)
-    return out + jnp.where(prior, (1.0 - covered) * mean, 0.0).astype(nu.dtype)
+    # the mean runs over covered entries that have seen a gradient (an exact zero has no log)
+    weight = jnp.where(out > 0, covered, 0.0)
+    logs = jnp.log(jnp.where(out > 0, out, 1.0))
+    total = jnp.sum(weight)
+    fill = jnp.where(total > 0, jnp.exp(jnp.sum(weight * logs) / jnp.maximum(total, 1e-30)), 0.0)
+    return out + jnp.where(prior, (1.0 - covered) * fill, 0.0).astype(nu.dtype)
 
 
 def _inner_step(tx, value, grad, state):
