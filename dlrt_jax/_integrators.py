@@ -137,7 +137,7 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None, prior=F
     (N∘N)^T``: the diagonal of the transported covariance when entries are uncorrelated. This keeps
     them non-negative and is exact when the basis change permutes or flips basis vectors. Directions
     new to the basis start with a zero first moment, and a zero second moment or, with ``prior``
-    (a bool, or a traced one), the mean second moment of the old entries
+    (a bool, or a traced one), the typical (geometric-mean) second moment of the old entries
     (:func:`_transport_second_moment`); directions dropped by truncation lose theirs. Other leaves
     (counts, hyperparameters) are left alone.
     """

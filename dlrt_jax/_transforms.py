@@ -705,14 +705,13 @@ def bug(
             ``optimizer``, a separate state); one step per ``update`` with the first gradient.
         augment_every: the cycle length ``k`` (1: augment and truncate every step).
         truncate_every: augment every step, truncate on every ``k``-th only.
-        new_moments: ``"mean"`` or ``"zero"``: the second moments a new direction starts with
-            (see :func:`bug`; default ``"mean"`` with ``augment_every > 1``, else ``"zero"``).
         new_moments: how a direction new to a basis starts the inner optimiser's elementwise
-            second moments (Adam's ``nu``): ``"mean"``, the mean of the factor's others, so that
-            its first steps are in proportion to its gradient; or ``"zero"``, which makes Adam's
-            first step there as large as its learning rate whatever the gradient. Default:
-            ``"mean"`` in a cycle (``augment_every > 1``; with zeros the cycle's ranks grow to
-            the capacity), ``"zero"`` otherwise (the paper's step as before).
+            second moments (Adam's ``nu``): ``"mean"``, the geometric mean of the factor's
+            others, so that its first steps are in proportion to its gradient; or ``"zero"``,
+            which makes Adam's first step there as large as its learning rate whatever the
+            gradient. Default: ``"mean"`` in a cycle (``augment_every > 1``; with zeros the
+            cycle's ranks grow to the capacity), ``"zero"`` otherwise (the paper's step as
+            before).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
@@ -808,6 +807,8 @@ def parallel_bug(
             ``optimizer``, a separate state).
         augment_every: the cycle length ``k`` (1: augment and truncate every step).
         truncate_every: augment every step, truncate on every ``k``-th only.
+        new_moments: ``"mean"`` or ``"zero"``: the second moments a new direction starts with
+            (see :func:`bug`; default ``"mean"`` with ``augment_every > 1``, else ``"zero"``).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
