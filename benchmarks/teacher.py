@@ -59,6 +59,9 @@ CONFIGS = {
     "k=10 adam, zero": lambda: dlrt_jax.parallel_bug(
         optax.adam(1e-2), tau=0.1, augment_every=10, new_moments="zero"
     ),
+    "k=10 adam, KLS": lambda: dlrt_jax.parallel_bug(
+        optax.adam(1e-2), tau=0.1, augment_every=10, coefficient_steps="KLS"
+    ),
     "k=1 sgd 0.5": lambda: dlrt_jax.parallel_bug(optax.sgd(0.5), tau=0.1),
     "k=10 sgd 0.5": lambda: dlrt_jax.parallel_bug(optax.sgd(0.5), tau=0.1, augment_every=10),
 }

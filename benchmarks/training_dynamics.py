@@ -40,6 +40,12 @@ def main() -> None:
     )
     p.add_argument("--eps", type=float, default=1e-8, help="Adam's eps inside (with --inner adam)")
     p.add_argument(
+        "--coefficient-steps",
+        choices=["S", "KLS"],
+        default="S",
+        help="what moves between augmentations with --k > 1: S alone, or K, L, S at a fixed rank",
+    )
+    p.add_argument(
         "--new-moments",
         choices=["zero", "mean"],
         default=None,
@@ -85,6 +91,7 @@ def main() -> None:
             other_optimizer=optax.adam(args.lr),
             augment_every=args.k,
             new_moments=args.new_moments,
+            coefficient_steps=args.coefficient_steps,
         )
         headroom = args.headroom or (1.0 if args.k == 1 else 2.0)
         every = args.check_every or (10 if args.k == 1 else args.k)

@@ -315,7 +315,8 @@ def _bug_galerkin_truncate(cfg: Config, carry: Carry, g: LowRank) -> Result:
     spanned = (
         None if cfg.truncate is True else jnp.minimum(jnp.sum(carry.rows), jnp.sum(carry.cols))
     )
-    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, point.rank, spanned)
+    # tau None (a cycle's fixed-rank step): back to the rank before the augmentation
+    P, S1, Qt, r1 = _svd_truncate(cfg, S1, x.capacity, x.rank, spanned)
     Pc, Qc = P[:, : x.capacity], Qt[: x.capacity, :].T
     new = LowRank._unchecked(point.U @ Pc, S1, point.V @ Qc, r1.astype(jnp.float32))
     rows = new.mask[:, None]

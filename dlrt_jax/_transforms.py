@@ -125,6 +125,7 @@ def _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augmen
 
 
 NEW_MOMENTS = ("zero", "mean")
+COEFFICIENT_STEPS = ("S", "KLS")
 
 
 def _prior(new_moments: str | None, augment_every: Any) -> Any:
@@ -396,11 +397,14 @@ class Schedule(NamedTuple):
     integrator step (augmentation, nothing cut) when ``t % k == 0``, a coefficient step (``S`` only,
     bases fixed) otherwise, and the last step of each cycle (``t % k == k - 1``) truncates.
     ``truncate_every = k > 1``: every step augments, every ``k``-th truncates. Both 1: the paper's
-    step (augment and truncate every step).
+    step (augment and truncate every step). ``coefficient_steps="KLS"``: the steps between
+    augmentations are the integrator's step at a fixed rank (the last one truncating by ``tau``)
+    instead of ``S``-only steps.
     """
 
     augment_every: Any = 1
     truncate_every: Any = 1
+    coefficient_steps: str = "S"
 
     def flags(self, count: jax.Array) -> tuple[Any, Any]:
         """``(augment, truncate)`` for the step after ``count`` steps: Python bools where static."""
@@ -472,6 +476,9 @@ def _factor_step(
         )
 
     def coefficients(cut):
+        if schedule.coefficient_steps == "KLS":  # the integrator's step, at a fixed rank or cut
+            c = cfg._replace(truncate=True) if cut else cfg._replace(tau=None)
+            return lambda: _per_factor_step(integrator, c, factors, factor_states, g, evaluate)
         return lambda: _per_factor_step(
             _int.COEFFICIENTS, cfg._replace(truncate=cut), factors, factor_states, g, evaluate
         )
@@ -580,15 +587,22 @@ def _build(
     truncate_every: Any = 1,
     augment_every: Any = 1,
     new_moments: str | None = None,
+    coefficient_steps: str = "S",
 ):
     """Validate the hyperparameters; return the config, schedule, other optimiser and ``init``."""
     _check_hyperparams(tau, absolute, min_rank, max_rank, truncate_every, augment_every)
+    if coefficient_steps not in COEFFICIENT_STEPS:
+        raise ValueError(
+            f"`coefficient_steps` must be one of {COEFFICIENT_STEPS} ('S': only S moves between "
+            "augmentations, no factorisation; 'KLS': the integrator's step at a fixed rank), got "
+            f"{coefficient_steps!r}."
+        )
     tx = _as_transform(optimizer, "optimizer")
     other = tx if other_optimizer is None else _as_transform(other_optimizer, "other_optimizer")
     cfg = _int.Config(
         tx, tau, absolute, min_rank, max_rank, prior=_prior(new_moments, augment_every)
     )
-    schedule = Schedule(augment_every, truncate_every)
+    schedule = Schedule(augment_every, truncate_every, coefficient_steps)
 
     def init_fn(params: optax.Params) -> DLRTState:
         paths_leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_lowrank)[0]
@@ -664,6 +678,7 @@ def bug(
     augment_every: int = 1,
     truncate_every: int = 1,
     new_moments: str | None = None,
+    coefficient_steps: str = "S",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Basis-update & Galerkin (the unconventional KLS integrator), fixed-rank or rank-adaptive.
 
@@ -712,6 +727,11 @@ def bug(
             gradient. Default: ``"mean"`` in a cycle (``augment_every > 1``; with zeros the
             cycle's ranks grow to the capacity), ``"zero"`` otherwise (the paper's step as
             before).
+        coefficient_steps: the steps between augmentations in a cycle: ``"S"`` (default) trains
+            ``S`` alone in the fixed bases (one gradient read, no factorisation); ``"KLS"`` runs
+            the integrator's step at a fixed rank (``K``, ``L`` and ``S`` move; the rank stays
+            ``2r``), and the cycle's last step truncates by ``tau``: the bases follow the
+            gradient at every step, at the cost of the paper's step each time.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
@@ -758,6 +778,7 @@ def bug(
         truncate_every=truncate_every,
         augment_every=augment_every,
         new_moments=new_moments,
+        coefficient_steps=coefficient_steps,
     )
 
 
@@ -775,6 +796,7 @@ def parallel_bug(
     augment_every: int = 1,
     truncate_every: int = 1,
     new_moments: str | None = None,
+    coefficient_steps: str = "S",
 ) -> optax.GradientTransformationExtraArgs:
     r"""The parallel rank-adaptive BUG integrator: one gradient evaluation per step.
 
@@ -809,6 +831,8 @@ def parallel_bug(
         truncate_every: augment every step, truncate on every ``k``-th only.
         new_moments: ``"mean"`` or ``"zero"``: the second moments a new direction starts with
             (see :func:`bug`; default ``"mean"`` with ``augment_every > 1``, else ``"zero"``).
+        coefficient_steps: ``"S"`` or ``"KLS"``: what moves between augmentations (see
+            :func:`bug`).
 
     Returns:
         An ``optax.GradientTransformationExtraArgs``;
@@ -844,6 +868,7 @@ def parallel_bug(
         truncate_every=truncate_every,
         augment_every=augment_every,
         new_moments=new_moments,
+        coefficient_steps=coefficient_steps,
     )
 
 

@@ -192,7 +192,9 @@ def s_only_step(U, S, V, grad_fn, h):
     return U, S - h * U.T @ grad_fn(U @ S @ V.T) @ V, V
 
 
-def cycle(U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_rank=None):
+def cycle(
+    U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_rank=None, hold=False
+):
     """The augment-train-truncate cycle: `steps` steps from (U, S, V).
 
     Returns (U, S, V, history) with history[t] = (rank, W) after step t.
@@ -201,16 +203,25 @@ def cycle(U, S, V, grad_fn, h, tau, k, steps, *, augment_step, min_rank=2, max_r
     cut (tau = 0, absolute: the rank grows to 2r, at most max_rank); otherwise the coefficient step
     S <- S - h U^T G(U S V^T) V with U, V fixed. Then, if t % k == k - 1, truncate(U, S, V, tau)
     (SVD of S). k = 1 is the integrator's own step: the same singular values are cut.
+
+    hold=True: the steps between augmentations are `augment_step` itself, truncated back to the
+    current rank (tau None), and the last one of each cycle is `augment_step`
+    with tau: the bases move at every step, the rank only at the cycle's two ends.
     """
     history = []
     for t in range(steps):
+        last = t % k == k - 1
         if t % k == 0:
             U, S, V = augment_step(
                 U, S, V, grad_fn, h, 0.0, absolute=True, min_rank=min_rank, max_rank=max_rank
             )
+        elif hold and last:
+            U, S, V = augment_step(U, S, V, grad_fn, h, tau, min_rank=min_rank, max_rank=max_rank)
+        elif hold:  # tau None: truncated back to the current rank
+            U, S, V = augment_step(U, S, V, grad_fn, h, None)
         else:
             S = S - h * U.T @ grad_fn(U @ S @ V.T) @ V
-        if t % k == k - 1:
+        if last and not hold:
             U, S, V = truncate(U, S, V, tau, min_rank=min_rank, max_rank=max_rank)
         history.append((S.shape[0], U @ S @ V.T))
     return U, S, V, history

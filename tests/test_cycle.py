@@ -79,6 +79,35 @@ def test_cycle_matches_the_float64_reference(name, k):
         assert int(state.num_skipped) == 0
 
 
+@pytest.mark.parametrize("name", sorted(REFERENCE_STEPS))
+def test_kls_coefficient_steps_match_the_float64_reference(name):
+    """``coefficient_steps="KLS"``: the integrator's step at a fixed rank between augmentations,
+    the paper's step (cut by tau) at each cycle's end; ranks and W after every step."""
+    k, steps = 3, 7
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(9)
+        grad_np, loss_j, h = _regression(rng)
+        U, S, V = ref.random_lowrank(rng, N, M, R)
+        # tau 0.2 keeps 4r below m = 16: a fixed-rank step at rank 8 would augment to the whole
+        # space, where the two sides' rank tolerances for [L1 | V] may differ (to 2e-5 here)
+        tau = 0.2
+        tx = getattr(dlrt_jax, name)(
+            h, tau=tau, min_rank=1, augment_every=k, coefficient_steps="KLS"
+        )
+        xs, state = _run(tx, _factor(U, S, V, jnp.float64), loss_j, steps, use_jit=True)
+        *_, history = ref.cycle(
+            U, S, V, grad_np, h, tau, k, steps, augment_step=REFERENCE_STEPS[name], min_rank=1,
+            max_rank=CAP, hold=True,
+        )  # fmt: skip
+        ranks = [r for r, _ in history]
+        assert ranks[1] == ranks[0], ranks  # the step after an augmentation holds the rank
+        for t, (rank, W_ref) in enumerate(history):
+            assert int(xs[t].rank) == rank, (t, int(xs[t].rank), ranks)
+            W = np.asarray(xs[t].to_dense())
+            assert np.linalg.norm(W - W_ref) / np.linalg.norm(W_ref) < 1e-9, t
+        assert int(state.num_skipped) == 0
+
+
 def test_the_reference_cycle_of_one_step_is_the_integrator_step():
     rng = np.random.default_rng(4)
     grad_np, _, h = _regression(rng)
@@ -198,9 +227,11 @@ def test_mean_second_moments_keep_bug_with_adam_from_diverging():
     assert final["mean"] < 0.1 < 1.0 < final["zero"], final
 
 
-def test_new_moments_is_validated():
+def test_new_moments_and_coefficient_steps_are_validated():
     with pytest.raises(ValueError, match="new_moments"):
         dlrt_jax.parallel_bug(0.1, tau=0.1, new_moments="ones")
+    with pytest.raises(ValueError, match="coefficient_steps"):
+        dlrt_jax.bug(0.1, tau=0.1, augment_every=5, coefficient_steps="K")
 
 
 def test_the_cycle_finds_the_rank_of_a_teacher_from_below_and_above():
