@@ -324,8 +324,17 @@ def make_adapter(pretrained: nnx.Module, args, opts: dict, steps: int):
     )  # fmt: skip
     lr = schedule(args.lr_adapter, steps)
     if opts["rule"] == "tau":
-        tx = adapters.geolora(lr, tau=args.tau_adapter, augment_every=args.adapter_cycle)
-        extra = {"tau": args.tau_adapter, "augment_every": args.adapter_cycle}
+        tx = adapters.geolora(
+            lr,
+            tau=args.tau_adapter,
+            augment_every=args.adapter_cycle,
+            coefficient_steps=args.adapter_coefficient_steps,
+        )
+        extra = {
+            "tau": args.tau_adapter,
+            "augment_every": args.adapter_cycle,
+            "coefficient_steps": args.adapter_coefficient_steps,
+        }
     elif opts["rule"] == "fixed":
         tx = adapters.geolora(lr, tau=None)  # parallel_bug truncating back to the rank
         extra = {"tau": None}
@@ -572,6 +581,12 @@ def main(argv=None) -> int:
     p.add_argument("--tau-adapter", type=float, default=0.1, help="relative tau, adapters")
     p.add_argument(
         "--adapter-cycle", type=int, default=1, help="augment_every of the adapter_tau rows"
+    )
+    p.add_argument(
+        "--adapter-coefficient-steps",
+        choices=["S", "KLS"],
+        default="S",
+        help="coefficient_steps of the adapter_tau rows' cycle",
     )
     p.add_argument("--budget", type=int, help="adapter parameter budget (default: LoRA r=4's)")
     p.add_argument("--adapter-rank", type=int, default=8, help="adapters' initial rank and r")

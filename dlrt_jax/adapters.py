@@ -559,6 +559,7 @@ def geolora(
     min_rank: int = 1,
     optimizer: optax.GradientTransformation | None = None,
     augment_every: int = 1,
+    coefficient_steps: str = "S",
 ) -> optax.GradientTransformationExtraArgs:
     """The default adapter transform: :func:`dlrt_jax.parallel_bug` (GeoLoRA's integrator).
 
@@ -584,6 +585,9 @@ def geolora(
         augment_every: GeoLoRA's cycle (``parallel_bug``'s ``augment_every``): augment every
             ``k`` steps, train ``S`` only in between, truncate at the cycle's end. Not with a
             ``budget`` (the budget cuts after every step, so it would cut the augmented ranks).
+        coefficient_steps: in a cycle, ``"S"`` (GeoLoRA: only ``S`` moves between
+            augmentations) or ``"KLS"`` (the integrator's step at a fixed rank; see
+            :func:`dlrt_jax.bug`).
 
     Examples:
         >>> from dlrt_jax.adapters import geolora
@@ -595,7 +599,13 @@ def geolora(
             "cuts the ranks after every step, the augmented ones included. Pass one of them."
         )
     inner = optax.adam(learning_rate) if optimizer is None else optimizer
-    tx = parallel_bug(inner, tau=tau, min_rank=min_rank, augment_every=augment_every)
+    tx = parallel_bug(
+        inner,
+        tau=tau,
+        min_rank=min_rank,
+        augment_every=augment_every,
+        coefficient_steps=coefficient_steps,
+    )
     return tx if budget is None else with_rank_budget(tx, budget, min_rank=min_rank)
 
 
