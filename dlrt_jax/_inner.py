@@ -91,10 +91,10 @@ def isotropic_adam(
 
     ``optax.chain(scale_by_isotropic_adam(b1, b2, eps), optax.scale_by_learning_rate(lr))``.
     Per-entry second moments (``optax.adam``) are tied to the coordinates of the current basis and
-    can only be transported approximately, and a direction new to the basis gets the factor's mean
-    second moment as a prior (:func:`~dlrt_jax._integrators.transport`). One second moment per
-    factor needs neither: the step of a factor is ``lr`` times its momentum over the RMS of its
-    gradient, the same in every basis.
+    can only be transported approximately, and a direction new to the basis gets the factor's
+    typical second moment as a prior (:func:`~dlrt_jax._integrators.transport`). One second
+    moment per factor needs neither: the step of a factor is ``lr`` times its momentum over the
+    RMS of its gradient, the same in every basis.
 
     Args:
         learning_rate: a float or an optax schedule.

@@ -61,7 +61,8 @@ class Config(NamedTuple):
             step schedule computes). A step that does not truncate keeps the whole augmented
             rank (``2r``, at most the capacity): new directions are kept to be judged later.
         prior: whether a direction new to a basis starts its elementwise second moments at the
-            mean of the others (``True``, or a traced bool) or at zero (``False``):
+            typical (geometric-mean) value of the others (``True``, or a traced bool) or at zero
+            (``False``):
             :func:`transport`.
     """
 
@@ -145,22 +146,21 @@ def transport(state: Any, shape: tuple[int, ...], left=None, right=None, prior=F
     def move(path, leaf):
         if not hasattr(leaf, "shape") or tuple(leaf.shape) != tuple(shape):
             return leaf
-        quadratic = any(getattr(k, "name", None) in SECOND_MOMENT_FIELDS for k in path)
-        if quadratic and prior is not False:
+        if any(getattr(k, "name", None) in SECOND_MOMENT_FIELDS for k in path):
             return _transport_second_moment(leaf, left, right, prior)
         out = leaf
         if left is not None:
-            out = (jnp.square(left) if quadratic else left).astype(leaf.dtype) @ out
+            out = left.astype(leaf.dtype) @ out
         if right is not None:
-            out = out @ (jnp.square(right) if quadratic else right).astype(leaf.dtype).T
+            out = out @ right.astype(leaf.dtype).T
         return out
 
     return jax.tree_util.tree_map_with_path(move, state)
 
 
-def _transport_second_moment(nu, left, right, prior=True):
-    """``(M∘M) nu (N∘N)^T``, and the factor's typical second moment for what the old basis does
-    not cover.
+def _transport_second_moment(nu, left, right, prior):
+    """``(M∘M) nu (N∘N)^T``; with ``prior``, plus the factor's typical second moment for what the
+    old basis does not cover.
 
     An entry ``(i, j)`` of the new basis is covered by the old one with weight ``a_i b_j``
     (``a = (M∘M) 1``, ``b = (N∘N) 1``: 1 for a direction inside the old span, 0 for a direction
@@ -172,14 +172,15 @@ def _transport_second_moment(nu, left, right, prior=True):
     the few strongest coordinates (second moments span orders of magnitude) and slows every new
     direction down to their scale (measured: ``benchmarks/README.md``, "Training dynamics").
     """
-    ones = lambda k: jnp.ones((k,), nu.dtype)  # noqa: E731
-    out, a, b = nu, ones(nu.shape[0]), ones(nu.shape[1])
+    out, a, b = nu, jnp.ones(nu.shape[:1], nu.dtype), jnp.ones(nu.shape[1:], nu.dtype)
     if left is not None:
         sq = jnp.square(left).astype(nu.dtype)
         out, a = sq @ out, jnp.sum(sq, axis=1)
     if right is not None:
         sq = jnp.square(right).astype(nu.dtype)
         out, b = out @ sq.T, jnp.sum(sq, axis=1)
+    if prior is False:  # a Python False: zeros for new directions, nothing more to compute
+        return out
     covered = jnp.minimum(a[:, None] * b[None, :], 1.0)
     # the mean runs over covered entries that have seen a gradient (an exact zero has no log)
     weight = jnp.where(out > 0, covered, 0.0)
